@@ -1,0 +1,83 @@
+"""Default configuration: PSPNet-50 with the official recipe (hszhao/semseg, ADE20K yaml).
+
+Every other config imports this one and overrides a few keys. Values copied from the
+original name the yaml key they mirror. Any key can be overridden on the command line:
+
+  python train.py --config configs/default.py --workdir runs/x --config.optim.base_lr=0.02
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the default (ADE20K PSPNet-50) configuration."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Model: psp_jax.models.PSPNet keyword arguments.
+  config.model = ml_collections.ConfigDict()
+  config.model.depth = 50  # layers: 50
+  config.model.stem = 'deep'  # three 3x3 convs (the released resnet50_v2); 'classic' = 7x7
+  config.model.output_stride = 8  # zoom_factor: 8 (dilated layer3/layer4)
+  config.model.width = 64  # channels of layer1's bottleneck; 64 is the real ResNet
+  config.model.bins = (1, 2, 3, 6)  # bins: [1, 2, 3, 6]
+  config.model.pool = 'avg'  # 'avg' or 'max' (paper Table 1)
+  config.model.use_ppm = True  # use_ppm: True; False gives the dilated-FCN baseline
+  config.model.reduce_dim = True  # 1x1 dimension reduction in each pyramid branch
+  config.model.head_channels = 512  # cls 3x3 conv width
+  config.model.aux_channels = 256  # aux 3x3 conv width
+  config.model.dropout_rate = 0.1  # Dropout2d(p=0.1) in cls and aux
+  config.model.dtype = 'float32'  # compute dtype; 'bfloat16' keeps float32 parameters
+
+  # Data: psp_jax.data.
+  config.data = ml_collections.ConfigDict()
+  config.data.name = 'ade20k'  # synthetic | ade20k | voc2012 | cityscapes | list | folder
+  config.data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir
+  config.data.root = ml_collections.config_dict.placeholder(str)  # for 'list' / 'folder'
+  config.data.train_list = ml_collections.config_dict.placeholder(str)  # train_list
+  config.data.val_list = ml_collections.config_dict.placeholder(str)  # val_list
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.num_classes = 150  # classes: 150
+  config.data.ignore_label = 255  # ignore_label: 255
+  config.data.crop_size = 473  # train_h / train_w: 473
+  config.data.scale_range = (0.5, 2.0)  # scale_min / scale_max
+  config.data.rotate_range = (-10.0, 10.0)  # rotate_min / rotate_max
+  config.data.blur = True  # RandomGaussianBlur
+  config.data.flip = True  # RandHorizontalFlip
+  config.data.shuffle_buffer = 2_000
+  config.data.deterministic = False  # deterministic tf.data order (slower)
+  config.data.skip_bad_examples = False  # count and skip corrupt files instead of failing
+
+  # Optimisation.
+  config.optim = ml_collections.ConfigDict()
+  config.optim.base_lr = 0.01  # base_lr: 0.01
+  config.optim.momentum = 0.9  # momentum: 0.9
+  config.optim.weight_decay = 1e-4  # weight_decay: 0.0001 (coupled, as torch.optim.SGD)
+  config.optim.power = 0.9  # power: 0.9 (poly schedule)
+  config.optim.head_lr_mult = 10.0  # ppm, cls, aux at 10x (tool/train.py param groups)
+  config.optim.warmup_steps = 0
+  config.optim.grad_accum_steps = 1
+  config.optim.aux_weight = 0.4  # aux_weight: 0.4
+
+  config.batch_size = 16  # batch_size: 16 (global, over all devices of all hosts)
+  config.num_epochs = 100  # epochs: 100
+  config.num_train_steps = -1  # > 0 overrides num_epochs
+
+  # Logging, validation and checkpoints.
+  config.log_every_steps = 20
+  config.eval_every_steps = 5_000
+  config.checkpoint_every_steps = 1_000
+  config.keep_checkpoints = 3
+  config.num_summary_images = 4
+
+  # Evaluation protocol (tool/test.py); see psp_jax.evaluate.
+  config.eval = ml_collections.ConfigDict()
+  config.eval.mode = 'slide'  # 'slide' (official) or 'whole'
+  config.eval.base_size = 512  # base_size: 512
+  config.eval.scales = (1.0,)  # scales: [1.0]; multi-scale [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+  config.eval.flip = True  # official single scale already averages with the flip
+  config.eval.protocol = 'official'  # 'official' (mean over all classes) or 'mmseg'
+  config.eval.batch_size = 8  # windows per device step, global
+  config.eval.max_examples = -1  # > 0 evaluates on a prefix of the split
+  return config
