@@ -1,0 +1,149 @@
+"""Convolution and BatchNorm layers with PyTorch's padding, initialisation and statistics."""
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
+
+Dtype = Any
+Initializer = Callable[..., jax.Array]
+
+# kaiming_normal_(mode='fan_out', nonlinearity='relu') of model/resnet.py (the official
+# backbone init): a plain (untruncated) normal with std sqrt(2 / (out * kh * kw)).
+RESNET_KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+# nn.Conv2d's own reset_parameters (kaiming_uniform_ with a=sqrt(5)): U(+-1/sqrt(fan_in)),
+# what the official PPM, cls and aux convs start from (pspnet.py never re-initialises them).
+TORCH_DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+
+
+def torch_default_bias_init(fan_in: int) -> Initializer:
+  """nn.Conv2d's default bias init, U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key: jax.Array, shape: tuple[int, ...], dtype: Dtype = jnp.float32) -> jax.Array:
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+class Conv(nn.Module):
+  """2-D convolution (NHWC, kernel [kh, kw, in, out]) with torch.nn.Conv2d's padding.
+
+  The padding is explicit and symmetric, dilation * (k - 1) // 2 on every side, as the
+  original's Conv2d(padding=dilation) and Conv2d(padding=1); 'SAME' would pad strided convs
+  asymmetrically on even sizes and shift every feature map.
+
+  Attributes:
+    features: output channels.
+    kernel_size: square kernel side (1, 3 or 7 here).
+    stride: spatial stride.
+    dilation: kernel dilation (atrous rate).
+    use_bias: add a learned bias (only the two final classifiers have one).
+    kernel_init: initialiser of the kernel [kh, kw, in, out].
+    dtype: compute dtype (None: that of the input and parameters).
+    param_dtype: dtype of the parameters.
+  """
+
+  features: int
+  kernel_size: int
+  stride: int = 1
+  dilation: int = 1
+  use_bias: bool = False
+  kernel_init: Initializer = RESNET_KERNEL_INIT
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[B, H, W, in] -> [B, H', W', features], H' = floor((H + 2p - d(k-1) - 1) / s) + 1."""
+    k, d, s = self.kernel_size, self.dilation, self.stride
+    in_features = x.shape[-1]
+    kernel = self.param(
+      'kernel', self.kernel_init, (k, k, in_features, self.features), self.param_dtype
+    )
+    bias = None
+    if self.use_bias:
+      fan_in = in_features * k * k
+      bias = self.param('bias', torch_default_bias_init(fan_in), (self.features,), self.param_dtype)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    pad = d * (k - 1) // 2
+    y = jax.lax.conv_general_dilated(
+      x,
+      kernel,
+      window_strides=(s, s),
+      padding=((pad, pad), (pad, pad)),
+      rhs_dilation=(d, d),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    if bias is not None:
+      y = y + bias
+    return y
+
+
+class BatchNorm(nn.Module):
+  """torch.nn.BatchNorm2d over the last axis, including its running-variance update.
+
+  Differences from flax.linen.BatchNorm, all for parity with PyTorch: the running variance is
+  updated with the unbiased batch variance n/(n-1) (the normalisation itself uses the biased
+  one, as torch does); the variance is the exact two-pass mean of squared deviations, never
+  E[x^2] - E[x]^2; statistics are computed in float32 at least, whatever the compute dtype.
+  Under a sharded jax.jit the means over the batch axis are global, which makes this SyncBN
+  with no axis_name; inside shard_map pass axis_name to average over devices.
+
+  Attributes:
+    momentum: weight of the old running value (Flax's convention: 0.9 == torch's 0.1).
+    epsilon: added to the variance (torch's eps).
+    dtype: output dtype (None: the input's).
+    param_dtype: dtype of scale, bias and the running statistics.
+    axis_name: mapped axis to average statistics over (shard_map / pmap only).
+  """
+
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  axis_name: str | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """[..., C] -> [..., C]; train uses batch statistics and updates the running ones."""
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), self.param_dtype)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), self.param_dtype)
+    acc = jnp.promote_types(jnp.promote_types(x.dtype, self.param_dtype), jnp.float32)
+    xf = x.astype(acc)
+    if train:
+      axes = tuple(range(x.ndim - 1))
+      n = math.prod(x.shape[:-1])
+      mean = jnp.mean(xf, axis=axes)
+      if self.axis_name is not None:
+        mean = jax.lax.pmean(mean, self.axis_name)
+        n *= jax.lax.axis_size(self.axis_name)
+      var = jnp.mean(jnp.square(xf - mean), axis=axes)
+      if self.axis_name is not None:
+        var = jax.lax.pmean(var, self.axis_name)
+      if n < 2:
+        # torch.nn.functional.batch_norm raises the same in training mode.
+        where = '/'.join(self.path) or 'BatchNorm'
+        raise ValueError(
+          f'{where}: expected more than 1 value per channel when training, got '
+          f'input shape {x.shape}. Use a batch of at least 2 (the PPM bin-1 branch pools each '
+          'image to one value), or train=False.'
+        )
+      # Flax convention: initialisation never moves the running statistics.
+      if not self.is_initializing():
+        m = self.momentum
+        unbiased = var * (n / (n - 1))
+        ra_mean.value = m * ra_mean.value + (1.0 - m) * mean.astype(self.param_dtype)
+        ra_var.value = m * ra_var.value + (1.0 - m) * unbiased.astype(self.param_dtype)
+    else:
+      mean, var = ra_mean.value.astype(acc), ra_var.value.astype(acc)
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale.astype(acc)
+    y = (xf - mean) * mul + bias.astype(acc)
+    return y.astype(self.dtype or x.dtype)
