@@ -1,0 +1,201 @@
+"""Model weights on disk: save/load {'params', 'batch_stats'} + model_config, any source.
+
+A weights directory (what `python -m psp_jax.convert X.pth DIR` and save_variables write):
+
+  DIR/variables/          orbax checkpoint of {'params', 'batch_stats'} (numpy leaves)
+  DIR/model_config.json   psp_jax.models.PSPNet keyword arguments
+
+load_variables also reads a training workdir (its best checkpoint by validation mIoU, else
+the newest; see psp_jax.checkpointing), one step directory of it, and PyTorch files: official
+PSPNet checkpoints and ImageNet ResNet backbones, converted on the fly (psp_jax.convert).
+"""
+
+import json
+import os
+import pathlib
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import orbax.checkpoint as ocp
+
+from psp_jax import convert as convert_lib
+
+VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
+TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.checkpointing.BEST_DIR, LATEST_DIR
+COLLECTIONS = ('params', 'batch_stats')
+
+
+def save_variables(
+  path: str | os.PathLike,
+  variables: Mapping[str, Any],
+  model_config: Mapping[str, Any],
+  *,
+  force: bool = False,
+) -> None:
+  """Writes a weights directory (orbax variables + model_config.json).
+
+  Args:
+    path: directory to create; an existing non-empty one needs force=True.
+    variables: {'params', 'batch_stats'} (numpy or jax arrays).
+    model_config: JSON-serialisable PSPNet kwargs.
+  """
+  path = pathlib.Path(path).absolute()
+  if path.exists() and any(path.iterdir()):
+    if not force:
+      raise FileExistsError(f'{path} exists and is not empty (pass force=True / --force).')
+    shutil.rmtree(path)
+  path.mkdir(parents=True, exist_ok=True)
+  tree = {c: _as_numpy(variables[c]) for c in COLLECTIONS}
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path / VARIABLES_DIR, tree)
+  checkpointer.wait_until_finished()
+  config = {k: list(v) if isinstance(v, tuple) else v for k, v in model_config.items()}
+  (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+
+
+def _as_numpy(tree: Any) -> Any:
+  if isinstance(tree, Mapping):
+    return {k: _as_numpy(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
+def _restore_numpy(path: pathlib.Path) -> dict[str, Any]:
+  """params and batch_stats of an orbax pytree checkpoint as numpy (other items not read)."""
+  import jax  # noqa: PLC0415
+
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  missing = [c for c in COLLECTIONS if c not in tree]
+  if missing:
+    raise ValueError(f'{path} holds {sorted(tree)}, not {missing}: not a model checkpoint.')
+  item = {c: tree[c] for c in COLLECTIONS}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+  return checkpointer.restore(
+    path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
+  )
+
+
+def _steps(directory: pathlib.Path) -> list[int]:
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _read_step_dir(step_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+  """A training step directory: state (orbax) + model_config (orbax JSON item)."""
+  variables = _restore_numpy(step_dir / 'state')
+  config_dir = step_dir / 'model_config'
+  if config_dir.is_dir():
+    config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
+  elif (step_dir.parent.parent / CONFIG_FILE).is_file():
+    config = json.loads((step_dir.parent.parent / CONFIG_FILE).read_text())
+  else:
+    raise FileNotFoundError(f'{step_dir} has no model_config item and its workdir no {CONFIG_FILE}')
+  return variables, dict(config)
+
+
+def load_torch_file(
+  path: str | os.PathLike, model_config: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """Flax variables of a PyTorch file: an official PSPNet checkpoint or an ImageNet backbone.
+
+  Args:
+    path: .pth file (torch.load with weights_only=True: tensors and plain containers).
+    model_config: PSPNet kwargs the weights must fit (PSPNet checkpoints only).
+  Returns:
+    (variables, model_config). For a backbone only {'params': {'backbone'}, 'batch_stats':
+    {'backbone'}} and {depth, stem, width}: copy it into a full model (load_backbone or
+    config.init_checkpoint).
+  """
+  try:
+    import torch  # noqa: PLC0415
+  except ImportError as e:
+    raise ImportError(f'reading {path} needs PyTorch (pip install torch, CPU build)') from e
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'no such checkpoint file: {path}')
+  try:
+    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+  except Exception as e:
+    raise OSError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
+  if not isinstance(checkpoint, Mapping):
+    raise convert_lib.CheckpointMismatchError(
+      f'{path} holds a {type(checkpoint).__name__}, not a state_dict.'
+    )
+  sd = convert_lib.unwrap_state_dict(checkpoint)
+  try:
+    if not any(k.startswith(('cls.', 'aux.', 'ppm.')) for k in sd):
+      variables, config = convert_lib.backbone_from_torch_state_dict(sd)
+    else:
+      variables, config = convert_lib.from_torch_state_dict(sd, model_config)
+  except convert_lib.CheckpointMismatchError as e:
+    raise convert_lib.CheckpointMismatchError(f'{path}: {e}') from None
+  return variables, config
+
+
+def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(variables, model_config) of a weights dir, training workdir, step dir or .pth file.
+
+  Args:
+    path: see the module docstring. A training workdir gives its best checkpoint (by
+      validation mIoU) if it has one, else the newest.
+  Returns:
+    ({'params', 'batch_stats'} of numpy arrays, PSPNet kwargs).
+  """
+  path = pathlib.Path(path).absolute()
+  if path.is_file():
+    return load_torch_file(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f'no such checkpoint file or directory: {path}')
+  if (path / VARIABLES_DIR).is_dir():
+    if not (path / CONFIG_FILE).is_file():
+      raise FileNotFoundError(f'{path} has {VARIABLES_DIR}/ but no {CONFIG_FILE}')
+    config = json.loads((path / CONFIG_FILE).read_text())
+    return _restore_numpy(path / VARIABLES_DIR), config
+  if (path / 'state').is_dir():
+    return _read_step_dir(path)
+  for sub in TRAIN_DIRS:
+    steps = _steps(path / sub)
+    if steps:
+      return _read_step_dir(path / sub / str(steps[-1]))
+  raise FileNotFoundError(
+    f'{path} is not a checkpoint: expected {VARIABLES_DIR}/ + {CONFIG_FILE} (psp_jax.convert), '
+    'a training workdir (best/<step> or checkpoints/<step>), a step directory (state/), or a '
+    '.pth file.'
+  )
+
+
+def convert(
+  src: str | os.PathLike,
+  dst: str | os.PathLike,
+  *,
+  expect: Mapping[str, Any] | None = None,
+  force: bool = False,
+) -> None:
+  """src .pth -> dst weights dir, or src checkpoint (dir) -> dst official .pth.
+
+  Args:
+    expect: PSPNet kwargs the weights must have (e.g. {'depth': 101}); also bins.
+    force: overwrite dst.
+  """
+  import torch  # noqa: PLC0415
+
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  if not src.exists():
+    raise FileNotFoundError(f'no such file or directory: {src}')
+  if src.is_file():
+    variables, config = load_torch_file(src, expect or None)
+    if 'cls' not in variables['params']:
+      raise ValueError(f'{src} is an ImageNet backbone, not a PSPNet: nothing to convert.')
+    save_variables(dst, variables, config, force=force)
+    return
+  variables, config = load_variables(src)
+  for key, value in (expect or {}).items():
+    if key in config and config[key] != value:
+      raise convert_lib.CheckpointMismatchError(f'{src} has {key}={config[key]}, not {value}.')
+  if dst.exists() and not force:
+    raise FileExistsError(f'{dst} exists (pass --force to overwrite).')
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  torch.save(convert_lib.to_torch_state_dict(variables, config), dst)

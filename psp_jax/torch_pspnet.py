@@ -1,0 +1,249 @@
+"""PSPNet in PyTorch with the official hszhao/semseg state_dict layout (parity reference).
+
+Written for this project from the facts of the original (model/pspnet.py, model/resnet.py):
+its `state_dict()` has exactly the keys and shapes of the released checkpoints, so they load
+with strict=True, and psp_jax.convert maps it onto the Flax PSPNet leaf by leaf. Unlike the
+original, `forward` never computes a loss, accepts any input size, and dilation is a
+constructor argument rather than patched in afterwards.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Blocks per stage and block type: resnet18/34/50/101/152 in model/resnet.py.
+DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+  18: ('basic', (2, 2, 2, 2)),
+  34: ('basic', (3, 4, 6, 3)),
+  50: ('bottleneck', (3, 4, 6, 3)),
+  101: ('bottleneck', (3, 4, 23, 3)),
+  152: ('bottleneck', (3, 8, 36, 3)),
+}
+EXPANSION = {'basic': 1, 'bottleneck': 4}
+# (stride, dilation) of layer3 and layer4 per output stride. 8 is PSPNet's: the original
+# patches every layer3/4 conv2 to dilation 2/4, stride 1 (and the downsample to stride 1).
+STAGE_GEOMETRY = {
+  8: ((1, 2), (1, 4)),
+  16: ((2, 1), (1, 2)),
+  32: ((2, 1), (2, 1)),
+}
+
+
+def _bn(channels: int, eps: float, momentum: float) -> nn.BatchNorm2d:
+  return nn.BatchNorm2d(channels, eps=eps, momentum=momentum)
+
+
+class Bottleneck(nn.Module):
+  """1x1 -> 3x3 (stride, dilation) -> 1x1 (x4) residual block, stride on the 3x3 (v1.5)."""
+
+  expansion = 4
+
+  def __init__(self, inplanes: int, planes: int, stride: int, dilation: int, bn_kw: dict):
+    super().__init__()
+    out = planes * self.expansion
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = _bn(planes, **bn_kw)
+    self.conv2 = nn.Conv2d(
+      planes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
+    )
+    self.bn2 = _bn(planes, **bn_kw)
+    self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+    self.bn3 = _bn(out, **bn_kw)
+    self.downsample = None
+    if stride != 1 or inplanes != out:
+      self.downsample = nn.Sequential(
+        nn.Conv2d(inplanes, out, 1, stride=stride, bias=False), _bn(out, **bn_kw)
+      )
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = F.relu(self.bn2(self.conv2(y)))
+    y = self.bn3(self.conv3(y))
+    shortcut = x if self.downsample is None else self.downsample(x)
+    return F.relu(y + shortcut)
+
+
+class BasicBlock(nn.Module):
+  """3x3 (stride, dilation) -> 3x3 (dilation) residual block of ResNet-18/34."""
+
+  expansion = 1
+
+  def __init__(self, inplanes: int, planes: int, stride: int, dilation: int, bn_kw: dict):
+    super().__init__()
+    self.conv1 = nn.Conv2d(
+      inplanes, planes, 3, stride=stride, padding=dilation, dilation=dilation, bias=False
+    )
+    self.bn1 = _bn(planes, **bn_kw)
+    self.conv2 = nn.Conv2d(planes, planes, 3, padding=dilation, dilation=dilation, bias=False)
+    self.bn2 = _bn(planes, **bn_kw)
+    self.downsample = None
+    if stride != 1 or inplanes != planes:
+      self.downsample = nn.Sequential(
+        nn.Conv2d(inplanes, planes, 1, stride=stride, bias=False), _bn(planes, **bn_kw)
+      )
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    y = F.relu(self.bn1(self.conv1(x)))
+    y = self.bn2(self.conv2(y))
+    shortcut = x if self.downsample is None else self.downsample(x)
+    return F.relu(y + shortcut)
+
+
+class PPM(nn.Module):
+  """Pyramid pooling: per bin pool -> [1x1 conv -> BN -> ReLU] -> upsample; concat with input."""
+
+  def __init__(self, in_dim: int, bins: Sequence[int], pool: str, reduce_dim: bool, bn_kw: dict):
+    super().__init__()
+    pool_cls = {'avg': nn.AdaptiveAvgPool2d, 'max': nn.AdaptiveMaxPool2d}[pool]
+    # PPM(fea_dim, int(fea_dim / len(bins)), bins) in model/pspnet.py.
+    out_dim = in_dim // len(bins) if reduce_dim else in_dim
+    self.features = nn.ModuleList(
+      nn.Sequential(
+        pool_cls(b),
+        nn.Conv2d(in_dim, out_dim, 1, bias=False),
+        _bn(out_dim, **bn_kw),
+        nn.ReLU(inplace=True),
+      )
+      for b in bins
+    )
+    self.out_channels = in_dim + len(bins) * out_dim
+
+  def forward(self, x: torch.Tensor) -> torch.Tensor:
+    size = x.shape[2:]
+    outs = [x]
+    for branch in self.features:
+      outs.append(F.interpolate(branch(x), size, mode='bilinear', align_corners=True))
+    return torch.cat(outs, 1)
+
+
+def _head(in_dim: int, mid: int, num_classes: int, dropout: float, bn_kw: dict) -> nn.Sequential:
+  """conv3x3 -> BN -> ReLU -> Dropout2d -> conv1x1 (+bias): the original's cls and aux."""
+  return nn.Sequential(
+    nn.Conv2d(in_dim, mid, 3, padding=1, bias=False),
+    _bn(mid, **bn_kw),
+    nn.ReLU(inplace=True),
+    nn.Dropout2d(p=dropout),
+    nn.Conv2d(mid, num_classes, 1),
+  )
+
+
+class TorchPSPNet(nn.Module):
+  """PSPNet (dilated ResNet + PPM + cls, aux head) with the official state_dict names.
+
+  Keyword arguments are those of psp_jax.models.PSPNet (bn_momentum in Flax's convention:
+  the weight of the old running value, so 0.9 here is torch's momentum=0.1).
+  """
+
+  def __init__(
+    self,
+    num_classes: int,
+    depth: int = 50,
+    stem: str = 'deep',
+    output_stride: int = 8,
+    width: int = 64,
+    bins: Sequence[int] = (1, 2, 3, 6),
+    pool: str = 'avg',
+    use_ppm: bool = True,
+    reduce_dim: bool = True,
+    head_channels: int = 512,
+    aux_channels: int = 256,
+    dropout_rate: float = 0.1,
+    bn_momentum: float = 0.9,
+    bn_epsilon: float = 1e-5,
+  ):
+    super().__init__()
+    if depth not in DEPTHS:
+      raise ValueError(f'depth={depth}: expected one of {sorted(DEPTHS)}.')
+    if stem not in ('deep', 'classic'):
+      raise ValueError(f"stem={stem!r}: expected 'deep' or 'classic'.")
+    if output_stride not in STAGE_GEOMETRY:
+      raise ValueError(f'output_stride={output_stride}: expected one of {sorted(STAGE_GEOMETRY)}.')
+    if pool not in ('avg', 'max'):
+      raise ValueError(f"pool={pool!r}: expected 'avg' or 'max'.")
+    bn_kw = dict(eps=bn_epsilon, momentum=1.0 - bn_momentum)
+    kind, counts = DEPTHS[depth]
+    block = Bottleneck if kind == 'bottleneck' else BasicBlock
+
+    if stem == 'deep':
+      # resnet.conv1/bn1/relu/conv2/bn2/relu/conv3/bn3/relu/maxpool as layer0 (pspnet.py).
+      self.layer0 = nn.Sequential(
+        nn.Conv2d(3, width, 3, stride=2, padding=1, bias=False),
+        _bn(width, **bn_kw),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, width, 3, padding=1, bias=False),
+        _bn(width, **bn_kw),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(width, 2 * width, 3, padding=1, bias=False),
+        _bn(2 * width, **bn_kw),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+      )
+      inplanes = 2 * width
+    else:
+      self.layer0 = nn.Sequential(
+        nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False),
+        _bn(width, **bn_kw),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(3, stride=2, padding=1),
+      )
+      inplanes = width
+
+    geometry = ((1, 1), (2, 1), *STAGE_GEOMETRY[output_stride])
+    stage_channels = []
+    for s, (n, (stride, dilation)) in enumerate(zip(counts, geometry, strict=True)):
+      planes = width * 2**s
+      blocks = []
+      for i in range(n):
+        blocks.append(block(inplanes, planes, stride if i == 0 else 1, dilation, bn_kw))
+        inplanes = planes * block.expansion
+      setattr(self, f'layer{s + 1}', nn.Sequential(*blocks))
+      stage_channels.append(inplanes)
+
+    fea_dim = stage_channels[3]
+    self.ppm = None
+    if use_ppm:
+      self.ppm = PPM(fea_dim, bins, pool, reduce_dim, bn_kw)
+      fea_dim = self.ppm.out_channels
+    self.cls = _head(fea_dim, head_channels, num_classes, dropout_rate, bn_kw)
+    self.aux = _head(stage_channels[2], aux_channels, num_classes, dropout_rate, bn_kw)
+
+  def forward(
+    self, x: torch.Tensor, return_intermediates: bool = False
+  ) -> torch.Tensor | tuple[torch.Tensor, ...] | dict[str, torch.Tensor]:
+    """Logits of a [B, 3, H, W] batch, upsampled to H x W (align_corners=True).
+
+    Returns:
+      eval: [B, classes, H, W]; train: (main, aux) logits, both [B, classes, H, W]. With
+      return_intermediates, a dict of layer0..layer4, ppm, cls (and aux in train) before
+      upsampling, plus 'logits' (and 'aux_logits') after.
+    """
+    size = x.shape[2:]
+    acts = {}
+    x = acts['layer0'] = self.layer0(x)
+    x = acts['layer1'] = self.layer1(x)
+    x = acts['layer2'] = self.layer2(x)
+    x = acts['layer3'] = self.layer3(x)
+    x = acts['layer4'] = self.layer4(x)
+    if self.ppm is not None:
+      x = acts['ppm'] = self.ppm(x)
+    acts['cls'] = self.cls(x)
+    # F.interpolate(x, size=(h, w), mode='bilinear', align_corners=True) in PSPNet.forward.
+    acts['logits'] = F.interpolate(acts['cls'], size, mode='bilinear', align_corners=True)
+    if self.training:
+      acts['aux'] = self.aux(acts['layer3'])
+      acts['aux_logits'] = F.interpolate(acts['aux'], size, mode='bilinear', align_corners=True)
+    if return_intermediates:
+      return acts
+    if self.training:
+      return acts['logits'], acts['aux_logits']
+    return acts['logits']
+
+
+def build(model_config: dict) -> TorchPSPNet:
+  """TorchPSPNet from a PSPNet model-config dict (Flax-only keys such as dtype are dropped)."""
+  kwargs = {k: v for k, v in model_config.items() if k not in ('dtype', 'param_dtype')}
+  if 'bins' in kwargs:
+    kwargs['bins'] = tuple(kwargs['bins'])
+  return TorchPSPNet(**kwargs)

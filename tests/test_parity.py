@@ -1,0 +1,252 @@
+"""Numerical parity of the Flax PSPNet with the official layout in PyTorch (psp_jax.torch_pspnet).
+
+Weights are random, BatchNorm affine parameters random and running statistics calibrated on
+random data then perturbed, so a converter that ignored or mis-mapped any of them would fail.
+The torch model is converted with psp_jax.convert and both are compared stage by stage.
+
+float32 bound 1e-5 (relative L2): PyTorch itself, NCHW vs channels_last (summation order
+alone), differs by 3.4e-6 on these PSPNet-101 weights at 473x473, and the Flax model is no
+further from a float64 run than that. float64 proves the structure exactly (agreement
+~1e-14, bound 1e-10). Each measured error is printed (`pytest -s`).
+"""
+
+import copy
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+torch = pytest.importorskip('torch')
+
+from psp_jax import convert  # noqa: E402
+from psp_jax.models import PSPNet  # noqa: E402
+from psp_jax.torch_pspnet import BasicBlock, Bottleneck, TorchPSPNet  # noqa: E402
+
+pytestmark = pytest.mark.torch
+STAGES = ('layer0', 'layer1', 'layer2', 'layer3', 'layer4', 'ppm', 'cls')
+F32_BOUND, F64_BOUND = 1e-5, 1e-10
+
+
+def randomize(model: TorchPSPNet, seed: int, calib_hw: int = 65) -> TorchPSPNet:
+  """Random He-scaled convs, random BN affine params and realistic, perturbed running stats.
+
+  The last BN of each residual branch gets gammas in [0.1, 0.3], as in trained ResNets. With
+  branches as large as the trunk (gammas ~U(0.5, 1.5)) every block doubles the variance and
+  float32 rounding compounds: PyTorch alone, NCHW vs channels_last, then differs by relative
+  L2 2.7e-5 at 233x233 for PSPNet-50, above the 1e-5 bound (the Flax model: 2.5e-5 from
+  PyTorch, 2.2e-5 from float64, PyTorch NCHW 1.6e-5 from float64).
+  """
+  gen = torch.Generator().manual_seed(seed)
+  bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+  branch_ends = [m.bn3 for m in model.modules() if isinstance(m, Bottleneck)]
+  branch_ends += [m.bn2 for m in model.modules() if isinstance(m, BasicBlock)]
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.Conv2d):
+        fan_in = m.weight[0].numel()
+        m.weight.normal_(0.0, (2.0 / fan_in) ** 0.5, generator=gen)
+        if m.bias is not None:
+          m.bias.uniform_(-0.5, 0.5, generator=gen)
+    for m in bns:
+      m.weight.uniform_(0.5, 1.5, generator=gen)
+      m.bias.uniform_(-0.3, 0.3, generator=gen)
+      m.momentum = 1.0  # the running stats become this batch's statistics
+    for m in branch_ends:
+      m.weight.uniform_(0.1, 0.3, generator=gen)
+    model.train()
+    # Images that differ in brightness and contrast, so that image-level statistics (the
+    # PPM's bin-1 branch) have a realistic spread rather than that of noise images.
+    x = torch.randn(4, 3, calib_hw, calib_hw, generator=gen)
+    x = x * torch.rand(4, 1, 1, 1, generator=gen) * 2 + torch.randn(4, 3, 1, 1, generator=gen)
+    model(x)
+    for m in bns:
+      m.momentum = 0.1
+      std = m.running_var.sqrt()
+      m.running_mean.add_(0.2 * std * torch.randn(m.running_mean.shape, generator=gen))
+      m.running_var.mul_(torch.empty(m.running_var.shape).uniform_(0.6, 1.6, generator=gen))
+      m.num_batches_tracked.fill_(123)
+  return model.eval()
+
+
+def flax_model(config: dict, dtype=jnp.float32, **overrides) -> PSPNet:
+  kwargs = {k: v for k, v in config.items() if k != 'dtype'}
+  kwargs.update(bins=tuple(kwargs['bins']), **overrides)
+  return PSPNet(**kwargs, dtype=dtype, param_dtype=dtype)
+
+
+@functools.cache
+def official(depth: int) -> tuple[TorchPSPNet, dict, dict]:
+  """(calibrated torch PSPNet-depth, its converted float32 variables, model config)."""
+  model = randomize(TorchPSPNet(150, depth=depth), seed=depth)
+  variables, config = convert.from_torch_state_dict(model.state_dict())
+  return model, variables, config
+
+
+def errors(got, want) -> tuple[float, float]:
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  assert got.shape == want.shape
+  rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+  return rel, float(np.abs(got - want).max())
+
+
+def nhwc(t: 'torch.Tensor') -> np.ndarray:
+  return t.detach().permute(0, 2, 3, 1).numpy()
+
+
+def eval_fn(model: PSPNet):
+  """Compiled (logits, {stage: activation}) of model in eval mode."""
+
+  @jax.jit
+  def run(variables, images):
+    logits, state = model.apply(variables, images, train=False, mutable=['intermediates'])
+    return logits, {k: v[0] for k, v in state['intermediates'].items()}
+
+  return run
+
+
+def compare_eval(torch_model, variables, model, x: 'torch.Tensor', bound: float, label: str):
+  with torch.no_grad():
+    want = torch_model.eval()(x, return_intermediates=True)
+  logits, acts = eval_fn(model)(variables, jnp.asarray(nhwc(x)))
+  worst = {}
+  names = [n for n in (*STAGES, 'logits') if n in want]  # no 'ppm' when use_ppm=False
+  assert set(names) - {'logits'} == set(acts) - {'aux'}
+  for name in names:
+    got = logits if name == 'logits' else acts[name]
+    rel, max_abs = worst[name] = errors(got, nhwc(want[name]))
+    print(f'PARITY {label} {name}: rel L2 {rel:.2e}, max abs {max_abs:.2e}')
+  bad = {k: v for k, v in worst.items() if not v[0] <= bound}
+  assert not bad, f'{label}: beyond rel L2 {bound}: {bad}'
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('depth', [50, 101])
+@pytest.mark.parametrize('hw', [(473, 473), (377, 505)], ids=['473x473', '377x505'])
+def test_eval_float32(depth, hw):
+  torch_model, variables, config = official(depth)
+  x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(hw[1]))
+  compare_eval(torch_model, variables, flax_model(config), x, F32_BOUND, f'f32 PSPNet-{depth} {hw}')
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('depth', [50, 101])
+def test_eval_float64(depth):
+  torch_model, _, config = official(depth)
+  model64 = copy.deepcopy(torch_model).double()
+  x = torch.randn(1, 3, 97, 121, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+  with jax.enable_x64(True):
+    variables, _ = convert.from_torch_state_dict(model64.state_dict(), config)
+    model = flax_model(config, jnp.float64)
+    compare_eval(model64, variables, model, x, F64_BOUND, f'f64 PSPNet-{depth} 97x121')
+
+
+def masked_ce(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """nn.CrossEntropyLoss(ignore_index=255): mean over labelled pixels. [B, H, W, K], [B, H, W]."""
+  mask = labels != 255
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
+  return jnp.sum(ce * mask) / jnp.sum(mask)
+
+
+def compare_train_step(
+  torch_model, config, x, labels, dtype, bound, label, atol=1e-14, **overrides
+):
+  """Loss, gradients of main + 0.4 aux for every parameter, updated running stats."""
+  torch_model = copy.deepcopy(torch_model)
+  if dtype == jnp.float64:
+    torch_model.double()
+  variables, _ = convert.from_torch_state_dict(torch_model.state_dict(), config)
+  for m in torch_model.modules():
+    if isinstance(m, torch.nn.Dropout2d):
+      m.p = 0.0  # masks cannot match across frameworks; dropout itself is tested elsewhere
+  torch_model.train()
+  main, aux = torch_model(x)
+  criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+  t_main, t_aux = criterion(main, labels), criterion(aux, labels)
+  (t_main + 0.4 * t_aux).backward()
+
+  model = flax_model(config, dtype, dropout_rate=0.0, **overrides)
+  y = jnp.asarray(labels.numpy())
+
+  @jax.jit
+  def step(params, batch_stats, images):
+    def loss_fn(params):
+      (logits, aux_logits), updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats},
+        images,
+        train=True,
+        rngs={'dropout': jax.random.key(0)},
+        mutable=['batch_stats'],
+      )
+      main, aux = masked_ce(logits, y), masked_ce(aux_logits, y)
+      return main + 0.4 * aux, (main, aux, updates['batch_stats'])
+
+    return jax.grad(loss_fn, has_aux=True)(params)
+
+  grads, (j_main, j_aux, new_stats) = step(
+    variables['params'], variables['batch_stats'], jnp.asarray(nhwc(x))
+  )
+  results = {'loss main': errors(j_main, t_main.item()), 'loss aux': errors(j_aux, t_aux.item())}
+  named = convert.to_torch_names({'params': grads, 'batch_stats': new_stats})
+  torch_named = {k: p.grad for k, p in torch_model.named_parameters()}
+  torch_named.update({k: b for k, b in torch_model.named_buffers() if 'running' in k})
+  assert named.keys() == torch_named.keys()
+  per_key = {k: errors(named[k], torch_named[k].numpy()) for k in named}
+  for kind, test in (
+    ('grad', lambda k: 'running' not in k),
+    ('running stats', lambda k: 'running' in k),
+  ):
+    keys = [k for k in per_key if test(k)]
+    worst = max(keys, key=lambda k: per_key[k][0])
+    results[f'{kind} (worst: {worst})'] = per_key[worst]
+  for name, (rel, max_abs) in results.items():
+    print(f'PARITY {label} {name}: rel L2 {rel:.2e}, max abs {max_abs:.2e}')
+  # The PPM bin-1 branch normalises 2 values per channel (batch 2, 1x1): its output is +-1
+  # whatever the input, so its conv's gradient is ~1e-5 of the others and only its absolute
+  # error is meaningful; hence the absolute floor `atol` beside the relative bound.
+  bad = {k: v for k, v in per_key.items() if not (v[0] <= bound or v[1] <= atol)}
+  bad.update({k: v for k, v in results.items() if not v[0] <= bound})
+  assert not bad, f'{label}: beyond rel L2 {bound} (and max abs {atol}): {bad}'
+
+
+def _train_batch(hw: tuple[int, int], classes: int, dtype) -> tuple:
+  gen = torch.Generator().manual_seed(3)
+  x = torch.randn(2, 3, *hw, generator=gen, dtype=dtype)
+  labels = torch.randint(0, classes, (2, *hw), generator=gen)
+  labels[torch.rand(labels.shape, generator=gen) < 0.2] = 255
+  return x, labels
+
+
+@pytest.mark.slow
+def test_train_step_float64_pspnet50():
+  torch_model, _, config = official(50)
+  x, labels = _train_batch((65, 65), 150, torch.float64)
+  with jax.enable_x64(True):
+    compare_train_step(
+      torch_model, config, x, labels, jnp.float64, F64_BOUND, 'f64 train PSPNet-50'
+    )
+
+
+TINY_VARIANTS = {
+  'r18-classic-max-os16': dict(depth=18, stem='classic', pool='max', output_stride=16),
+  'r34-bin1-noreduce-os32': dict(depth=34, bins=(1,), reduce_dim=False, output_stride=32),
+  'r50-noppm': dict(depth=50, use_ppm=False),
+}
+
+
+@pytest.mark.parametrize('variant', list(TINY_VARIANTS))
+def test_tiny_variants_float64(variant):
+  """Every constructor option, at widths of a few channels and an odd, non-8k+1 size."""
+  kwargs = dict(num_classes=7, width=4, head_channels=8, aux_channels=8, **TINY_VARIANTS[variant])
+  torch_model = randomize(TorchPSPNet(**kwargs), seed=1, calib_hw=41).double()
+  x, labels = _train_batch((58, 75), 7, torch.float64)
+  with jax.enable_x64(True):
+    variables, config = convert.from_torch_state_dict(torch_model.state_dict(), kwargs)
+    config.update(kwargs)
+    model = flax_model(config, jnp.float64)
+    compare_eval(torch_model, variables, model, x[:1], F64_BOUND, f'f64 tiny {variant}')
+    compare_train_step(
+      torch_model, config, x, labels, jnp.float64, F64_BOUND, f'f64 tiny {variant}'
+    )
