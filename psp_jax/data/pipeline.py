@@ -1,0 +1,349 @@
+"""tf.data input pipelines: augmented training batches, mask-padded evaluation batches.
+
+Each process builds its own pipeline over its part of the data (get_source shards by
+process) and turns its batches into global jax.Arrays with `to_global`.
+"""
+
+import logging
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from psp_jax.data import augment, sources, transforms
+from psp_jax.data._tf import tf
+
+_MAX_EPOCHS = 2**62  # "forever": the training stream repeats until the caller stops reading
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+  pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+  if len(pair) != 2 or min(pair) < 1:
+    raise ValueError(f'data.{name} must be a positive int or (height, width), got {value!r}.')
+  return pair
+
+
+def _range(value: Sequence[float] | None, name: str) -> tuple[float, float] | None:
+  if value is None:
+    return None
+  low, high = (float(v) for v in value)
+  if not low < high:
+    raise ValueError(f'data.{name} must be (min, max) with min < max, got {tuple(value)!r}.')
+  return low, high
+
+
+def _augment_kwargs(data_config: Any) -> dict[str, Any]:
+  """augment.train_augment keyword arguments from config.data, validated."""
+  scale_range = _range(data_config.scale_range, 'scale_range')
+  if scale_range is not None and scale_range[0] <= 0:
+    raise ValueError(f'data.scale_range must be positive, got {scale_range!r}.')
+  ignore_label = int(data_config.ignore_label)
+  if not 0 <= ignore_label <= 255:
+    raise ValueError(f'data.ignore_label must fit the uint8 labels (0..255), got {ignore_label}.')
+  return dict(
+    crop_size=_pair(data_config.crop_size, 'crop_size'),
+    scale_range=scale_range,
+    rotate_range=_range(data_config.rotate_range, 'rotate_range'),
+    blur=bool(data_config.blur),
+    flip=bool(data_config.flip),
+    ignore_label=ignore_label,
+    aspect_ratio_range=_range(data_config.get('aspect_ratio_range', None), 'aspect_ratio_range'),
+  )
+
+
+def _options(deterministic: bool, num_threads: int | None) -> tf.data.Options:
+  """tf.data options: own thread pool, one thread per op (parallelism comes from map)."""
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  # tf.data, XLA and the training loop share the host's cores; a private pool sized to the
+  # cores keeps tf.data from oversubscribing them through TF's global pools.
+  options.threading.private_threadpool_size = num_threads or os.cpu_count() or 1
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _checked(example: transforms.Example) -> transforms.Example:
+  """Fails clearly when image and label sizes differ (SemData raises the same)."""
+  check = tf.debugging.assert_equal(
+    tf.shape(example['image'])[:2],
+    tf.shape(example['label']),
+    message='image and label shapes differ; check the data set (image [H, W, 3], label [H, W])',
+  )
+  with tf.control_dependencies([check]):
+    return {'image': tf.identity(example['image']), 'label': example['label']}
+
+
+def _cardinality(dataset: tf.data.Dataset) -> int | None:
+  """The number of elements if tf.data knows it, else None; an infinite source is an error."""
+  n = int(dataset.cardinality())
+  if n == tf.data.INFINITE_CARDINALITY:
+    raise ValueError('The data source repeats forever; give the pipeline a single pass.')
+  return None if n == tf.data.UNKNOWN_CARDINALITY else n
+
+
+def build_train_dataset(
+  source: tf.data.Dataset,
+  data_config: Any,
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  start_step: int = 0,
+  num_threads: int | None = None,
+) -> tf.data.Dataset:
+  """Infinite augmented training batches from one process's single-pass source.
+
+  The stream is a function of (seed, process_index) alone: epoch e is the source shuffled
+  with a seed derived from (seed, process_index, e), and the i-th example of epoch e is
+  augmented with a stateless seed derived from (seed, process_index, e, i), so results do not
+  depend on thread scheduling. With data_config.deterministic the batches are reproducible,
+  and start_step=k yields exactly the batches from step k on (skipping whole epochs without
+  reading them, and the rest of the epoch before any augmentation).
+
+  Args:
+    source: examples {'image': uint8 [H, W, 3], 'label': uint8 [H, W]}, one pass, in a
+      deterministic order.
+    data_config: config.data (crop_size, scale_range, rotate_range, blur, flip,
+      ignore_label, shuffle_buffer, deterministic).
+    batch_size: examples per batch on this process.
+    seed: the run's data seed.
+    process_index: this process; folded into every seed so processes draw differently.
+    start_step: number of batches to skip (resuming a run).
+    num_threads: tf.data thread-pool size (default: the number of cores).
+
+  Returns:
+    A dataset of {'image': float32 [batch_size, crop_h, crop_w, 3] normalised,
+    'label': int32 [batch_size, crop_h, crop_w]}.
+  """
+  if batch_size < 1 or start_step < 0:
+    raise ValueError(f'Need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}.')
+  kwargs = _augment_kwargs(data_config)
+  buffer = int(data_config.shuffle_buffer)
+  base_key = tf.constant([seed, process_index], tf.int64)
+  fold_in = tf.random.experimental.stateless_fold_in
+
+  def epoch(e):
+    key = fold_in(base_key, e)
+    ds = source
+    if buffer > 1:
+      shuffle_seed = tf.random.stateless_uniform(
+        [], fold_in(key, 0), minval=None, maxval=None, dtype=tf.int64
+      )
+      ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
+    return ds.enumerate().map(lambda i, example: (e, i, example))
+
+  skip = start_step * batch_size
+  epoch_size = _cardinality(source)
+  # An empty source would make the epoch loop below spin forever (reading one example of a
+  # source of unknown length costs one decode).
+  if epoch_size == 0 or (epoch_size is None and not list(source.take(1))):
+    raise ValueError('The training source is empty on this process.')
+  first_epoch = 0
+  if epoch_size is not None:
+    first_epoch, skip = divmod(skip, epoch_size)
+  elif skip:
+    logging.warning(
+      'Training source has unknown length: resuming reads %d examples to skip them.', skip
+    )
+  ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
+  # Skipping here, before the map, reads but never augments the skipped examples.
+  ds = ds.skip(skip)
+
+  def prepare(e, i, example):
+    key = fold_in(fold_in(fold_in(base_key, e), 1), i)
+    return augment.train_augment(_checked(example), key, **kwargs)
+
+  ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options(bool(data_config.deterministic), num_threads))
+
+
+def create_train_dataset(
+  data_config: Any,
+  *,
+  batch_size: int,
+  seed: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  start_step: int = 0,
+  num_threads: int | None = None,
+) -> tf.data.Dataset:
+  """Infinite augmented training batches of config.data's train split for one process.
+
+  Args:
+    data_config: config.data.
+    batch_size: examples per batch on this process (global batch / process_count).
+    seed: the run's data seed.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+    start_step: batches to skip, to resume a run at the same data position.
+    num_threads: tf.data thread-pool size (default: the number of cores).
+
+  Returns:
+    See build_train_dataset.
+  """
+  source = sources.get_source(
+    data_config,
+    data_config.train_split,
+    process_index=process_index,
+    process_count=process_count,
+  )
+  return build_train_dataset(
+    source,
+    data_config,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    start_step=start_step,
+    num_threads=num_threads,
+  )
+
+
+def build_eval_dataset(
+  source: tf.data.Dataset,
+  *,
+  num_examples: int,
+  batch_size: int,
+  process_count: int = 1,
+  pad_to: int | Sequence[int] | None = None,
+  ignore_label: int = 255,
+  num_threads: int | None = None,
+) -> tf.data.Dataset:
+  """One pass of mask-padded evaluation batches from one process's share of a split.
+
+  Every process yields ceil(num_examples / process_count / batch_size) batches, so all run
+  the same number of steps; the slots after this process's real examples hold padding
+  examples with mask False. Images are normalised and padded at the bottom / right (mean
+  colour, i.e. 0 after normalising; labels ignore_label), so each real image sits at
+  [:height, :width].
+
+  Args:
+    source: this process's examples {'image': uint8 [H, W, 3], 'label': uint8 [H, W]}.
+    num_examples: examples in the whole split (over all processes).
+    batch_size: examples per batch on this process.
+    process_count: number of processes sharing the split.
+    pad_to: (height, width) or int to pad every image to; None pads each batch to its
+      largest image (shapes then vary between batches).
+    ignore_label: label padding value.
+    num_threads: tf.data thread-pool size (default: the number of cores).
+
+  Returns:
+    A dataset of {'image': float32 [b, h, w, 3], 'label': int32 [b, h, w], 'mask': bool [b],
+    'height': int32 [b], 'width': int32 [b]} with b = batch_size.
+  """
+  if batch_size < 1 or process_count < 1 or num_examples < 0:
+    raise ValueError(
+      f'Need batch_size, process_count >= 1 and num_examples >= 0, got {batch_size}, '
+      f'{process_count}, {num_examples}.'
+    )
+  capacity = math.ceil(num_examples / (process_count * batch_size)) * batch_size
+  host_examples = _cardinality(source)
+  if host_examples is not None and host_examples > capacity:
+    raise ValueError(
+      f'This process has {host_examples} of {num_examples} examples, more than its '
+      f'{capacity} evaluation slots: the source does not split the data evenly over '
+      f'{process_count} processes.'
+    )
+  size = None if pad_to is None else _pair(pad_to, 'pad_to')
+  ignore = tf.constant(ignore_label, tf.int32)
+
+  def prepare(example):
+    example = _checked(example)
+    shape = tf.shape(example['label'])
+    if size is not None:
+      example = transforms.pad_to_size(example, *size, ignore_label=ignore_label)
+    return {
+      'image': transforms.normalize(example['image']),
+      'label': tf.cast(example['label'], tf.int32),
+      'mask': tf.constant(True),
+      'height': shape[0],
+      'width': shape[1],
+    }
+
+  blank_size = size or (1, 1)
+  blank = tf.data.Dataset.from_tensors(
+    {
+      'image': tf.zeros([*blank_size, 3], tf.float32),
+      'label': tf.fill(blank_size, ignore),
+      'mask': tf.constant(False),
+      'height': tf.constant(0, tf.int32),
+      'width': tf.constant(0, tf.int32),
+    }
+  )
+  ds = source.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
+  if host_examples is not None:
+    ds = ds.concatenate(blank.repeat(capacity - host_examples))
+  else:
+    ds = ds.concatenate(blank.repeat()).take(capacity)
+  if size is None:
+    padding_values = {
+      'image': 0.0,
+      'label': ignore,
+      'mask': False,
+      'height': 0,
+      'width': 0,
+    }
+    ds = ds.padded_batch(batch_size, padding_values=padding_values, drop_remainder=True)
+  else:
+    ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options(True, num_threads))
+
+
+def create_eval_dataset(
+  data_config: Any,
+  *,
+  batch_size: int,
+  process_index: int = 0,
+  process_count: int = 1,
+  pad_to: int | Sequence[int] | None = None,
+  num_threads: int | None = None,
+) -> tf.data.Dataset:
+  """One pass over config.data's eval split for one process, mask-padded.
+
+  Args:
+    data_config: config.data.
+    batch_size: examples per batch on this process.
+    process_index: this process (jax.process_index()).
+    process_count: number of processes (jax.process_count()).
+    pad_to: (height, width) or int every image is padded to, or None (per-batch maximum).
+    num_threads: tf.data thread-pool size (default: the number of cores).
+
+  Returns:
+    See build_eval_dataset.
+  """
+  split = data_config.eval_split
+  source = sources.get_source(
+    data_config, split, process_index=process_index, process_count=process_count
+  )
+  return build_eval_dataset(
+    source,
+    num_examples=sources.num_examples(data_config, split),
+    batch_size=batch_size,
+    process_count=process_count,
+    pad_to=pad_to,
+    ignore_label=int(data_config.ignore_label),
+    num_threads=num_threads,
+  )
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, axis: str = 'data'):
+  """Turns this process's batch into global jax.Arrays sharded on the leading axis.
+
+  Args:
+    batch: arrays whose leading axis is this process's part of the global batch.
+    mesh: the device mesh.
+    axis: mesh axis the batch is split over.
+
+  Returns:
+    The same structure of jax.Array with global leading size sum over processes.
+  """
+  sharding = NamedSharding(mesh, PartitionSpec(axis))
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )

@@ -1,0 +1,350 @@
+"""Data sources: one process's examples {'image': uint8 [H, W, 3], 'label': uint8 [H, W]}.
+
+config.data.name picks the source:
+  synthetic                    the built-in data set, prepared into data_dir on first use;
+  ade20k | voc2012 | cityscapes  TFDS builders of this package, prepared once with
+                               `python -m psp_jax.data.prepare NAME --manual_dir DIR`;
+  list                         semseg list files, `image_path label_path` a line, relative to
+                               config.data.root (train_list / val_list), read as they are;
+  folder                       root/images/<split>/**/*.{jpg,png,...} with labels
+                               root/labels/<split>/**/<same stem>.png, read as they are.
+Labels come out mapped (255 = ignore). Bad files stop list/folder sources with the file's
+name, or are skipped and counted with config.data.skip_bad_examples; the TFDS builders
+check every file once, when prepared (their --skip_bad_examples flag). Each of
+process_count processes gets a disjoint part of the split (contiguous for TFDS, every
+process_count-th file for list/folder), and together they see every example once.
+"""
+
+import contextlib
+import fcntl
+import logging
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from psp_jax.data import files, synthetic
+from psp_jax.data._tf import tf
+from psp_jax.data.builders import BUILDERS, MissingDataError
+from psp_jax.data.builders import synthetic as synthetic_builder
+from psp_jax.data.builders.common import is_prepared
+
+_SPLIT_ALIASES = {'val': 'validation', 'training': 'train'}
+_FOLDER_SPLITS = {'train': ('train', 'training'), 'validation': ('validation', 'val')}
+
+
+def _option(data_config: Any, key: str, default: Any = None) -> Any:
+  """data_config[key] for a ConfigDict or a dict, default when absent or None."""
+  value = data_config.get(key, default) if hasattr(data_config, 'get') else default
+  return default if value is None else value
+
+
+def prepare_command(name: str) -> str:
+  """The shell command that prepares a TFDS-backed data set."""
+  return f'python -m psp_jax.data.prepare {name} --manual_dir DIR [--data_dir DATA_DIR]'
+
+
+def _check_classes(data_config: Any, expected: int) -> None:
+  got = _option(data_config, 'num_classes')
+  if got is not None and int(got) != expected:
+    raise ValueError(
+      f'config.data.num_classes is {got} but {data_config.name} has {expected} classes: set '
+      f"--config.data.num_classes={expected} (or use the data set's config)."
+    )
+
+
+def _check_process(process_index: int, process_count: int) -> None:
+  if process_count < 1 or not 0 <= process_index < process_count:
+    raise ValueError(
+      f'Need 0 <= process_index < process_count, got {process_index}, {process_count}.'
+    )
+
+
+# --- TFDS-backed sources. -------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _file_lock(path: pathlib.Path):
+  """An exclusive lock on path, so processes on one machine prepare a data set only once."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, 'w') as handle:
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def synthetic_options(data_config: Any) -> dict[str, int]:
+  """config.data.synthetic's image_size / num_train / num_val / seed, with the defaults."""
+  options = _option(data_config, 'synthetic', {}) or {}
+  defaults = {'image_size': 129, 'num_train': 2000, 'num_val': 200, 'seed': 0}
+  unknown = set(options) - set(defaults)
+  if unknown:
+    raise ValueError(
+      f'Unknown config.data.synthetic keys {sorted(unknown)}; known: {sorted(defaults)}.'
+    )
+  values = {k: options.get(k) for k in defaults}
+  return {k: int(defaults[k] if v is None else v) for k, v in values.items()}
+
+
+def _builder(data_config: Any) -> tfds.core.DatasetBuilder:
+  """The prepared TFDS builder of data_config.name (the synthetic one is prepared if needed)."""
+  name, data_dir = data_config.name, _option(data_config, 'data_dir')
+  data_dir = data_dir and os.path.expanduser(data_dir)
+  if name == 'synthetic':
+    _check_classes(data_config, synthetic.NUM_CLASSES)
+    config = synthetic_builder.make_config(**synthetic_options(data_config))
+    builder = synthetic_builder.Synthetic(data_dir=data_dir, config=config)
+    if not is_prepared(builder):
+      with _file_lock(pathlib.Path(builder.data_dir_root) / 'psp_synthetic.lock'):
+        builder = synthetic_builder.Synthetic(data_dir=data_dir, config=config)
+        if not is_prepared(builder):
+          logging.warning(
+            'Preparing the synthetic data set (%s) in %s, once.',
+            config.description,
+            builder.data_dir,
+          )
+          builder.download_and_prepare()
+    return builder
+  builder_cls = BUILDERS[name]
+  _check_classes(data_config, builder_cls.NUM_CLASSES)
+  builder = builder_cls(data_dir=data_dir)
+  if not is_prepared(builder):
+    raise MissingDataError(
+      f'The {name} data set is not prepared in {builder.data_dir} (config.data.data_dir = '
+      f'{data_dir or "the TFDS default"}). Prepare it once with\n  {prepare_command(name)}\n'
+      f'where DIR holds {builder_cls.EXPECTED}.'
+    )
+  return builder
+
+
+def _tfds_split(builder: tfds.core.DatasetBuilder, split: str) -> str:
+  split = _SPLIT_ALIASES.get(split, split)
+  base = split.split('[')[0]
+  if base not in builder.info.splits:
+    raise ValueError(
+      f'{builder.name} has no split {base!r}; prepared splits: {sorted(builder.info.splits)}.'
+    )
+  return split
+
+
+def _decode_tfds(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  data = example['image']
+  # JPEGs decoded with the accurate integer DCT, as cv2.imread (util/dataset.py) and PIL do;
+  # TF's default fast DCT differs from them by up to a few levels.
+  image = tf.cond(
+    tf.io.is_jpeg(data),
+    lambda: tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE'),
+    lambda: tf.io.decode_png(data, channels=3),
+  )
+  image.set_shape([None, None, 3])
+  return {'image': image, 'label': tf.squeeze(example['label'], -1)}
+
+
+def _tfds_source(
+  data_config: Any, split: str, process_index: int, process_count: int, shuffle_seed: int | None
+) -> tf.data.Dataset:
+  builder = _builder(data_config)
+  part = tfds.even_splits(_tfds_split(builder, split), n=process_count)[process_index]
+  ds = builder.as_dataset(
+    split=part,
+    shuffle_files=shuffle_seed is not None,
+    decoders={'image': tfds.decode.SkipDecoding()},
+    read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
+  )
+  return ds.map(_decode_tfds, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --- List-file and folder sources. ----------------------------------------------------------
+
+
+def _list_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
+  """(image, label) paths of a semseg list file (util/dataset.py make_dataset)."""
+  if split in ('train', _option(data_config, 'train_split', 'train')):
+    key = 'train_list'
+  elif split in ('validation', 'val', 'test', _option(data_config, 'eval_split', 'validation')):
+    key = 'val_list'
+  else:
+    raise ValueError(f'list source: split {split!r} is neither the train nor the eval split.')
+  list_file, root = _option(data_config, key), _option(data_config, 'root', '')
+  if list_file is None:
+    raise ValueError(f'list source: config.data.{key} is not set (needed for split {split!r}).')
+  path = pathlib.Path(list_file)
+  if not path.is_file() and root and (pathlib.Path(root) / list_file).is_file():
+    path = pathlib.Path(root) / list_file
+  if not path.is_file():
+    raise MissingDataError(
+      f'list source: config.data.{key} = {list_file} is not a file '
+      f'(looked as given and under config.data.root = {root!r}).'
+    )
+  pairs = []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    parts = line.split()
+    if not parts:
+      continue
+    if len(parts) != 2:
+      raise ValueError(f'{path}:{number}: expected `image_path label_path`, got {line!r}.')
+    pairs.append((os.path.join(root, parts[0]), os.path.join(root, parts[1])))
+  return pairs
+
+
+def _folder_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
+  """(image, label) paths of root/images/<split>/ and root/labels/<split>/, by stem."""
+  root = _option(data_config, 'root')
+  if root is None:
+    raise ValueError('folder source: config.data.root is not set.')
+  root = pathlib.Path(root)
+  names = _FOLDER_SPLITS.get(_SPLIT_ALIASES.get(split, split), (split,))
+  found = next((n for n in names if (root / 'images' / n).is_dir()), None)
+  if found is None:
+    raise MissingDataError(
+      f'folder source: none of {", ".join(str(root / "images" / n) for n in names)} exists. '
+      f'Expected images in {root}/images/<split>/ and labels (PNG, class indices) with the '
+      f'same relative path and stem in {root}/labels/<split>/.'
+    )
+  image_dir, label_dir = root / 'images' / found, root / 'labels' / found
+  if not label_dir.is_dir():
+    raise MissingDataError(f'folder source: {label_dir} does not exist (labels for {image_dir}).')
+  images = {
+    p.relative_to(image_dir).with_suffix('').as_posix(): p
+    for p in sorted(image_dir.rglob('*'))
+    if p.suffix.lower() in files.IMAGE_EXTENSIONS
+  }
+  labels = {
+    p.relative_to(label_dir).with_suffix('').as_posix(): p for p in sorted(label_dir.rglob('*.png'))
+  }
+  missing = [str(images[k]) for k in images if k not in labels]
+  if missing:
+    raise MissingDataError(
+      f'folder source: {len(missing)} images in {image_dir} have no label '
+      f'{label_dir}/<stem>.png, e.g. {", ".join(missing[:5])}.'
+    )
+  return [(str(images[k]), str(labels[k])) for k in images]
+
+
+def _file_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
+  """The list/folder pairs whose files exist (missing ones fail, or are skipped and logged)."""
+  pairs = (_list_pairs if data_config.name == 'list' else _folder_pairs)(data_config, split)
+  missing = [p for pair in pairs for p in pair if not os.path.isfile(p)]
+  if missing:
+    message = (
+      f'{data_config.name} source ({split}): {len(missing)} files do not exist, '
+      f'e.g. {", ".join(missing[:5])}.'
+    )
+    if not _option(data_config, 'skip_bad_examples', False):
+      raise MissingDataError(message)
+    logging.warning('%s Skipping those examples.', message)
+    gone = set(missing)
+    pairs = [p for p in pairs if p[0] not in gone and p[1] not in gone]
+  if not pairs:
+    raise MissingDataError(f'{data_config.name} source ({split}): no examples.')
+  return pairs
+
+
+def _file_source(
+  data_config: Any, split: str, process_index: int, process_count: int, shuffle_seed: int | None
+) -> tf.data.Dataset:
+  pairs = _file_pairs(data_config, split)[process_index::process_count]
+  if _option(data_config, 'num_classes') is None:
+    raise ValueError(f'{data_config.name} source: config.data.num_classes is not set.')
+  num_classes = int(data_config.num_classes)
+  ignore = int(_option(data_config, 'ignore_label', 255))
+  table = files.label_table(num_classes=num_classes)
+  table[255] = files.INVALID
+  table[ignore] = ignore
+  skip = bool(_option(data_config, 'skip_bad_examples', False))
+  skipped = files.SkipCounter(f'{data_config.name} {split}')
+
+  def load(image_path: bytes, label_path: bytes):
+    image_name, label_name = image_path.decode(), label_path.decode()
+    try:
+      image, label = files.decode_pair(
+        pathlib.Path(image_name).read_bytes(),
+        pathlib.Path(label_name).read_bytes(),
+        table,
+        image_name=image_name,
+        label_name=label_name,
+      )
+    except (files.BadExampleError, OSError) as e:
+      if not skip:
+        raise files.BadExampleError(f'{e} (set config.data.skip_bad_examples to skip it)') from e
+      skipped.skip(e)
+      return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), False
+    return image, label, True
+
+  def read(image_path, label_path):
+    image, label, ok = tf.numpy_function(
+      load, [image_path, label_path], [tf.uint8, tf.uint8, tf.bool], stateful=False
+    )
+    image.set_shape([None, None, 3])
+    label.set_shape([None, None])
+    return {'image': image, 'label': label, 'ok': ok}
+
+  ds = tf.data.Dataset.from_tensor_slices(tuple(map(list, zip(*pairs, strict=True))))
+  if shuffle_seed is not None:
+    ds = ds.shuffle(len(pairs), seed=shuffle_seed, reshuffle_each_iteration=True)
+  ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+  if skip:
+    ds = ds.filter(lambda e: e['ok'])
+  return ds.map(lambda e: {'image': e['image'], 'label': e['label']})
+
+
+# --- Public API. ----------------------------------------------------------------------------
+
+
+def get_source(
+  data_config: Any,
+  split: str,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  shuffle_seed: int | None = None,
+) -> tf.data.Dataset:
+  """This process's examples of a split, decoded, labels mapped, in a fixed order.
+
+  Args:
+    data_config: config.data (name, data_dir, root, train_list, val_list, num_classes,
+      ignore_label, skip_bad_examples, synthetic).
+    split: 'train', 'validation' ('val'), 'test', or a TFDS slice such as 'train[:100]'.
+    process_index: this process, in [0, process_count).
+    process_count: number of processes sharing the split.
+    shuffle_seed: None reads in a fixed order; an int shuffles the files (TFDS) or the
+      pairs (list/folder), differently on each pass.
+
+  Returns:
+    A dataset of {'image': uint8 [H, W, 3], 'label': uint8 [H, W]} (255 = ignore).
+  """
+  _check_process(process_index, process_count)
+  reader = _SOURCES.get(data_config.name)
+  if reader is None:
+    raise ValueError(f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.')
+  return reader(data_config, split, process_index, process_count, shuffle_seed)
+
+
+def num_examples(data_config: Any, split: str) -> int:
+  """Examples in a whole split (over all processes).
+
+  Args:
+    data_config: config.data.
+    split: as for get_source.
+
+  Returns:
+    The count (for list/folder sources, of pairs whose files exist).
+  """
+  if data_config.name in ('list', 'folder'):
+    return len(_file_pairs(data_config, split))
+  if data_config.name not in _SOURCES:
+    raise ValueError(f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.')
+  builder = _builder(data_config)
+  return builder.info.splits[_tfds_split(builder, split)].num_examples
+
+
+_SOURCES = {
+  'synthetic': _tfds_source,
+  **dict.fromkeys(BUILDERS, _tfds_source),
+  'list': _file_source,
+  'folder': _file_source,
+}

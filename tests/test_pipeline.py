@@ -1,0 +1,243 @@
+"""Tests of psp_jax.data.pipeline on small in-memory sources."""
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from psp_jax.data import pipeline
+from psp_jax.data._tf import tf
+
+NUM = 10  # examples in the in-memory split
+CROP = 33
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict(
+    dict(
+      train_split='train',
+      eval_split='validation',
+      ignore_label=255,
+      crop_size=CROP,
+      scale_range=(0.5, 2.0),
+      rotate_range=(-10.0, 10.0),
+      blur=True,
+      flip=True,
+      shuffle_buffer=4,
+      deterministic=True,
+    )
+  )
+  config.update(overrides)
+  return config
+
+
+def make_example(i):
+  """Example i: a flat image of value 10 * i + 5 and label (i mod 7), of varying size."""
+  i = tf.cast(i, tf.int32)
+  h, w = 36 + 5 * (i % 3), 40 + 7 * (i % 4)
+  image = tf.fill(tf.stack([h, w, 3]), tf.cast(10 * i + 5, tf.uint8))
+  label = tf.fill(tf.stack([h, w]), tf.cast(i % 7, tf.uint8))
+  return {'image': image, 'label': label}
+
+
+def source(num=NUM, process_index=0, process_count=1):
+  return tf.data.Dataset.range(num).shard(process_count, process_index).map(make_example)
+
+
+def example_ids(images):
+  """Recovers i from flat normalised images (the mean colour of crop padding is ignored)."""
+  mean = np.array([0.485, 0.456, 0.406]) * 255
+  std = np.array([0.229, 0.224, 0.225]) * 255
+  raw = images[..., 0] * std[0] + mean[0]
+  values = [np.median(r[np.abs(r - mean[0]) > 0.5]) for r in raw]
+  return [int(round((v - 5) / 10)) for v in values]
+
+
+def take(dataset, n):
+  return list(dataset.take(n).as_numpy_iterator())
+
+
+def assert_same_batches(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b, strict=True):
+    np.testing.assert_array_equal(x['image'], y['image'])
+    np.testing.assert_array_equal(x['label'], y['label'])
+
+
+@pytest.fixture(scope='module')
+def run_through():
+  """The first 7 batches of 4 (three epochs of 10) with seed 0."""
+  return take(pipeline.build_train_dataset(source(), data_config(), batch_size=4, seed=0), 7)
+
+
+def test_train_batches_shapes_dtypes_and_labels(run_through):
+  dataset = pipeline.build_train_dataset(source(), data_config(), batch_size=4, seed=0)
+  assert dataset.element_spec['image'].shape == (4, CROP, CROP, 3)  # drop_remainder=True
+  assert dataset.element_spec['label'].shape == (4, CROP, CROP)
+  for batch in run_through:
+    assert batch['image'].dtype == np.float32 and batch['label'].dtype == np.int32
+    assert set(np.unique(batch['label'])) <= set(range(7)) | {255}
+
+
+def test_same_seed_same_batches_other_seed_differs(run_through):
+  again = take(pipeline.build_train_dataset(source(), data_config(), batch_size=4, seed=0), 7)
+  assert_same_batches(run_through, again)
+  other = take(pipeline.build_train_dataset(source(), data_config(), batch_size=4, seed=1), 1)
+  assert not np.array_equal(other[0]['image'], run_through[0]['image'])
+  process1 = pipeline.build_train_dataset(
+    source(), data_config(), batch_size=4, seed=0, process_index=1
+  )
+  assert not np.array_equal(take(process1, 1)[0]['image'], run_through[0]['image'])
+
+
+@pytest.mark.parametrize('start_step', [1, 3, 5])
+def test_start_step_resumes_at_the_same_batches(run_through, start_step):
+  # 4 * 3 = 12 examples: epoch 1 at offset 2; 4 * 5 = 20: exactly the start of epoch 2.
+  resumed = pipeline.build_train_dataset(
+    source(), data_config(), batch_size=4, seed=0, start_step=start_step
+  )
+  assert_same_batches(run_through[start_step:], take(resumed, 7 - start_step))
+
+
+def test_start_step_with_unknown_source_length(run_through):
+  unknown = source().filter(lambda example: True)
+  assert int(unknown.cardinality()) == tf.data.UNKNOWN_CARDINALITY
+  resumed = pipeline.build_train_dataset(unknown, data_config(), batch_size=4, seed=0, start_step=3)
+  assert_same_batches(run_through[3:5], take(resumed, 2))
+
+
+def test_each_epoch_is_a_new_permutation():
+  config = data_config(scale_range=None, rotate_range=None, blur=False, flip=False)
+  dataset = pipeline.build_train_dataset(source(), config, batch_size=5, seed=3)
+  ids = [i for batch in take(dataset, 4) for i in example_ids(batch['image'])]
+  first, second = ids[:NUM], ids[NUM:]
+  assert sorted(first) == list(range(NUM)) and sorted(second) == list(range(NUM))
+  assert first != second
+
+
+def test_an_example_is_augmented_afresh_each_epoch():
+  config = data_config(shuffle_buffer=1)  # no shuffling: every epoch in the same order
+  batches = take(pipeline.build_train_dataset(source(), config, batch_size=5, seed=0), 3)
+  assert example_ids(batches[0]['image']) == example_ids(batches[2]['image']) == list(range(5))
+  assert not np.array_equal(batches[0]['image'], batches[2]['image'])
+
+
+def test_train_rejects_bad_config():
+  with pytest.raises(ValueError, match='scale_range'):
+    pipeline.build_train_dataset(
+      source(), data_config(scale_range=(2.0, 0.5)), batch_size=2, seed=0
+    )
+  with pytest.raises(ValueError, match='crop_size'):
+    pipeline.build_train_dataset(source(), data_config(crop_size=0), batch_size=2, seed=0)
+  with pytest.raises(ValueError, match='empty'):
+    empty = source().filter(lambda example: False)
+    pipeline.build_train_dataset(empty, data_config(), batch_size=2, seed=0)
+  with pytest.raises(ValueError, match='repeats forever'):
+    pipeline.build_train_dataset(source().repeat(), data_config(), batch_size=2, seed=0)
+
+
+@pytest.mark.parametrize('process_count', [1, 2, 3])
+@pytest.mark.parametrize('pad_to', [None, (48, 64)])
+def test_eval_padding_and_mask_cover_every_example_once(process_count, pad_to):
+  batch_size = 2
+  steps = -(-NUM // (process_count * batch_size))
+  seen = []
+  for index in range(process_count):
+    dataset = pipeline.build_eval_dataset(
+      source(process_index=index, process_count=process_count),
+      num_examples=NUM,
+      batch_size=batch_size,
+      process_count=process_count,
+      pad_to=pad_to,
+    )
+    batches = list(dataset.as_numpy_iterator())
+    assert len(batches) == steps  # the same number of steps on every process
+    for batch in batches:
+      assert batch['image'].shape[0] == batch_size and batch['mask'].dtype == bool
+      if pad_to is not None:
+        assert batch['image'].shape[1:3] == pad_to
+      real = batch['mask']
+      seen += example_ids(batch['image'][real])
+      for k in np.flatnonzero(real):
+        h, w = batch['height'][k], batch['width'][k]
+        i = example_ids(batch['image'][k : k + 1])[0]
+        assert (h, w) == (36 + 5 * (i % 3), 40 + 7 * (i % 4))
+        assert (batch['label'][k, :h, :w] == i % 7).all()
+        assert (batch['label'][k, h:] == 255).all() and (batch['label'][k, :, w:] == 255).all()
+        assert (batch['image'][k, h:] == 0).all() and (batch['image'][k, :, w:] == 0).all()
+      assert (batch['label'][~real] == 255).all() and (batch['image'][~real] == 0).all()
+  assert sorted(seen) == list(range(NUM))
+
+
+def test_eval_unknown_source_length_pads_the_same():
+  dataset = pipeline.build_eval_dataset(
+    source(process_index=1, process_count=3).filter(lambda example: True),
+    num_examples=NUM,
+    batch_size=2,
+    process_count=3,
+  )
+  masks = [batch['mask'] for batch in dataset.as_numpy_iterator()]
+  np.testing.assert_array_equal(np.concatenate(masks), [True, True, True, False])
+
+
+def test_eval_errors_are_clear():
+  with pytest.raises(ValueError, match='more than its 4 evaluation slots'):
+    pipeline.build_eval_dataset(source(), num_examples=7, batch_size=2, process_count=2)
+  dataset = pipeline.build_eval_dataset(source(), num_examples=NUM, batch_size=2, pad_to=40)
+  with pytest.raises(tf.errors.InvalidArgumentError, match='larger than the pad size'):
+    list(dataset.as_numpy_iterator())
+
+
+@pytest.fixture(scope='module')
+def synthetic_config(tmp_path_factory):
+  """The project's synthetic TFDS source: 6 train and 5 validation 65x65 scenes."""
+  config = data_config(name='synthetic', num_classes=11, skip_bad_examples=False)
+  config.data_dir = str(tmp_path_factory.mktemp('tfds'))
+  config.synthetic = ml_collections.ConfigDict(dict(image_size=65, num_train=6, num_val=5))
+  return config
+
+
+def test_synthetic_source_train_batches_and_resume(synthetic_config):
+  def batches(process_index, start_step, n):
+    dataset = pipeline.create_train_dataset(
+      synthetic_config, batch_size=2, seed=4, process_index=process_index, process_count=2,
+      start_step=start_step)  # fmt: skip
+    return take(dataset, n)
+
+  through = batches(1, 0, 5)
+  for batch in through:
+    assert batch['image'].shape == (2, CROP, CROP, 3) and batch['label'].shape == (2, CROP, CROP)
+    assert set(np.unique(batch['label'])) <= set(range(11)) | {255}
+    assert np.abs(batch['image']).max() < 3.0  # normalised
+  assert_same_batches(through[3:], batches(1, 3, 2))  # 3 examples a process: epoch 2, offset 0
+  assert not np.array_equal(batches(0, 0, 1)[0]['image'], through[0]['image'])
+
+
+def test_synthetic_source_eval_covers_the_split(synthetic_config):
+  real = 0
+  for index in range(2):
+    dataset = pipeline.create_eval_dataset(
+      synthetic_config, batch_size=2, process_index=index, process_count=2, pad_to=65
+    )
+    batches = list(dataset.as_numpy_iterator())
+    assert len(batches) == 2  # ceil(5 / 2 / 2) on both processes
+    for batch in batches:
+      assert batch['image'].shape == (2, 65, 65, 3)
+      real += int(batch['mask'].sum())
+      assert (batch['height'][batch['mask']] == 65).all()
+  assert real == 5
+
+
+def test_to_global_shards_the_batch_over_the_mesh():
+  devices = jax.devices()
+  mesh = jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
+  batch = {
+    'image': np.arange(len(devices) * 6, dtype=np.float32).reshape(len(devices), 2, 3),
+    'mask': np.ones(len(devices), bool),
+  }
+  arrays = pipeline.to_global(batch, mesh)
+  assert arrays['image'].shape == batch['image'].shape
+  assert arrays['image'].sharding.spec == jax.sharding.PartitionSpec('data')
+  assert len(arrays['image'].addressable_shards) == len(devices)
+  np.testing.assert_array_equal(np.asarray(arrays['image']), batch['image'])
+  np.testing.assert_array_equal(np.asarray(arrays['mask']), batch['mask'])
