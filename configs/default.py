@@ -27,7 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.head_channels = 512  # cls 3x3 conv width
   config.model.aux_channels = 256  # aux 3x3 conv width
   config.model.dropout_rate = 0.1  # Dropout2d(p=0.1) in cls and aux
-  config.model.dtype = 'float32'  # compute dtype; 'bfloat16' keeps float32 parameters
+  # Compute dtype: 'auto' is bfloat16 on TPU and float32 elsewhere; parameters and optimiser
+  # state stay float32 whatever this says (the original trains in float32).
+  config.model.dtype = 'auto'
 
   # Data: psp_jax.data.
   config.data = ml_collections.ConfigDict()
@@ -48,6 +50,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.shuffle_buffer = 2_000
   config.data.deterministic = False  # deterministic tf.data order (slower)
   config.data.skip_bad_examples = False  # count and skip corrupt files instead of failing
+  # name == 'synthetic' only: the generated data set (psp_jax.data.synthetic), prepared into
+  # data_dir on first use; each combination of these values is its own TFDS config.
+  config.data.synthetic = ml_collections.ConfigDict()
+  config.data.synthetic.image_size = 129  # square images, pixels
+  config.data.synthetic.num_train = 2_000
+  config.data.synthetic.num_val = 200
+  config.data.synthetic.seed = 0
 
   # Optimisation.
   config.optim = ml_collections.ConfigDict()
@@ -59,10 +68,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.warmup_steps = 0
   config.optim.grad_accum_steps = 1
   config.optim.aux_weight = 0.4  # aux_weight: 0.4
+  # The loss is the mean over labelled pixels within each of loss_groups equal slices of the
+  # batch, averaged over slices. The original averages 8 per-GPU means (DDP averages the
+  # gradients of each GPU's CrossEntropyLoss on 2 images): 8 reproduces that exactly on any
+  # number of devices; 1 is the mean over all labelled pixels of the global batch.
+  config.optim.loss_groups = 1
 
   config.batch_size = 16  # batch_size: 16 (global, over all devices of all hosts)
   config.num_epochs = 100  # epochs: 100
   config.num_train_steps = -1  # > 0 overrides num_epochs
+  # Weights to start from (matching names and shapes are copied, the rest stays fresh), e.g.
+  # the ImageNet backbone resnet50_v2.pth the original starts from (PSPNet(pretrained=True));
+  # anything psp_jax.checkpoint_io.load_variables reads.
+  config.init_checkpoint = ml_collections.config_dict.placeholder(str)
 
   # Logging, validation and checkpoints.
   config.log_every_steps = 20
@@ -80,4 +98,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.protocol = 'official'  # 'official' (mean over all classes) or 'mmseg'
   config.eval.batch_size = 8  # windows per device step, global
   config.eval.max_examples = -1  # > 0 evaluates on a prefix of the split
+  config.eval.whole_multiple = 64  # 'whole' mode and in-training validation pad to multiples
+  config.eval.tile_size = 512  # psp_jax.inference: side of the tiles resized back at once
+
+  # A typo in a derived config (`config.optim.base_lrr = ...`) then fails instead of adding
+  # a key nobody reads; existing keys stay assignable.
+  config.lock()
   return config

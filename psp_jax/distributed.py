@@ -1,0 +1,119 @@
+"""Processes and devices: multi-host start-up, the device mesh, shardings, CPU XLA flags."""
+
+import importlib.util
+import logging
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = 'data'
+# jaxlib 0.10 sends convolutions to YNNPACK on CPU, whose weight gradient is a badly shaped
+# convolution; leaving individual convolutions to XLA's own emitter made a conv's backward
+# pass about 2x faster on the machines we measured (docs: CPU speed facts).
+CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+_ACCELERATOR_PLUGINS = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm7_plugin')
+
+
+def cpu_only() -> bool:
+  """True when JAX can only run on the CPU here (no accelerator plugin, or JAX_PLATFORMS=cpu).
+
+  Decided without initialising a backend, so XLA flags can still be set afterwards.
+  """
+  platforms = os.environ.get('JAX_PLATFORMS', '') or str(jax.config.jax_platforms or '')
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not any(importlib.util.find_spec(name) for name in _ACCELERATOR_PLUGINS)
+
+
+def set_cpu_xla_flags() -> bool:
+  """Adds CPU_XLA_FLAGS to XLA_FLAGS when JAX will run on the CPU and XLA_FLAGS is unset.
+
+  Must run before JAX initialises a backend (XLA reads the flags then). A user's own
+  XLA_FLAGS are never touched.
+
+  Returns:
+    Whether the flags were set.
+  """
+  if 'XLA_FLAGS' in os.environ or not cpu_only():
+    return False
+  os.environ['XLA_FLAGS'] = CPU_XLA_FLAGS
+  return True
+
+
+def initialize(
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+) -> None:
+  """Starts jax.distributed when this run spans several processes.
+
+  With a coordinator address (argument, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES
+  and JAX_PROCESS_ID in the environment) the processes are given explicitly, as for CPU
+  tests on one machine. On a Cloud TPU VM, jax.distributed.initialize() finds the other
+  hosts of the slice itself. Otherwise the run is one process and nothing happens.
+
+  Args:
+    coordinator_address: 'host:port' of process 0.
+    num_processes: number of processes.
+    process_id: this process's index.
+  """
+  if jax.distributed.is_initialized():
+    return
+  env = os.environ
+  address = coordinator_address or env.get('JAX_COORDINATOR_ADDRESS')
+  if address:
+    num_processes = num_processes or int(env.get('JAX_NUM_PROCESSES', '0')) or None
+    if process_id is None and 'JAX_PROCESS_ID' in env:
+      process_id = int(env['JAX_PROCESS_ID'])
+    if num_processes is None or process_id is None:
+      raise ValueError(
+        f'Coordinator {address} given without the number of processes and this process id: '
+        'pass --num_processes and --process_id (or set JAX_NUM_PROCESSES and JAX_PROCESS_ID).'
+      )
+    jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)
+  elif importlib.util.find_spec('libtpu') is not None:
+    try:  # A TPU VM: one process per host, found through the TPU metadata.
+      jax.distributed.initialize()
+    except (ValueError, RuntimeError) as e:  # e.g. libtpu installed on a machine without TPUs.
+      logging.warning('jax.distributed.initialize() failed (%s); running as one process.', e)
+
+
+def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over all devices of all processes, axis 'data'.
+
+  The axis is Auto, not the Explicit default of jax.make_mesh: sharded jit of flax Conv
+  models fails to infer output shardings under Explicit axes.
+
+  Args:
+    devices: the devices (default: jax.devices(), every process's).
+  """
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """Every device holds the whole array (parameters, optimiser state, keys)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """The leading (batch) axis split over the 'data' axis."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def local_rows(array: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded array, in global order, as numpy.
+
+  Args:
+    array: [B, ...] sharded on its leading axis.
+
+  Returns:
+    [B / process_count, ...], the process-local part (what this process fed in).
+  """
+  shards = {}
+  for shard in array.addressable_shards:
+    start = (shard.index[0].start or 0) if shard.index else 0
+    shards.setdefault(start, np.asarray(shard.data))
+  return np.concatenate([shards[k] for k in sorted(shards)], axis=0)

@@ -1,0 +1,249 @@
+"""Checks of a training config, run before anything is built, and the values derived from it.
+
+Every message names the config key at fault and how to fix it, so a bad run stops in a
+second instead of after minutes of compilation.
+"""
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from psp_jax import metrics
+
+# Keys of the sections this module owns (configs/default.py declares them all). config.data
+# belongs to the data pipeline (psp_jax.data), which checks its own keys.
+TOP_KEYS = frozenset(
+  {
+    'seed',
+    'model',
+    'data',
+    'optim',
+    'eval',
+    'batch_size',
+    'num_epochs',
+    'num_train_steps',
+    'log_every_steps',
+    'eval_every_steps',
+    'checkpoint_every_steps',
+    'keep_checkpoints',
+    'num_summary_images',
+    'init_checkpoint',
+  }
+)
+OPTIM_KEYS = frozenset(
+  {
+    'base_lr',
+    'momentum',
+    'weight_decay',
+    'power',
+    'head_lr_mult',
+    'warmup_steps',
+    'grad_accum_steps',
+    'aux_weight',
+    'loss_groups',
+  }
+)
+EVAL_KEYS = frozenset(
+  {
+    'mode',
+    'base_size',
+    'scales',
+    'flip',
+    'protocol',
+    'batch_size',
+    'max_examples',
+    'whole_multiple',
+    'tile_size',
+  }
+)
+DATA_REQUIRED = ('name', 'num_classes', 'ignore_label', 'crop_size', 'train_split', 'eval_split')
+DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key."""
+
+
+def _model_keys() -> frozenset[str]:
+  """PSPNet's constructor arguments that a config may set (num_classes comes from data)."""
+  from psp_jax.models import PSPNet  # noqa: PLC0415 (keeps this module light to import)
+
+  fields = {f.name for f in dataclasses.fields(PSPNet) if f.init}
+  return frozenset(fields - {'parent', 'name', 'num_classes'})
+
+
+def _unknown(section: Any, known: frozenset[str], prefix: str) -> None:
+  unknown = sorted(set(section.keys()) - known)
+  if unknown:
+    names = ', '.join(f'{prefix}{k}' for k in unknown)
+    raise ConfigError(
+      f'Unknown config key(s): {names}. Known {prefix or "top-level "}keys: {sorted(known)}. '
+      'Check the spelling (configs/default.py declares every key).'
+    )
+
+
+def crop_pair(crop_size: Any) -> tuple[int, int]:
+  """(height, width) of config.data.crop_size (an int or a pair)."""
+  if isinstance(crop_size, int):
+    return crop_size, crop_size
+  pair = tuple(int(c) for c in crop_size)
+  if len(pair) != 2:
+    raise ConfigError(f'config.data.crop_size must be an int or (height, width), got {crop_size}.')
+  return pair
+
+
+def feature_size(size: int, output_stride: int) -> int:
+  """Side of the backbone's feature map for an input side (three ceil-halvings for 8)."""
+  for _ in range(round(math.log2(output_stride))):
+    size = (size + 1) // 2
+  return size
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+  if not condition:
+    raise ConfigError(f'config.{key}: {message}')
+
+
+def validate(config: ml_collections.ConfigDict, *, device_count: int, process_count: int) -> None:
+  """Raises ConfigError, naming the key, for a config that cannot train.
+
+  Args:
+    config: the full training config.
+    device_count: devices over all processes (jax.device_count()).
+    process_count: processes (jax.process_count()).
+  """
+  _unknown(config, TOP_KEYS, '')
+  for section in ('model', 'data', 'optim', 'eval'):
+    _check(section in config, section, 'missing section; start from configs/default.py.')
+  _unknown(config.model, _model_keys() | {'dtype'}, 'model.')
+  _unknown(config.optim, OPTIM_KEYS, 'optim.')
+  _unknown(config.eval, EVAL_KEYS, 'eval.')
+  for key in DATA_REQUIRED:
+    _check(key in config.data, f'data.{key}', 'missing; configs/default.py sets it.')
+
+  model, data, optim = config.model, config.data, config.optim
+  _check(model.get('dtype', 'auto') in DTYPES, 'model.dtype', f'must be one of {DTYPES}.')
+  _check(data.num_classes >= 1, 'data.num_classes', f'must be >= 1, got {data.num_classes}.')
+  _check(
+    not 0 <= data.ignore_label < data.num_classes,
+    'data.ignore_label',
+    f'{data.ignore_label} is a real class (num_classes {data.num_classes}); use 255.',
+  )
+
+  accum = optim.grad_accum_steps
+  _check(accum >= 1, 'optim.grad_accum_steps', f'must be >= 1, got {accum}.')
+  _check(config.batch_size >= 1, 'batch_size', f'must be >= 1, got {config.batch_size}.')
+  _check(
+    config.batch_size % process_count == 0,
+    'batch_size',
+    f'{config.batch_size} is not divisible by the {process_count} processes.',
+  )
+  _check(
+    config.batch_size % (accum * device_count) == 0,
+    'batch_size',
+    f'{config.batch_size} is not divisible by {device_count} devices x '
+    f'{accum} optim.grad_accum_steps; use a multiple of {accum * device_count}.',
+  )
+  micro = config.batch_size // accum
+  groups = optim.loss_groups
+  _check(
+    groups >= 1 and micro % groups == 0,
+    'optim.loss_groups',
+    f'{groups} must divide the batch of each gradient step ({micro} = batch_size / '
+    'grad_accum_steps).',
+  )
+  bins = tuple(model.get('bins', (1, 2, 3, 6)))
+  if model.get('use_ppm', True) and 1 in bins:
+    # The bin-1 branch's BatchNorm sees one value per channel and image; torch refuses a
+    # batch of one ("Expected more than 1 value per channel when training") and the
+    # unbiased running variance n / (n - 1) would divide by zero.
+    _check(
+      micro >= 2,
+      'batch_size',
+      f'each gradient step needs >= 2 images for the PPM bin-1 BatchNorm, got {micro}.',
+    )
+
+  crop = crop_pair(data.crop_size)
+  stride = model.get('output_stride', 8)
+  feature = min(feature_size(c, stride) for c in crop)
+  need = max(bins) if model.get('use_ppm', True) else 1
+  if feature < need:
+    smallest = (need - 1) * stride + 1
+    raise ConfigError(
+      f'config.data.crop_size: {data.crop_size} is too small: it gives a {feature}-pixel '
+      f'feature map at output_stride {stride}, fewer cells than the largest pyramid bin '
+      f'({need}) (a finer bin would only repeat cells). Use a crop of at least {smallest}.'
+    )
+
+  _check(optim.base_lr > 0, 'optim.base_lr', f'must be > 0, got {optim.base_lr}.')
+  _check(0 <= optim.momentum < 1, 'optim.momentum', f'must be in [0, 1), got {optim.momentum}.')
+  _check(optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0.')
+  _check(optim.head_lr_mult > 0, 'optim.head_lr_mult', 'must be > 0.')
+  _check(optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0.')
+  _check(optim.aux_weight >= 0, 'optim.aux_weight', 'must be >= 0.')
+  _check(
+    config.num_train_steps > 0 or config.num_epochs > 0,
+    'num_train_steps',
+    'set num_train_steps > 0 or num_epochs > 0.',
+  )
+  for key in ('log_every_steps', 'eval_every_steps', 'checkpoint_every_steps'):
+    _check(config[key] >= 1, key, f'must be >= 1, got {config[key]}.')
+  _check(config.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1.')
+  _check(
+    config.eval.protocol in metrics.PROTOCOLS,
+    'eval.protocol',
+    f'must be one of {metrics.PROTOCOLS}, got {config.eval.protocol!r}.',
+  )
+  _check(
+    config.eval.batch_size >= 1 and config.eval.batch_size % device_count == 0,
+    'eval.batch_size',
+    f'{config.eval.batch_size} is not a positive multiple of the {device_count} devices.',
+  )
+  _check(config.eval.get('whole_multiple', 1) >= 1, 'eval.whole_multiple', 'must be >= 1.')
+
+
+def compute_dtype(name: str, platform: str) -> jnp.dtype:
+  """The compute dtype of config.model.dtype; 'auto' is bfloat16 on TPU, else float32."""
+  if name == 'auto':
+    name = 'bfloat16' if platform == 'tpu' else 'float32'
+  return jnp.dtype(name)
+
+
+def model_kwargs(config: ml_collections.ConfigDict, platform: str) -> dict[str, Any]:
+  """JSON-serialisable PSPNet keyword arguments (num_classes included, dtype resolved).
+
+  This dict is what model_config.json holds: psp_jax.predict.build_model rebuilds the model
+  from it.
+  """
+  kwargs = config.model.to_dict()
+  kwargs['dtype'] = compute_dtype(kwargs.get('dtype', 'auto'), platform).name
+  kwargs['num_classes'] = int(config.data.num_classes)
+  for key, value in kwargs.items():
+    if isinstance(value, tuple):
+      kwargs[key] = list(value)
+  return kwargs
+
+
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+  """Optimiser steps in one epoch (the last partial batch is dropped, drop_last=True)."""
+  return num_examples // batch_size
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int | None) -> int:
+  """config.num_train_steps if > 0, else num_epochs full epochs (max_iter in tool/train.py)."""
+  if config.num_train_steps > 0:
+    return int(config.num_train_steps)
+  if num_train_examples is None:
+    raise ConfigError(
+      'config.num_epochs needs the number of training examples; set config.num_train_steps instead.'
+    )
+  per_epoch = steps_per_epoch(num_train_examples, config.batch_size)
+  if per_epoch < 1:
+    raise ConfigError(
+      f'config.batch_size: {config.batch_size} is larger than the training split '
+      f'({num_train_examples} examples).'
+    )
+  return int(config.num_epochs) * per_epoch

@@ -1,0 +1,171 @@
+"""The pure training and evaluation steps, and their sharded compilation.
+
+`train_step(state, batch, rng) -> (state, metrics)` is one optimiser step on a global batch
+(gradient accumulation included), compiled once with jax.jit over the mesh: the batch split
+on 'data', state and key replicated, the old state donated. BatchNorm statistics are over
+the global batch because the computation is written for the global array (SyncBN).
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from psp_jax import distributed, losses, metrics
+from psp_jax.models import PSPNet
+from psp_jax.train_state import TrainState
+
+Batch = dict[str, jax.Array]
+TrainStep = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def make_train_step(
+  model: PSPNet,
+  tx: optax.GradientTransformation,
+  schedule: Callable[[jax.Array], jax.Array],
+  *,
+  aux_weight: float = 0.4,
+  ignore_label: int = 255,
+  loss_groups: int = 1,
+  grad_accum_steps: int = 1,
+  mesh: Mesh | None = None,
+) -> TrainStep:
+  """The pure train step of the PSPNet recipe.
+
+  loss = CE(main) + aux_weight * CE(aux) with the ignore label skipped (tool/train.py,
+  PSPNet.forward in model/pspnet.py). With grad_accum_steps = A the batch is cut into A
+  micro-batches (example i goes to micro-batch i % A, so every micro-batch stays split over
+  all devices); their gradients are averaged, BatchNorm statistics are updated after each
+  in turn, and one optimiser step is taken.
+
+  Args:
+    model: the network.
+    tx: optimiser (psp_jax.optim.create_optimizer).
+    schedule: base learning rate of the step, for the metrics.
+    aux_weight: weight of the auxiliary loss.
+    ignore_label: label skipped by the loss.
+    loss_groups: see psp_jax.losses.cross_entropy (per micro-batch).
+    grad_accum_steps: micro-batches per optimiser step.
+    mesh: the mesh, to keep micro-batches sharded on 'data' (None: no constraint).
+
+  Returns:
+    train_step(state, batch, rng) -> (new state, metrics); batch {'image': float32
+    [B, H, W, 3], 'label': int [B, H, W]}; metrics are float32 scalars.
+  """
+
+  def loss_fn(params, batch_stats, images, labels, key):
+    (logits, aux_logits), updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats},
+      images,
+      train=True,
+      rngs={'dropout': key},
+      mutable=['batch_stats'],
+    )
+    main_loss = losses.cross_entropy(logits, labels, ignore_label, loss_groups)
+    aux_loss = losses.cross_entropy(aux_logits, labels, ignore_label, loss_groups)
+    loss = main_loss + aux_weight * aux_loss
+    out = dict(
+      loss=loss,
+      main_loss=main_loss,
+      aux_loss=aux_loss,
+      accuracy=losses.pixel_accuracy(logits, labels, ignore_label),
+    )
+    return loss, (updates['batch_stats'], out)
+
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def split(x: jax.Array) -> jax.Array:
+    """[B, ...] -> [A, B / A, ...] with micro-batch a = examples a, a + A, a + 2A, ..."""
+    x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
+    x = jnp.swapaxes(x, 0, 1)
+    if mesh is not None:
+      spec = PartitionSpec(None, distributed.DATA_AXIS)
+      x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+    return x
+
+  def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    # One key for the run, folded with the step: the same masks on any number of devices.
+    key = jax.random.fold_in(rng, state.step)
+    images, labels = batch['image'], batch['label']
+    if grad_accum_steps == 1:
+      grads, (batch_stats, out) = grad_fn(state.params, state.batch_stats, images, labels, key)
+    else:
+
+      def micro_step(carry, xs):
+        grads_sum, batch_stats = carry
+        index, micro_images, micro_labels = xs
+        grads, (batch_stats, out) = grad_fn(
+          state.params, batch_stats, micro_images, micro_labels, jax.random.fold_in(key, index)
+        )
+        return (jax.tree.map(jnp.add, grads_sum, grads), batch_stats), out
+
+      zeros = jax.tree.map(jnp.zeros_like, state.params)
+      xs = (jnp.arange(grad_accum_steps), split(images), split(labels))
+      (grads, batch_stats), outs = jax.lax.scan(micro_step, (zeros, state.batch_stats), xs)
+      grads = jax.tree.map(lambda g: g / grad_accum_steps, grads)
+      out = jax.tree.map(jnp.mean, outs)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    out['lr'] = schedule(state.step)
+    out['grad_norm'] = optax.tree.norm(grads)
+    new_state = state.replace(
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state
+    )
+    return new_state, out
+
+  return train_step
+
+
+def compile_train_step(
+  train_step: TrainStep, state_shardings: TrainState, mesh: Mesh
+) -> Callable[..., Any]:
+  """jax.jit of train_step with explicit shardings, donating the old state.
+
+  Args:
+    train_step: from make_train_step.
+    state_shardings: TrainState of NamedSharding (train_state.create_train_state).
+    mesh: the mesh.
+  """
+  replicated = distributed.replicated(mesh)
+  return jax.jit(
+    train_step,
+    in_shardings=(state_shardings, distributed.batch_sharded(mesh), replicated),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
+
+
+def make_eval_step(
+  model: PSPNet, num_classes: int, ignore_label: int = 255
+) -> Callable[[dict[str, Any], Batch], tuple[jax.Array, jax.Array]]:
+  """Whole-image evaluation of a batch: confusion matrix and predictions.
+
+  Args:
+    model: the network.
+    num_classes: K.
+    ignore_label: label left out of the counts.
+
+  Returns:
+    eval_step(variables, batch) -> (int32 [K, K] confusion, int32 [B, H, W] predictions);
+    batch {'image' [B, H, W, 3], 'label' [B, H, W], 'mask' bool [B]} (mask False marks
+    padding examples, which count nothing).
+  """
+
+  def eval_step(variables: dict[str, Any], batch: Batch):
+    logits = model.apply(variables, batch['image'], train=False)
+    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    confusion = metrics.confusion_matrix(
+      pred, batch['label'], num_classes, ignore_label, mask=batch['mask'][:, None, None]
+    )
+    return confusion, pred
+
+  return eval_step
+
+
+def compile_eval_step(eval_step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
+  """jax.jit of eval_step: variables replicated, batch and predictions split on 'data'."""
+  replicated, sharded = distributed.replicated(mesh), distributed.batch_sharded(mesh)
+  return jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=(replicated, sharded))

@@ -1,0 +1,319 @@
+"""Tests of the sharded train step: SyncBN over devices, the compiled collectives, accumulation.
+
+A tiny PSPNet (depth 18, width 4, crop 41) on 8 simulated CPU devices (tests/conftest.py).
+"""
+
+import importlib
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from psp_jax import distributed, optim, train_config, train_state, train_step
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NUM_CLASSES, CROP, BATCH = 5, 41, 8
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+  """configs/NAME.py's get_config() (configs/ imports itself as a package from the root)."""
+  if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+  return importlib.import_module(f'configs.{name}').get_config()
+
+
+def tiny_config(**optim_overrides) -> ml_collections.ConfigDict:
+  """configs/default.py shrunk to a PSPNet that compiles and runs in seconds on a CPU."""
+  config = load_config('default')
+  config.model.update(depth=18, width=4, head_channels=8, aux_channels=8, dtype='float32')
+  config.data.num_classes = NUM_CLASSES
+  config.data.crop_size = CROP
+  config.batch_size = BATCH
+  config.num_train_steps = 6
+  config.optim.update(optim_overrides)
+  return config
+
+
+def global_batch(seed: int = 0, batch: int = BATCH) -> dict[str, np.ndarray]:
+  """A fixed batch: normalised-looking images and labels with some ignore pixels."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, NUM_CLASSES, (batch, CROP, CROP)).astype(np.int32)
+  labels[rng.random(labels.shape) < 0.1] = 255
+  images = rng.normal(size=(batch, CROP, CROP, 3)).astype(np.float32)
+  images[..., 0] += labels.clip(0, NUM_CLASSES) * 0.3  # Something learnable.
+  return {'image': images, 'label': labels}
+
+
+def make_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """The train step of the config, jitted for the mesh as train_lib does (not compiled yet)."""
+  model = train_state.build_model(train_config.model_kwargs(config, 'cpu'))
+  tx, schedule = optim.create_optimizer(config.optim, config.num_train_steps)
+  step = train_step.make_train_step(
+    model,
+    tx,
+    schedule,
+    aux_weight=config.optim.aux_weight,
+    ignore_label=config.data.ignore_label,
+    loss_groups=config.optim.loss_groups,
+    grad_accum_steps=config.optim.grad_accum_steps,
+    mesh=mesh,
+  )
+  shardings = jax.tree.map(lambda _: distributed.replicated(mesh), initial_abstract(config))
+  return train_step.compile_train_step(step, shardings, mesh)
+
+
+def initial_abstract(config: ml_collections.ConfigDict):
+  """The TrainState structure of the config (jax.eval_shape: nothing is compiled)."""
+  model = train_state.build_model(train_config.model_kwargs(config, 'cpu'))
+  tx, _ = optim.create_optimizer(config.optim, config.num_train_steps)
+  init = train_state.init_fn(model, tx, (1, CROP, CROP, 3))
+  return jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+
+
+def place(host_state, mesh: jax.sharding.Mesh):
+  """A host (numpy) TrainState replicated over the mesh: a fresh copy for each run."""
+  return jax.device_put(host_state, distributed.replicated(mesh))
+
+
+def run_steps(compiled, host_state, mesh, batches, rng_seed: int = 1):
+  """The state after one step per batch from host_state, and each step's metrics."""
+  from psp_jax.data import pipeline
+
+  state = place(host_state, mesh)
+  key = jax.device_put(jax.random.PRNGKey(rng_seed), distributed.replicated(mesh))
+  history = []
+  for batch in batches:
+    state, metrics = compiled(state, pipeline.to_global(batch, mesh), key)
+    history.append(jax.device_get(metrics))
+  return state, history
+
+
+def as_numpy(state) -> dict[str, np.ndarray]:
+  """Flat {path: array} of params and batch_stats (fully replicated, so addressable)."""
+  flat = jax.tree_util.tree_flatten_with_path(state.variables)[0]
+  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in flat}
+
+
+@pytest.fixture(scope='module')
+def initial_state():
+  """A fresh TrainState of tiny_config(), initialised into its 8-device shardings, on host."""
+  config = tiny_config()
+  model = train_state.build_model(train_config.model_kwargs(config, 'cpu'))
+  tx, _ = optim.create_optimizer(config.optim, config.num_train_steps)
+  mesh = distributed.create_mesh()
+  state, shardings = train_state.create_train_state(
+    model, tx, jax.random.PRNGKey(0), (1, CROP, CROP, 3), mesh
+  )
+  assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
+  assert jax.tree.leaves(state)[0].sharding.mesh.size == 8
+  return jax.device_get(state)
+
+
+@pytest.fixture(scope='module')
+def eight_device_run(initial_state):
+  """3 steps on 8 devices: (final params/stats, metrics per step, compiled HLO text)."""
+  from psp_jax.data import pipeline
+
+  mesh = distributed.create_mesh()
+  assert mesh.size == 8
+  batches = [global_batch(i) for i in range(3)]
+  example = (place(initial_state, mesh), pipeline.to_global(batches[0], mesh))
+  compiled = make_step(tiny_config(), mesh).lower(*example, jax.random.PRNGKey(1)).compile()
+  state, history = run_steps(compiled, initial_state, mesh, batches)
+  return as_numpy(state), history, compiled.as_text()
+
+
+def test_one_device_and_eight_devices_agree(initial_state, eight_device_run):
+  # Same global batch on 1 and on 8 devices: BatchNorm statistics over the global batch
+  # (SyncBN) and dropout masks independent of the split make the runs the same.
+  got8, history8, _ = eight_device_run
+  mesh1 = distributed.create_mesh(jax.devices()[:1])
+  batches = [global_batch(i) for i in range(3)]
+  state1, history1 = run_steps(make_step(tiny_config(), mesh1), initial_state, mesh1, batches)
+  got1 = as_numpy(state1)
+  assert got1.keys() == got8.keys()
+  assert any('batch_stats' in k for k in got1) and any("'aux'" in k for k in got1)
+  # Only the order of float32 sums differs (measured: at most 1.8e-5 absolute, in layer0,
+  # after 3 steps); BatchNorm over each device's single image would differ by O(1).
+  for key in got1:
+    np.testing.assert_allclose(got8[key], got1[key], rtol=2e-4, atol=5e-5, err_msg=key)
+  for m1, m8 in zip(history1, history8, strict=True):
+    np.testing.assert_allclose(m8['loss'], m1['loss'], rtol=1e-5)
+  # The three steps did change things (the comparison is not of two initial states).
+  assert history8[0]['loss'] != history8[2]['loss']
+  assert float(history8[0]['lr']) == pytest.approx(0.01)
+  moved = as_numpy(place(initial_state, mesh1))
+  assert any(not np.allclose(moved[k], got1[k]) for k in got1 if 'batch_stats' in k)
+
+
+def test_compiled_step_all_reduces_gradients_and_never_gathers_parameters(eight_device_run):
+  hlo = eight_device_run[2]
+  assert 'all-reduce' in hlo  # Gradients (and BatchNorm moments) summed over devices.
+  # Parameters are replicated: no device ever has to fetch another's part of them.
+  assert 'all-gather' not in hlo
+  # The batch stays split: each device's input is its 1/8 of the global batch.
+  assert f'f32[{BATCH // 8},{CROP},{CROP},3]' in hlo
+
+
+def test_gradient_accumulation_averages_micro_batch_gradients(initial_state):
+  # With no momentum, decay or dropout, one step of A=2 micro-batches moves the parameters
+  # by the mean of the two micro-batch updates (each from the same parameters), and the
+  # BatchNorm statistics see micro-batch 0 (examples 0, 2, ...) then micro-batch 1.
+  base = dict(momentum=0.0, weight_decay=0.0)
+  config = tiny_config(grad_accum_steps=2, **base)
+  config.model.dropout_rate = 0.0
+  mesh = distributed.create_mesh()
+  batch = global_batch(5, batch=2 * BATCH)
+  accumulated, history = run_steps(make_step(config, mesh), initial_state, mesh, [batch])
+
+  single = tiny_config(**base)
+  single.model.dropout_rate = 0.0
+  single_step = make_step(single, mesh)
+  micro = [{k: v[i::2] for k, v in batch.items()} for i in range(2)]
+  state_a, history_a = run_steps(single_step, initial_state, mesh, [micro[0]])
+  state_b, history_b = run_steps(single_step, initial_state, mesh, [micro[1]])
+  got, a, b = as_numpy(accumulated), as_numpy(state_a), as_numpy(state_b)
+  for key in got:
+    if key.startswith("['params']"):
+      np.testing.assert_allclose(got[key], (a[key] + b[key]) / 2, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    history[0]['loss'], (history_a[0]['loss'] + history_b[0]['loss']) / 2, rtol=1e-5
+  )
+  # Running means (fresh: 0): micro-batch 1's update applied on top of micro-batch 0's,
+  # m * (1 - m) mu_0 + (1 - m) mu_1 with Flax momentum m = 0.9.
+  for key in got:
+    if key.startswith("['batch_stats']") and key.endswith("['mean']"):
+      np.testing.assert_allclose(got[key], 0.9 * a[key] + b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_loss_groups_average_per_group_means():
+  from psp_jax import losses
+
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(4, 3, 5, NUM_CLASSES)), jnp.float32)
+  labels = rng.integers(0, NUM_CLASSES, (4, 3, 5))
+  labels[0, :2] = 255
+  labels[3] = 255  # An example of pure ignore pixels.
+  labels = jnp.asarray(labels)
+  sums, counts = losses.cross_entropy_sums(logits, labels)
+  np.testing.assert_array_equal(counts, [5, 15, 15, 0])
+  # groups=1: one mean over every labelled pixel of the batch.
+  got = losses.cross_entropy(logits, labels, 255, groups=1)
+  np.testing.assert_allclose(got, sums.sum() / counts.sum(), rtol=1e-6)
+  # groups=2: (mean over examples 0-1 + mean over examples 2-3) / 2.
+  got = losses.cross_entropy(logits, labels, 255, groups=2)
+  expected = ((sums[0] + sums[1]) / 20 + sums[2] / 15) / 2
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+  # groups=4: a slice without labelled pixels contributes 0 (torch would give NaN).
+  got = losses.cross_entropy(logits, labels, 255, groups=4)
+  np.testing.assert_allclose(got, (sums[0] / 5 + sums[1] / 15 + sums[2] / 15 + 0) / 4, rtol=1e-6)
+
+
+@pytest.mark.torch
+def test_cross_entropy_matches_torch_ignore_index():
+  torch = pytest.importorskip('torch')
+  rng = np.random.default_rng(4)
+  logits = rng.normal(size=(2, 7, 9, NUM_CLASSES)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, (2, 7, 9))
+  labels[rng.random(labels.shape) < 0.3] = 255
+  from psp_jax import losses
+
+  got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 255)
+  criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
+  expected = criterion(torch.from_numpy(logits).permute(0, 3, 1, 2), torch.from_numpy(labels))
+  np.testing.assert_allclose(float(got), expected.item(), rtol=1e-6)
+
+
+def _free_port() -> int:
+  import socket
+
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_two_processes_of_four_devices_match_one_of_eight(
+  initial_state, eight_device_run, tmp_path
+):
+  import os
+  import subprocess
+
+  # The workers start from the same initial state (saved here: spares them its compilation).
+  np.savez(tmp_path / 'initial.npz', *jax.tree.leaves(initial_state))
+  port, script = _free_port(), str(pathlib.Path(__file__).resolve())
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  procs = [
+    subprocess.Popen(
+      [sys.executable, script, 'worker', str(i), str(port), str(tmp_path)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for i in range(2)
+  ]
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, log in zip(procs, logs, strict=True):
+    assert p.returncode == 0, log[-3000:]
+  got8 = eight_device_run[0]
+  for i in range(2):
+    got = dict(np.load(tmp_path / f'out{i}.npz'))
+    assert got.keys() == got8.keys()
+    for key in got:
+      np.testing.assert_allclose(got[key], got8[key], rtol=2e-4, atol=5e-5, err_msg=key)
+
+
+def _worker(process_id: int, port: int, directory: str) -> None:
+  """One of two processes with 4 CPU devices each, on the 8-device global mesh."""
+  jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
+  assert jax.device_count() == 8 and jax.local_device_count() == 4
+  mesh = distributed.create_mesh()
+  saved = np.load(pathlib.Path(directory) / 'initial.npz')
+  leaves = [saved[f'arr_{i}'] for i in range(len(saved.files))]
+  host_state = jax.tree.unflatten(jax.tree.structure(initial_abstract(tiny_config())), leaves)
+  rows = slice(process_id * 4, process_id * 4 + 4)  # This process's devices' rows.
+  batches = [{k: v[rows] for k, v in global_batch(i).items()} for i in range(3)]
+  state, _ = run_steps(make_step(tiny_config(), mesh), host_state, mesh, batches)
+  np.savez(pathlib.Path(directory) / f'out{process_id}.npz', **as_numpy(state))
+  jax.distributed.shutdown()
+
+
+if __name__ == '__main__' and sys.argv[1:2] == ['worker']:
+  _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+def test_init_checkpoint_copies_the_weights_that_fit(initial_state, tmp_path):
+  from psp_jax import checkpoint_io, train_lib
+
+  host = {'params': initial_state.params, 'batch_stats': initial_state.batch_stats}
+  weights = jax.tree.map(lambda x: np.asarray(x) + 1.0, host)
+  # A classifier of another data set (7 classes) does not fit and stays fresh.
+  cls = weights['params']['cls']['conv2']
+  cls['kernel'], cls['bias'] = np.ones((*cls['kernel'].shape[:3], 7)), np.ones(7)
+  checkpoint_io.save_variables(tmp_path / 'weights', weights, {'num_classes': 7})
+  mesh = distributed.create_mesh()
+  state = train_lib.load_init_checkpoint(place(initial_state, mesh), str(tmp_path / 'weights'))
+  got, fresh = as_numpy(state), as_numpy(place(initial_state, mesh))
+  for key in got:
+    if "['cls']['conv2']" in key:
+      np.testing.assert_array_equal(got[key], fresh[key], err_msg=key)
+    else:
+      np.testing.assert_allclose(got[key], fresh[key] + 1.0, rtol=1e-6, err_msg=key)
+  assert jax.tree.leaves(state.params)[0].sharding.is_fully_replicated
+  assert int(state.step) == 0
+
+
+def test_validation_batches_are_padded_to_size_buckets():
+  from psp_jax import train_lib
+
+  batch = {'image': np.ones((2, 5, 7, 3), np.float32), 'label': np.zeros((2, 5, 7), np.int32)}
+  padded = train_lib._pad_batch(batch, 4, 255)
+  assert padded['image'].shape == (2, 8, 8, 3) and padded['label'].shape == (2, 8, 8)
+  assert (padded['label'][:, 5:] == 255).all() and (padded['label'][:, :, 7:] == 255).all()
+  assert (padded['image'][:, 5:] == 0).all() and (padded['image'][:, :5, :7] == 1).all()
+  assert train_lib._pad_batch(batch, 1, 255) is batch

@@ -1,0 +1,57 @@
+"""Trains PSPNet.
+
+  python train.py --config configs/synthetic.py --workdir runs/synthetic
+  python train.py --config configs/ade20k.py --workdir runs/ade20k --config.batch_size=8
+
+Every config key can be overridden with --config.KEY=VALUE. Rerunning with the same
+--workdir resumes from its newest checkpoint. Several processes (one per host): Cloud TPU
+VMs find each other; elsewhere pass --coordinator_address, --num_processes and
+--process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+"""
+
+import os
+
+# Before TensorFlow is imported anywhere (both are needed to quiet its start-up lines).
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from psp_jax import distributed  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and summaries.')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+_STOP_AT_STEP = flags.DEFINE_integer(
+  'stop_at_step', None, 'Stop with a checkpoint after this step (rerun to continue).'
+)
+_CACHE_DIR = flags.DEFINE_string(
+  'compilation_cache_dir',
+  os.environ.get('JAX_COMPILATION_CACHE_DIR', os.path.expanduser('~/.cache/psp_jax/xla')),
+  'Persistent XLA compilation cache: a rerun starts without recompiling. Empty: off.',
+)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # XLA reads its flags when JAX starts a backend: this must come before anything runs.
+  if distributed.set_cpu_xla_flags():
+    logging.info('CPU run: XLA_FLAGS=%s', os.environ['XLA_FLAGS'])
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if _CACHE_DIR.value:
+    jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
+
+  from psp_jax import summaries, train_lib  # noqa: PLC0415 (imports the model and TensorFlow)
+
+  summaries.quiet_library_logs()
+  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
+
+
+if __name__ == '__main__':
+  app.run(main)
