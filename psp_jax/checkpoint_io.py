@@ -23,6 +23,8 @@ import orbax.checkpoint as ocp
 from psp_jax import convert as convert_lib
 
 VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
+# The resolved experiment config a training run writes beside its checkpoints (summaries.py).
+RUN_CONFIG_FILE = 'config.json'
 TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.checkpointing.BEST_DIR, LATEST_DIR
 COLLECTIONS = ('params', 'batch_stats')
 

@@ -282,6 +282,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.checkpoint is None:
     raise app.UsageError('--config and --checkpoint are required')
+  from psp_jax import summaries  # noqa: PLC0415 (clu and TensorFlow, for the program only)
+
+  summaries.quiet_library_logs()  # orbax logs a dozen INFO lines per restore
   results = evaluate(FLAGS.config, FLAGS.checkpoint)
   if jax.process_index() == 0:
     print(format_text(results))

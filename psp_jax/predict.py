@@ -11,6 +11,7 @@ classes present). In a notebook:
   plt.imshow(seg.colorize(labels))
 """
 
+import json
 import os
 import pathlib
 from collections.abc import Sequence
@@ -73,6 +74,17 @@ def load_model(
   return (lambda v, x: model.apply(v, x, train=False)), variables, dict(model_config)
 
 
+def run_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict | None:
+  """The experiment config a training workdir was run with (its config.json), else None."""
+  path = pathlib.Path(checkpoint) / checkpoint_io.RUN_CONFIG_FILE
+  if not path.is_file():
+    return None
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'{path} is not a run config written by train.py: {e}') from e
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
   """uint8 RGB [H, W, 3] of an image file, EXIF rotation applied (as cv2.imread does)."""
   try:
@@ -128,12 +140,16 @@ class Segmenter:
     """Loads a training workdir, a converted checkpoint or an official .pth.
 
     Args:
-      dataset: palette and names ('ade20k', 'voc2012', 'cityscapes', ...); by default
-        config.data.name, else guessed from the number of classes.
-      config: an experiment config whose eval.* and data.crop_size set the procedure.
+      dataset: palette and names ('ade20k', 'voc2012', 'cityscapes', 'synthetic'); by
+        default config.data.name, else guessed from the number of classes.
+      config: an experiment config whose eval.* and data.crop_size set the procedure; by
+        default that of a training workdir (its config.json), else the data set's official
+        test geometry.
       inference_overrides: InferenceConfig fields, e.g. scales=(0.5, 1.0, 1.5), flip=False.
     """
     apply_fn, variables, model_config = load_model(checkpoint)
+    if config is None:
+      config = run_config(checkpoint)
     num_classes = int(model_config['num_classes'])
     if dataset is None and config is not None:
       dataset = config.data.name
@@ -246,7 +262,9 @@ def define_flags() -> None:
   flags.DEFINE_string('checkpoint', None, 'Training workdir, converted checkpoint dir or .pth.')
   flags.DEFINE_string('input', None, 'An image or a folder of images.')
   flags.DEFINE_string('output', None, 'Folder for the PNGs.')
-  flags.DEFINE_string('dataset', None, 'Palette and class names: ade20k, voc2012, cityscapes.')
+  flags.DEFINE_string(
+    'dataset', None, 'Palette and class names: ade20k, voc2012, cityscapes, synthetic.'
+  )
   flags.DEFINE_list('scales', None, 'Scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75 (default 1.0).')
   flags.DEFINE_enum('mode', None, ['slide', 'whole'], 'Sliding window (default) or whole.')
   flags.DEFINE_bool('flip', None, 'Average with the horizontal flip (default on, as official).')
@@ -270,6 +288,9 @@ def main(argv: Sequence[str]) -> None:
     ).items()
     if v is not None
   }
+  from psp_jax import summaries  # noqa: PLC0415 (clu and TensorFlow, for the program only)
+
+  summaries.quiet_library_logs()  # orbax logs a dozen INFO lines per restore
   files = list_images(FLAGS.input)
   seg = Segmenter.from_checkpoint(FLAGS.checkpoint, dataset=FLAGS.dataset, **overrides)
   root = pathlib.Path(FLAGS.input) if pathlib.Path(FLAGS.input).is_dir() else None

@@ -16,7 +16,7 @@ import numpy as np
 from clu import metric_writers  # noqa: I001 (after psp_jax.data._tf on purpose)
 from tqdm import tqdm
 
-from psp_jax import visualize
+from psp_jax import checkpoint_io, visualize
 from psp_jax.data._tf import tf  # noqa: F401 (quiet and off accelerators before clu imports it)
 
 # ImageNet statistics on the 0..255 scale, as psp_jax.data.transforms.normalize applies them.
@@ -55,9 +55,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, model_config: 
   if jax.process_index() > 0:
     return
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  with open(os.path.join(workdir, checkpoint_io.RUN_CONFIG_FILE), 'w') as f:
     f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
-  with open(os.path.join(workdir, 'model_config.json'), 'w') as f:
+  with open(os.path.join(workdir, checkpoint_io.CONFIG_FILE), 'w') as f:
     json.dump(model_config, f, indent=2, sort_keys=True)
     f.write('\n')
 

@@ -114,6 +114,30 @@ def test_predict_files_writes_palette_pngs(segmenter, tmp_path):
     np.testing.assert_array_equal(over[:h, :w], visualize.overlay(image, labels, palette))
 
 
+def test_a_training_workdir_sets_dataset_and_test_geometry(tmp_path):
+  """A workdir's config.json names the data set (palette, class names) and the eval setup,
+  so a model trained on 129-pixel synthetic scenes is not run at ADE20K's 512."""
+  from test_train import load_config
+
+  from psp_jax import checkpoint_io
+
+  model_config = dict(num_classes=11, depth=18, width=8, head_channels=16, aux_channels=8)
+  variables = random_variables(PSPNet(**model_config), seed=2)
+  checkpoint_io.save_variables(tmp_path, variables, model_config)
+  seg = predict.Segmenter.from_checkpoint(tmp_path)
+  assert seg.dataset is None and seg.inference.config.base_size == 512  # No run config.
+  config = load_config('synthetic')
+  (tmp_path / checkpoint_io.RUN_CONFIG_FILE).write_text(config.to_json())
+  seg = predict.Segmenter.from_checkpoint(tmp_path, flip=False)
+  assert seg.dataset == 'synthetic' and seg.class_names[7] == 'car'
+  np.testing.assert_array_equal(seg.palette, classes.PALETTES['synthetic'])
+  got = seg.inference.config
+  assert (got.mode, got.base_size, got.flip) == ('whole', config.eval.base_size, False)
+  (tmp_path / checkpoint_io.RUN_CONFIG_FILE).write_text('{not json')
+  with pytest.raises(ValueError, match='config.json is not a run config'):
+    predict.Segmenter.from_checkpoint(tmp_path)
+
+
 def test_list_images_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='no such file'):
     predict.list_images(tmp_path / 'missing')
