@@ -7,6 +7,10 @@ Every config key can be overridden with --config.KEY=VALUE. Rerunning with the s
 --workdir resumes from its newest checkpoint. Several processes (one per host): Cloud TPU
 VMs find each other; elsewhere pass --coordinator_address, --num_processes and
 --process_id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
+
+SIGTERM (a preemption notice) or Ctrl-C saves a checkpoint after the current step and exits
+with status 0; rerun the same command to resume. A bad config, workdir or data file, or a
+non-finite loss, ends the run with status 1 and one message saying what is wrong.
 """
 
 import os
@@ -47,10 +51,23 @@ def main(argv: list[str]) -> None:
   if _CACHE_DIR.value:
     jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
 
-  from psp_jax import summaries, train_lib  # noqa: PLC0415 (imports the model and TensorFlow)
+  # Imported here: they import the model and TensorFlow.
+  from psp_jax import checkpointing, safeguards, summaries, train_config, train_lib  # noqa: PLC0415
+  from psp_jax.data import builders, files  # noqa: PLC0415
 
   summaries.quiet_library_logs()
-  train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
+  try:
+    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
+  except (
+    train_config.ConfigError,
+    checkpointing.WorkdirError,
+    safeguards.NonFiniteLossError,
+    files.BadExampleError,
+    builders.MissingDataError,
+  ) as e:
+    # Errors that say what is wrong: their message, without a traceback, and status 1.
+    logging.error('%s: %s', type(e).__name__, e)
+    raise SystemExit(1) from None
 
 
 if __name__ == '__main__':

@@ -73,6 +73,10 @@ def get_config() -> ml_collections.ConfigDict:
   # gradients of each GPU's CrossEntropyLoss on 2 images): 8 reproduces that exactly on any
   # number of devices; 1 is the mean over all labelled pixels of the global batch.
   config.optim.loss_groups = 1
+  # A step whose loss or gradient is NaN or infinite never changes the weights. False stops
+  # the run there with a message naming the step (the last checkpoint is kept); True skips
+  # such steps and counts them (train/skipped_steps in TensorBoard).
+  config.optim.skip_nonfinite_steps = False
 
   config.batch_size = 16  # batch_size: 16 (global, over all devices of all hosts)
   config.num_epochs = 100  # epochs: 100

@@ -11,7 +11,9 @@ Restoring `state` without a target gives nested dicts, so a reader that only wan
 weights takes ['params'] and ['batch_stats'] (psp_jax.checkpoint_io does).
 """
 
+import logging
 import os
+import shutil
 from typing import Any
 
 import jax
@@ -22,6 +24,74 @@ from psp_jax.train_state import TrainState
 ITEMS = ('state', 'model_config')
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
 BEST_METRIC = 'mIoU'
+TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint still being written
+
+
+class WorkdirError(OSError):
+  """A workdir that cannot hold the run (not writable, too little space, another model)."""
+
+
+def check_workdir(workdir: str) -> None:
+  """Creates workdir if needed and checks that this process can write files in it.
+
+  Nothing already in workdir is touched (a probe file of a unique name is written and
+  removed). Remote paths (gs://...) are left to the checkpoint library.
+
+  Args:
+    workdir: the run's directory.
+
+  Raises:
+    WorkdirError: naming the directory and the system's reason.
+  """
+  if '://' in workdir:
+    return
+  probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}.{os.getpid()}')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(probe, 'w') as f:
+      f.write('ok')
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirError(
+      f'Cannot write to --workdir {workdir} ({type(e).__name__}: {e.strerror or e}). Choose '
+      'another --workdir, or fix its permissions or file system.'
+    ) from e
+
+
+def check_free_space(workdir: str, checkpoint_bytes: int) -> None:
+  """Checks that workdir's file system has room for two more checkpoints.
+
+  A new checkpoint is written beside the old ones (which are deleted only once it is
+  complete), and the best weights may be saved at the same step.
+
+  Args:
+    workdir: the run's directory (must exist).
+    checkpoint_bytes: bytes of one TrainState checkpoint.
+
+  Raises:
+    WorkdirError: with the free and the needed space.
+  """
+  if '://' in workdir:
+    return
+  free, need = shutil.disk_usage(workdir).free, 2 * checkpoint_bytes
+  if free < need:
+    raise WorkdirError(
+      f'--workdir {workdir} has {free / 2**20:.1f} MiB free, but a checkpoint of this model '
+      f'takes {checkpoint_bytes / 2**20:.1f} MiB and training needs room for two '
+      f'({need / 2**20:.1f} MiB). Free some space or choose another --workdir.'
+    )
+
+
+def unfinished(directory: str) -> list[str]:
+  """Checkpoints under directory that were never completed (a save killed mid-way).
+
+  Orbax writes a checkpoint to `<step>.orbax-checkpoint-tmp...` and renames it to `<step>`
+  only when every file is on disk, so these are never restored; a new save of the same step
+  replaces them.
+  """
+  if '://' in directory or not os.path.isdir(directory):
+    return []
+  return sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
 
 
 class Checkpoints:
@@ -38,6 +108,15 @@ class Checkpoints:
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
       item_names=ITEMS,
     )
+    for directory in (self.latest.directory, os.path.join(workdir, BEST_DIR)):
+      partial = unfinished(str(directory))
+      if partial:
+        logging.warning(
+          'Ignoring %d unfinished checkpoint(s) in %s (a save was interrupted): %s.',
+          len(partial),
+          directory,
+          ', '.join(partial),
+        )
     self.best = ocp.CheckpointManager(
       os.path.join(workdir, BEST_DIR),
       options=ocp.CheckpointManagerOptions(
@@ -51,7 +130,11 @@ class Checkpoints:
     )
 
   def latest_step(self) -> int | None:
-    """Step of the newest complete checkpoint, None if there is none."""
+    """Step of the newest complete checkpoint, None if there is none.
+
+    A checkpoint whose save was interrupted (process killed, machine lost) is not complete
+    and never counts (the constructor logs it).
+    """
     return self.latest.latest_step()
 
   def restore(self, target: TrainState, step: int | None = None) -> TrainState:

@@ -44,6 +44,7 @@ OPTIM_KEYS = frozenset(
     'grad_accum_steps',
     'aux_weight',
     'loss_groups',
+    'skip_nonfinite_steps',
   }
 )
 EVAL_KEYS = frozenset(

@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from psp_jax import checkpointing, distributed, metrics, optim, summaries, train_config
+from psp_jax import checkpointing, distributed, metrics, optim, safeguards, summaries, train_config
 from psp_jax import train_state as train_state_lib
 from psp_jax import train_step as train_step_lib
 from psp_jax.train_state import TrainState
@@ -54,7 +54,8 @@ def evaluate(
   variables: dict[str, Any],
   config: ml_collections.ConfigDict,
   mesh: Mesh,
-) -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+  stop: Any = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray] | None] | None:
   """Whole-image, single-scale validation on config.data.eval_split.
 
   A quick proxy during training; psp_jax.evaluate runs the official sliding-window protocol.
@@ -64,10 +65,12 @@ def evaluate(
     variables: {'params', 'batch_stats'}.
     config: the run config (data, eval.batch_size / max_examples / protocol / whole_multiple).
     mesh: the mesh.
+    stop: a function polled between batches; when it returns True validation is abandoned
+      (one process only: several must run the same batches).
 
   Returns:
     ({'mIoU', 'mAcc', 'allAcc'}, this process's first batch {'image', 'label', 'pred'} or
-    None if the split is empty).
+    None if the split is empty), or None if stop cut it short.
   """
   from psp_jax.data import pipeline  # noqa: PLC0415 (TensorFlow is imported lazily)
 
@@ -81,7 +84,9 @@ def evaluate(
   multiple = config.eval.get('whole_multiple', 1)
   total = np.zeros((num_classes, num_classes), np.int64)
   confusion, device_pixels, first = None, 0, None
-  for batch in dataset.as_numpy_iterator():
+  for batch in pipeline.numpy_batches(dataset):
+    if stop is not None and stop():
+      return None
     batch = _pad_batch(batch, multiple, ignore)
     pixels = batch['label'].size * pc
     if confusion is not None and device_pixels + pixels > _MAX_DEVICE_PIXELS:
@@ -143,13 +148,42 @@ def load_init_checkpoint(state: TrainState, path: str) -> TrainState:
   return state
 
 
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+  """'key: checkpoint X, config Y' for each model setting that differs (dtype may)."""
+  keys = sorted((set(saved) | set(wanted)) - {'dtype'})
+  return [
+    f'{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}'
+    for k in keys
+    if saved.get(k) != wanted.get(k)
+  ]
+
+
 def _initial_state(config, workdir, model, tx, mesh, model_config):
-  """(state, shardings, checkpoints): restored from the workdir, or fresh."""
+  """(state, shardings, checkpoints): restored from the workdir, or fresh.
+
+  Everything that can refuse the workdir (another model's checkpoints, too little space)
+  is checked before anything is compiled or written.
+  """
   crop = train_config.crop_pair(config.data.crop_size)
   image_shape = (1, *crop, 3)  # Parameters do not depend on the batch or image size.
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
   checkpoints = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
-  step = checkpoints.latest_step()
+  try:
+    step = checkpoints.latest_step()
+    # The compute dtype may change between runs (e.g. resumed on TPU): the weights do not.
+    differences = [] if step is None else _differences(checkpoints.model_config(step), model_config)
+    if differences:
+      raise checkpointing.WorkdirError(
+        f'{workdir} holds checkpoints of another model ({"; ".join(differences)}): use a new '
+        '--workdir, or the config that wrote it. Nothing in it was changed.'
+      )
+    target = train_state_lib.abstract_state(model, tx, init_key, image_shape, mesh)
+    checkpointing.check_free_space(
+      workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
+    )
+  except BaseException:
+    checkpoints.close()
+    raise
   if step is None:
     started = time.perf_counter()
     state, shardings = train_state_lib.create_train_state(model, tx, init_key, image_shape, mesh)
@@ -157,16 +191,6 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
     if config.get('init_checkpoint'):
       state = load_init_checkpoint(state, config.init_checkpoint)
     return state, shardings, checkpoints
-  saved = checkpoints.model_config(step)
-  # The compute dtype may change between runs (e.g. resumed on TPU): the weights do not.
-  if {k: v for k, v in saved.items() if k != 'dtype'} != {
-    k: v for k, v in model_config.items() if k != 'dtype'
-  }:
-    raise ValueError(
-      f'{workdir} holds checkpoints of another model ({saved}), not {model_config}: use a new '
-      '--workdir or the config that wrote it.'
-    )
-  target = train_state_lib.abstract_state(model, tx, init_key, image_shape, mesh)
   state = checkpoints.restore(target, step)
   logging.info('Resumed from %s at step %d.', workdir, step)
   return state, jax.tree.map(lambda x: x.sharding, target), checkpoints
@@ -177,6 +201,9 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains (or resumes training) and validates as the config says.
 
+  SIGTERM or SIGINT (preemption, `kill`, Ctrl-C) stops the run at the next step boundary
+  with a checkpoint of that step: rerunning the same command continues from it.
+
   Args:
     config: the run config (configs/default.py).
     workdir: where checkpoints, TensorBoard events and the resolved config go.
@@ -185,9 +212,25 @@ def train_and_evaluate(
 
   Returns:
     {'step': the last step, 'train': the last logged train scalars, 'val': the last
-    validation scalars (empty if none ran), 'state': the final TrainState}.
+    validation scalars (empty if none ran), 'state': the final TrainState, 'preempted':
+    whether a signal stopped the run, 'skipped_steps': steps skipped for a non-finite loss}.
+
+  Raises:
+    train_config.ConfigError, checkpointing.WorkdirError: before anything is compiled.
+    safeguards.NonFiniteLossError: a step's loss was not finite (unless
+      config.optim.skip_nonfinite_steps).
+    psp_jax.data.files.BadExampleError: a bad data file (unless
+      config.data.skip_bad_examples).
   """
   train_config.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+  checkpointing.check_workdir(workdir)
+  with safeguards.StopRequest() as stop:
+    logging.info('SIGTERM or Ctrl-C saves a checkpoint after the current step and stops.')
+    return _train(config, workdir, stop_at_step, stop)
+
+
+def _train(config, workdir, stop_at_step, stop: safeguards.StopRequest) -> dict[str, Any]:
+  """The body of train_and_evaluate, with the stop request installed."""
   from psp_jax.data import pipeline, sources  # noqa: PLC0415 (TensorFlow is imported lazily)
 
   platform = jax.devices()[0].platform
@@ -217,19 +260,18 @@ def train_and_evaluate(
   summaries.write_config(workdir, config, model_config)
   writer = summaries.create_writer(workdir)
 
+  step_fn = train_step_lib.make_train_step(
+    model,
+    tx,
+    schedule,
+    aux_weight=config.optim.aux_weight,
+    ignore_label=config.data.ignore_label,
+    loss_groups=config.optim.loss_groups,
+    grad_accum_steps=config.optim.grad_accum_steps,
+    mesh=mesh,
+  )
   p_train_step = train_step_lib.compile_train_step(
-    train_step_lib.make_train_step(
-      model,
-      tx,
-      schedule,
-      aux_weight=config.optim.aux_weight,
-      ignore_label=config.data.ignore_label,
-      loss_groups=config.optim.loss_groups,
-      grad_accum_steps=config.optim.grad_accum_steps,
-      mesh=mesh,
-    ),
-    shardings,
-    mesh,
+    safeguards.guard_nonfinite(step_fn), shardings, mesh
   )
   p_eval_step = train_step_lib.compile_eval_step(
     train_step_lib.make_eval_step(model, config.data.num_classes, config.data.ignore_label), mesh
@@ -237,20 +279,25 @@ def train_and_evaluate(
   dropout_key = jax.device_put(
     jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), distributed.replicated(mesh)
   )
-  train_iter = pipeline.create_train_dataset(
-    config.data,
-    batch_size=config.batch_size // pc,
-    seed=config.seed,
-    process_index=pi,
-    process_count=pc,
-    start_step=start_step,
-  ).as_numpy_iterator()
+  train_iter = pipeline.numpy_batches(
+    pipeline.create_train_dataset(
+      config.data,
+      batch_size=config.batch_size // pc,
+      seed=config.seed,
+      process_index=pi,
+      process_count=pc,
+      start_step=start_step,
+    )
+  )
   palette = summaries.palette_of(config.data.name, config.data.num_classes)
+  nonfinite = safeguards.NonFiniteSteps(bool(config.optim.get('skip_nonfinite_steps', False)))
+  eval_stop = (lambda: stop.requested) if pc == 1 else None
 
   progress = summaries.Progress(total_steps, start_step, config.batch_size)
   pending: list[dict[str, jax.Array]] = []
   train_scalars: dict[str, float] = {}
   val_scalars: dict[str, float] = {}
+  preempted = False
   try:
     for step in range(start_step, end_step):
       batch = distributed_batch(next(train_iter), mesh)
@@ -258,49 +305,83 @@ def train_and_evaluate(
       state, step_metrics = p_train_step(state, batch, dropout_key)
       pending.append(step_metrics)
       done = step + 1
+      nonfinite.add(done, step_metrics)
       if step == start_step:
         jax.block_until_ready(step_metrics)
         progress.write(f'First step (compilation included): {time.perf_counter() - started:.1f} s')
         progress.restart_clock(done)
-      if done % config.log_every_steps == 0 or done == end_step:
-        host = jax.device_get(pending)
-        train_scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+      log_now = done % config.log_every_steps == 0 or done == end_step
+      preempted = done < end_step and stop.agreed(sync_point=log_now)
+      eval_now = done % config.eval_every_steps == 0 or done == total_steps
+      save_now = done % config.checkpoint_every_steps == 0 or done == end_step or preempted
+      if log_now or eval_now or save_now:
+        # Raises (keeping the checkpoints on disk) before a bad state is logged or saved.
+        nonfinite.check(checkpoints.latest_step())
+      if log_now:
+        train_scalars = safeguards.finite_mean(jax.device_get(pending))
         rate = progress.update(done, train_scalars)
         scalars = summaries.scalars_of(train_scalars, 'train')
+        scalars['train/skipped_steps'] = nonfinite.skipped
         if rate is not None:
           scalars['train/images_per_sec'] = rate
         writer.write_scalars(done, scalars)
         pending = []
       else:
         progress.update(done)
-      if done % config.eval_every_steps == 0 or done == total_steps:
+      if eval_now and not preempted:
         started = time.perf_counter()
-        val_scalars, first = evaluate(p_eval_step, state.variables, config, mesh)
-        writer.write_scalars(done, summaries.scalars_of(val_scalars, 'val'))
-        if first is not None and config.num_summary_images > 0:
-          panels = summaries.example_panels(
-            first['image'],
-            first['label'],
-            first['pred'],
-            palette,
-            ignore_label=config.data.ignore_label,
-            count=config.num_summary_images,
+        # The last validation runs whole (a rerun would not repeat it).
+        cut = eval_stop if done < end_step else None
+        result = evaluate(p_eval_step, state.variables, config, mesh, stop=cut)
+        if result is None:  # A signal arrived during validation: save and stop now.
+          preempted, save_now = True, True
+        else:
+          val_scalars, first = result
+          _write_validation(writer, done, val_scalars, first, palette, config)
+          best = checkpoints.save_if_best(state, model_config, val_scalars)
+          progress.write(
+            f'step {done}: val mIoU {val_scalars["mIoU"]:.4f} mAcc {val_scalars["mAcc"]:.4f} '
+            f'allAcc {val_scalars["allAcc"]:.4f} ({time.perf_counter() - started:.1f} s)'
+            + (' (best so far)' if best else '')
           )
-          writer.write_images(done, {'val/input_truth_prediction': panels})
-        best = checkpoints.save_if_best(state, model_config, val_scalars)
-        progress.write(
-          f'step {done}: val mIoU {val_scalars["mIoU"]:.4f} mAcc {val_scalars["mAcc"]:.4f} '
-          f'allAcc {val_scalars["allAcc"]:.4f} ({time.perf_counter() - started:.1f} s)'
-          + (' (best so far)' if best else '')
-        )
-        progress.restart_clock(done)
-      if done % config.checkpoint_every_steps == 0 or done == end_step:
+          progress.restart_clock(done)
+      if save_now:
         checkpoints.save(state, model_config)
+      if preempted:
+        checkpoints.wait()
+        logging.warning(
+          'Preempted at step %d (%s): checkpoint saved; rerun the same command to resume.',
+          done,
+          stop.signal_name or 'a signal to another process',
+        )
+        break
   finally:  # Pending checkpoint writes complete even if a step fails.
     progress.close()
     checkpoints.close()
     writer.flush()
     writer.close()
+  if nonfinite.skipped:
+    logging.warning('%d step(s) with a non-finite loss were skipped.', nonfinite.skipped)
   return dict(
-    step=int(jax.device_get(state.step)), train=train_scalars, val=val_scalars, state=state
+    step=int(jax.device_get(state.step)),
+    train=train_scalars,
+    val=val_scalars,
+    state=state,
+    preempted=preempted,
+    skipped_steps=nonfinite.skipped,
   )
+
+
+def _write_validation(writer, step, val_scalars, first, palette, config) -> None:
+  """TensorBoard scalars and example panels of one validation."""
+  writer.write_scalars(step, summaries.scalars_of(val_scalars, 'val'))
+  if first is not None and config.num_summary_images > 0:
+    panels = summaries.example_panels(
+      first['image'],
+      first['label'],
+      first['pred'],
+      palette,
+      ignore_label=config.data.ignore_label,
+      count=config.num_summary_images,
+    )
+    writer.write_images(step, {'val/input_truth_prediction': panels})

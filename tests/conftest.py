@@ -16,3 +16,8 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def num_devices() -> int:
   return jax.device_count()
+
+
+def pytest_configure(config):
+  # pytest-xdist registers this marker; declared here too so `-p no:xdist` runs accept it.
+  config.addinivalue_line('markers', 'xdist_group(name): tests that share one xdist worker')

@@ -292,3 +292,71 @@ def test_missing_files_path_is_reported(tmp_path):
   config = data_config('list', root=str(tmp_path), train_list='nope.txt', num_classes=3)
   with pytest.raises(MissingDataError, match='nope.txt is not a file'):
     sources.num_examples(config, 'train')
+
+
+# --- Bad files in list/folder sources, as the training loop reads them. -------------------
+
+
+def test_corrupt_label_png_is_named_or_skipped_and_counted(tmp_path, caplog):
+  from psp_jax.data import pipeline
+
+  datagen.write_list(tmp_path, 'train', 4, num_classes=3)
+  bad = tmp_path / 'data' / 'gt' / 'train_001.png'
+  bad.write_bytes(bad.read_bytes()[:60])  # Truncated PNG.
+  config = data_config('list', root=str(tmp_path), train_list='list/train.txt', num_classes=3)
+  # numpy_batches turns TensorFlow's wrapped error back into the file's own message.
+  with pytest.raises(files.BadExampleError) as error:
+    list(pipeline.numpy_batches(sources.get_source(config, 'train')))
+  message = str(error.value)
+  assert message.startswith(f'{bad}: cannot read the label') and 'skip_bad_examples' in message
+  assert 'Traceback' not in message
+  config.skip_bad_examples = True
+  with caplog.at_level(logging.WARNING):
+    assert len(list(pipeline.numpy_batches(sources.get_source(config, 'train')))) == 3
+  assert f'Skipped bad example 1 of list train: {bad}: cannot read the label' in caplog.text
+
+
+def test_out_of_range_labels_are_skipped_and_counted(tmp_path, caplog):
+  datagen.write_folder(tmp_path, 'train', 3, num_classes=4)
+  label = tmp_path / 'labels' / 'train' / 'a' / 'img_001.png'
+  datagen.save(label, np.full((17, 26), 7, np.uint8))  # Class 7 of 4 (255 would be fine).
+  config = data_config('folder', root=str(tmp_path), num_classes=4, skip_bad_examples=True)
+  with caplog.at_level(logging.WARNING):
+    assert len(list(sources.get_source(config, 'train').as_numpy_iterator())) == 2
+  assert f'Skipped bad example 1 of folder train: {label}: unexpected label values [7]' in (
+    caplog.text
+  )
+
+
+def test_empty_folder_and_empty_list_are_named(tmp_path):
+  (tmp_path / 'images' / 'train').mkdir(parents=True)
+  (tmp_path / 'labels' / 'train').mkdir(parents=True)
+  config = data_config('folder', root=str(tmp_path), num_classes=4)
+  with pytest.raises(MissingDataError, match=f'{tmp_path / "images" / "train"} holds no images'):
+    sources.get_source(config, 'train')
+  (tmp_path / 'empty.txt').write_text('\n')
+  config = data_config('list', root=str(tmp_path), train_list='empty.txt', num_classes=4)
+  with pytest.raises(MissingDataError, match=r'empty.txt \(config.data.train_list\) lists no'):
+    sources.num_examples(config, 'train')
+
+
+def test_gray_rgba_and_16_bit_image_files_are_read_as_rgb(tmp_path):
+  expected = datagen.write_folder(tmp_path, 'train', 3, num_classes=4)
+  shapes = sorted(expected['train'])
+  converted = {}
+  for shape, mode in zip(shapes, ['L', 'RGBA', 'I;16'], strict=True):
+    path, _ = expected['train'][shape]
+    rgb = datagen.decode(path)
+    if mode == 'L':
+      array = rgb[..., 0]
+    elif mode == 'RGBA':
+      array = np.concatenate([rgb, np.full((*shape, 1), 9, np.uint8)], -1)
+    else:
+      array = rgb[..., 0].astype(np.uint16) * 257  # 16-bit: the high byte is the 8-bit value.
+    path.unlink()
+    datagen.save(path.with_suffix('.png'), array)
+    converted[shape] = rgb if mode == 'RGBA' else np.repeat(rgb[..., :1], 3, -1)
+  config = data_config('folder', root=str(tmp_path), num_classes=4)
+  got = collect(sources.get_source(config, 'train'))
+  for shape in shapes:
+    np.testing.assert_array_equal(got[shape]['image'], converted[shape])

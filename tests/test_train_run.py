@@ -1,19 +1,26 @@
-"""End-to-end runs of train.py on the synthetic data: workdir contents, stopping and resuming.
+"""End-to-end runs of train.py on the synthetic data: workdir contents, stopping and resuming,
+and what goes wrong: signals, a kill mid-save, a NaN loss, bad files, an unusable workdir.
 
 Each run is a fresh `python train.py` as a user would start it (one CPU device, no
-XLA_FLAGS), sharing one persistent compilation cache so only the first run compiles.
+XLA_FLAGS), sharing one persistent compilation cache so only the first run compiles. Faults
+that need a hook (a NaN, a save that hangs) go through tests/faults.py, which patches them
+in and then runs train.py itself.
 """
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from test_train import ROOT  # noqa: I001 (tests/ is on sys.path)
 
+pytestmark = pytest.mark.xdist_group('train_py')  # One worker: one data set, one XLA cache.
 SHRINK = dict(depth=18, width=4, head_channels=8, aux_channels=8, dtype='float32')
 
 
@@ -24,10 +31,11 @@ def shared(tmp_path_factory):
   return dict(data_dir=str(root / 'tfds'), cache=str(root / 'xla_cache'))
 
 
-def train(shared, workdir, *extra: str, width: int = 4) -> subprocess.CompletedProcess:
-  """Runs train.py on configs/synthetic.py shrunk to a tiny model, 6 steps of 4 images."""
-  overrides = {f'model.{k}': v for k, v in dict(SHRINK, width=width).items()}
-  overrides.update(
+def command(shared, workdir, *extra: str, script: str = 'train.py', **overrides) -> list[str]:
+  """The command line of train.py (or tests/faults.py) on configs/synthetic.py shrunk to a
+  tiny model, 6 steps of 4 images; keyword arguments override config keys (a__b: a.b)."""
+  config = {f'model.{k}': v for k, v in SHRINK.items()}
+  config.update(
     {
       'data.data_dir': shared['data_dir'],
       'data.synthetic.num_train': 32,
@@ -43,12 +51,30 @@ def train(shared, workdir, *extra: str, width: int = 4) -> subprocess.CompletedP
       'eval.batch_size': 8,
     }
   )
-  command = [sys.executable, str(ROOT / 'train.py'), f'--config={ROOT / "configs/synthetic.py"}']
-  command += [f'--workdir={workdir}', f'--compilation_cache_dir={shared["cache"]}', *extra]
-  command += [f'--config.{k}={v}' for k, v in overrides.items()]
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # As a user runs it.
+  config.update({k.replace('__', '.'): v for k, v in overrides.items()})
+  path = ROOT / 'tests' / 'faults.py' if script == 'faults.py' else ROOT / script
+  args = [sys.executable, str(path), f'--config={ROOT / "configs/synthetic.py"}']
+  args += [f'--workdir={workdir}', f'--compilation_cache_dir={shared["cache"]}', *extra]
+  return args + [f'--config.{k}={v}' for k, v in config.items()]
+
+
+def user_env(**faults: str) -> dict[str, str]:
+  """The environment as a user runs train.py (no XLA_FLAGS), plus tests/faults.py's."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS' and not k.startswith('FAULT_')}
+  return env | faults
+
+
+def train(
+  shared, workdir, *extra: str, env=None, cwd=None, **overrides
+) -> subprocess.CompletedProcess:
+  """Runs command(...) to the end (in workdir's parent unless cwd is given)."""
   return subprocess.run(
-    command, env=env, cwd=str(workdir.parent), capture_output=True, text=True, timeout=1200
+    command(shared, workdir, *extra, **overrides),
+    env=env or user_env(),
+    cwd=str(cwd or workdir.parent),
+    capture_output=True,
+    text=True,
+    timeout=1200,
   )
 
 
@@ -136,5 +162,173 @@ def test_stopping_and_resuming_gives_the_same_run(shared, straight_run, tmp_path
   three = restored(workdir / 'checkpoints' / '3', keys)
   assert three['/step'] == 3 and any(not np.array_equal(three[k], got[k]) for k in got)
   # A workdir of another model is refused, not silently resumed.
-  proc = train(shared, workdir, width=8)
-  assert proc.returncode != 0 and 'another model' in proc.stdout + proc.stderr
+  # A workdir of another model is refused before anything compiles, and left as it was.
+  before = snapshot(workdir)
+  proc = train(shared, workdir, model__depth=34)
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 1 and 'another model (depth: checkpoint 18, config 34)' in log
+  assert 'First step' not in log and 'Traceback' not in log
+  assert snapshot(workdir) == before
+
+
+def snapshot(workdir) -> dict[str, bytes]:
+  """{relative path: contents} of every file of a workdir."""
+  return {
+    str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob('*')) if p.is_file()
+  }
+
+
+# --- When things go wrong. ---------------------------------------------------------------------
+
+
+def start(shared, workdir, *extra: str, env=None, **overrides):
+  """Starts command(...) in the background, output to workdir's sibling log file."""
+  log = workdir.parent / f'{workdir.name}.log'
+  with open(log, 'w') as out:
+    proc = subprocess.Popen(
+      command(shared, workdir, *extra, **overrides),
+      env=env or user_env(),
+      cwd=str(workdir.parent),
+      stdout=out,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+  return proc, log
+
+
+def wait_for(proc, ready, what: str, timeout: float = 600) -> None:
+  """Polls ready() until True; fails if the process ends first or time runs out."""
+  deadline = time.monotonic() + timeout
+  while not ready():
+    assert proc.poll() is None, f'the run ended (status {proc.returncode}) before {what}'
+    assert time.monotonic() < deadline, f'no {what} after {timeout} s'
+    time.sleep(0.05)
+
+
+def steps(workdir) -> list[str]:
+  return sorted(os.listdir(workdir / 'checkpoints'), key=lambda n: (len(n), n))
+
+
+def assert_same_state(got_dir, expected_dir) -> None:
+  keys = ('step', 'params', 'batch_stats', 'opt_state')
+  got, expected = restored(got_dir, keys), restored(expected_dir, keys)
+  assert got.keys() == expected.keys()
+  for key in expected:
+    np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
+def test_a_signal_saves_the_current_step_and_the_rerun_continues(
+  shared, straight_run, tmp_path, sig
+):
+  workdir = tmp_path / 'run'
+  proc, log = start(shared, workdir)
+  # The signal arrives during start-up or compilation: the run stops after its first step.
+  wait_for(proc, lambda: 'SIGTERM or Ctrl-C saves' in log.read_text(), 'stop handler')
+  proc.send_signal(sig)
+  assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+  text = log.read_text()
+  match = re.search(rf'Preempted at step (\d+) \({sig.name}\): checkpoint saved', text)
+  assert match, text[-4000:]
+  step = int(match.group(1))
+  assert 1 <= step < 6 and steps(workdir)[-1] == str(step)
+  assert restored(workdir / 'checkpoints' / str(step), ('step',))['/step'] == step
+  if sig == signal.SIGTERM:  # Once is enough for the rest: resuming gives the same run.
+    resumed = check(train(shared, workdir))
+    assert f'at step {step}.' in resumed
+    assert_same_state(workdir / 'checkpoints' / '6', straight_run[0] / 'checkpoints' / '6')
+
+
+def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shared, straight_run, tmp_path):
+  workdir, marker = tmp_path / 'run', tmp_path / 'saving'
+  env = user_env(FAULT_HANG_SAVE_AT_STEP='6', FAULT_MARKER=str(marker))
+  proc, log = start(shared, workdir, env=env, script='faults.py')
+  wait_for(proc, marker.exists, 'save of step 6')
+  proc.kill()  # SIGKILL: no handler, no cleanup, mid-save.
+  proc.wait(timeout=60)
+  names = os.listdir(workdir / 'checkpoints')
+  assert '3' in names and '6' not in names, names
+  assert any(n.startswith('6.orbax-checkpoint-tmp') for n in names), names
+  from psp_jax import checkpointing
+
+  checkpoints = checkpointing.Checkpoints(str(workdir), keep=2)
+  assert checkpoints.latest_step() == 3
+  checkpoints.close()
+  log = check(train(shared, workdir))
+  assert 'Ignoring 1 unfinished checkpoint(s)' in log and 'at step 3.' in log
+  assert steps(workdir) == ['3', '6']  # The half-written one was replaced.
+  assert_same_state(workdir / 'checkpoints' / '6', straight_run[0] / 'checkpoints' / '6')
+
+
+def test_a_nan_loss_stops_naming_the_step_or_is_skipped(shared, tmp_path):
+  workdir = tmp_path / 'stop'
+  proc = train(shared, workdir, env=user_env(FAULT_NAN_AT_STEP='5'), script='faults.py')
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 1, log[-4000:]
+  assert re.search(r'Non-finite loss at step 5: loss=nan main_loss=nan aux_loss=nan', log), log
+  assert 'the newest one (step 3) is kept' in log and 'Traceback' not in log
+  assert steps(workdir) == ['3']
+  workdir = tmp_path / 'skip'
+  env = user_env(FAULT_NAN_AT_STEP='5')
+  log = check(train(shared, workdir, env=env, script='faults.py', optim__skip_nonfinite_steps=True))
+  assert 'Skipped step 5: non-finite loss (loss=nan' in log
+  assert '1 step(s) with a non-finite loss were skipped' in log
+  assert steps(workdir) == ['3', '6']
+  final = restored(workdir / 'checkpoints' / '6', ('params', 'batch_stats', 'opt_state'))
+  assert all(np.isfinite(v).all() for v in final.values())
+  assert scalar_series(workdir, 'train/skipped_steps') == [0, 0, 0, 0, 1, 1]
+
+
+def scalar_series(workdir, tag: str) -> list[float]:
+  """The values of a TensorBoard scalar, by step (float32 as written)."""
+  from tensorboard.backend.event_processing import event_accumulator
+  from tensorboard.util import tensor_util
+
+  (name,) = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+  acc = event_accumulator.EventAccumulator(str(workdir / name), size_guidance={'tensors': 0})
+  acc.Reload()
+  events = sorted(acc.Tensors(tag), key=lambda e: e.step)
+  return [tensor_util.make_ndarray(e.tensor_proto).item() for e in events]
+
+
+def test_same_seed_and_config_give_the_same_losses_bit_for_bit(shared, straight_run, tmp_path):
+  workdir = tmp_path / 'again'
+  check(train(shared, workdir))
+  for tag in ('train/loss', 'train/main_loss', 'train/aux_loss'):
+    first, second = scalar_series(straight_run[0], tag), scalar_series(workdir, tag)
+    assert len(first) == 6 and np.array_equal(np.float32(first), np.float32(second)), tag
+  assert_same_state(workdir / 'checkpoints' / '6', straight_run[0] / 'checkpoints' / '6')
+
+
+def test_bad_data_file_is_named_or_skipped_and_counted(shared, tmp_path):
+  import datagen
+
+  datagen.write_list(tmp_path / 'data', 'train', 8, num_classes=11)
+  datagen.write_list(tmp_path / 'data', 'val', 2, num_classes=11, seed=1)
+  bad = tmp_path / 'data' / 'data' / 'img' / 'train_003.jpg'
+  bad.write_bytes(bad.read_bytes()[:300])  # Truncated, as an interrupted copy leaves it.
+  data = dict(
+    data__name='list',
+    data__root=str(tmp_path / 'data'),
+    data__train_list='list/train.txt',
+    data__val_list='list/val.txt',
+  )
+  # Two steps read all 8 files of the first epoch (4 images a step).
+  proc = train(shared, tmp_path / 'fail', '--stop_at_step=2', **data)
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 1, log[-4000:]
+  assert f'BadExampleError: {bad}: cannot read the image' in log, log[-4000:]
+  assert 'skip_bad_examples' in log and 'Traceback' not in log
+  log = check(
+    train(shared, tmp_path / 'skip', '--stop_at_step=2', data__skip_bad_examples=True, **data)
+  )
+  assert f'Skipped bad example 1 of list train: {bad}: cannot read the image' in log
+
+
+def test_unwritable_workdir_fails_at_once_with_a_message(shared, tmp_path):
+  (tmp_path / 'file').write_text('not a directory')
+  proc = train(shared, tmp_path / 'file' / 'run', cwd=tmp_path)
+  log = proc.stdout + proc.stderr
+  assert proc.returncode == 1 and 'Traceback' not in log
+  assert f'WorkdirError: Cannot write to --workdir {tmp_path / "file" / "run"}' in log, log
+  assert (tmp_path / 'file').read_text() == 'not a directory'

@@ -7,14 +7,15 @@ process) and turns its batches into global jax.Arrays with `to_global`.
 import logging
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from psp_jax.data import augment, sources, transforms
+from psp_jax.data import augment, files, sources, transforms
 from psp_jax.data._tf import tf
 
 _MAX_EPOCHS = 2**62  # "forever": the training stream repeats until the caller stops reading
@@ -330,6 +331,33 @@ def create_eval_dataset(
     ignore_label=int(data_config.ignore_label),
     num_threads=num_threads,
   )
+
+
+def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+  """dataset.as_numpy_iterator(), with a bad data file reported as itself.
+
+  A BadExampleError raised while reading a file inside tf.data reaches the caller as a
+  TensorFlow OpError whose text holds the whole Python traceback; this re-raises it as a
+  files.BadExampleError with just its message (the file's name and what is wrong).
+
+  Args:
+    dataset: a tf.data pipeline.
+
+  Yields:
+    Its elements as numpy.
+  """
+  iterator = dataset.as_numpy_iterator()
+  while True:
+    try:
+      batch = next(iterator)
+    except StopIteration:
+      return
+    except tf.errors.OpError as e:
+      match = re.search(r'BadExampleError: ([^\n]*)', str(e))
+      if match is None:
+        raise
+      raise files.BadExampleError(match.group(1)) from None
+    yield batch
 
 
 def to_global(batch: dict[str, np.ndarray], mesh: jax.sharding.Mesh, axis: str = 'data'):

@@ -188,6 +188,8 @@ def _list_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
     if len(parts) != 2:
       raise ValueError(f'{path}:{number}: expected `image_path label_path`, got {line!r}.')
     pairs.append((os.path.join(root, parts[0]), os.path.join(root, parts[1])))
+  if not pairs:
+    raise MissingDataError(f'list source: {path} (config.data.{key}) lists no examples.')
   return pairs
 
 
@@ -216,6 +218,10 @@ def _folder_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
   labels = {
     p.relative_to(label_dir).with_suffix('').as_posix(): p for p in sorted(label_dir.rglob('*.png'))
   }
+  if not images:
+    raise MissingDataError(
+      f'folder source: {image_dir} holds no images ({", ".join(files.IMAGE_EXTENSIONS)}).'
+    )
   missing = [str(images[k]) for k in images if k not in labels]
   if missing:
     raise MissingDataError(
@@ -240,7 +246,9 @@ def _file_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
     gone = set(missing)
     pairs = [p for p in pairs if p[0] not in gone and p[1] not in gone]
   if not pairs:
-    raise MissingDataError(f'{data_config.name} source ({split}): no examples.')
+    raise MissingDataError(
+      f'{data_config.name} source ({split}): no examples left after skipping those.'
+    )
   return pairs
 
 
