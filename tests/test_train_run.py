@@ -41,7 +41,6 @@ def command(shared, workdir, *extra: str, script: str = 'train.py', **overrides)
       'data.synthetic.num_train': 32,
       'data.synthetic.num_val': 8,
       'data.crop_size': 41,
-      'data.deterministic': True,
       'data.shuffle_buffer': 32,
       'batch_size': 4,
       'num_train_steps': 6,
