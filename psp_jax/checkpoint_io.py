@@ -8,17 +8,17 @@ A weights directory (what `python -m psp_jax.convert X.pth DIR` and save_variabl
 load_variables also reads a training workdir (its best checkpoint by validation mIoU, else
 the newest; see psp_jax.checkpointing), one step directory of it, and PyTorch files: official
 PSPNet checkpoints and ImageNet ResNet backbones, converted on the fly (psp_jax.convert).
+Paths may be local or remote (gs://bucket/..., through etils.epath as orbax reads them).
 """
 
 import json
 import os
-import pathlib
-import shutil
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from psp_jax import convert as convert_lib
 
@@ -27,6 +27,16 @@ VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
 RUN_CONFIG_FILE = 'config.json'
 TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.checkpointing.BEST_DIR, LATEST_DIR
 COLLECTIONS = ('params', 'batch_stats')
+
+
+def as_path(path: str | os.PathLike) -> epath.Path:
+  """A local path made absolute, or a remote one (gs://bucket/...) as it is.
+
+  os.path.abspath or pathlib would turn gs://bucket/run into ./gs:/bucket/run, a local
+  folder: checkpoints on a TPU VM's own disk are lost with the VM.
+  """
+  path = os.fspath(path)
+  return epath.Path(path if '://' in path else os.path.abspath(path))
 
 
 def save_variables(
@@ -43,11 +53,11 @@ def save_variables(
     variables: {'params', 'batch_stats'} (numpy or jax arrays).
     model_config: JSON-serialisable PSPNet kwargs.
   """
-  path = pathlib.Path(path).absolute()
+  path = as_path(path)
   if path.exists() and any(path.iterdir()):
     if not force:
       raise FileExistsError(f'{path} exists and is not empty (pass force=True / --force).')
-    shutil.rmtree(path)
+    path.rmtree()
   path.mkdir(parents=True, exist_ok=True)
   tree = {c: _as_numpy(variables[c]) for c in COLLECTIONS}
   checkpointer = ocp.StandardCheckpointer()
@@ -63,7 +73,7 @@ def _as_numpy(tree: Any) -> Any:
   return np.asarray(tree)
 
 
-def _restore_numpy(path: pathlib.Path) -> dict[str, Any]:
+def _restore_numpy(path: epath.Path) -> dict[str, Any]:
   """params and batch_stats of an orbax pytree checkpoint as numpy (other items not read)."""
   import jax  # noqa: PLC0415
 
@@ -79,13 +89,13 @@ def _restore_numpy(path: pathlib.Path) -> dict[str, Any]:
   )
 
 
-def _steps(directory: pathlib.Path) -> list[int]:
+def _steps(directory: epath.Path) -> list[int]:
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-def _read_step_dir(step_dir: pathlib.Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def _read_step_dir(step_dir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
   """A training step directory: state (orbax) + model_config (orbax JSON item)."""
   variables = _restore_numpy(step_dir / 'state')
   config_dir = step_dir / 'model_config'
@@ -115,11 +125,12 @@ def load_torch_file(
     import torch  # noqa: PLC0415
   except ImportError as e:
     raise ImportError(f'reading {path} needs PyTorch (pip install torch, CPU build)') from e
-  path = pathlib.Path(path)
+  path = as_path(path)
   if not path.is_file():
     raise FileNotFoundError(f'no such checkpoint file: {path}')
   try:
-    checkpoint = torch.load(path, map_location='cpu', weights_only=True)
+    with path.open('rb') as f:
+      checkpoint = torch.load(f, map_location='cpu', weights_only=True)
   except Exception as e:
     raise OSError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
   if not isinstance(checkpoint, Mapping):
@@ -146,7 +157,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   Returns:
     ({'params', 'batch_stats'} of numpy arrays, PSPNet kwargs).
   """
-  path = pathlib.Path(path).absolute()
+  path = as_path(path)
   if path.is_file():
     return load_torch_file(path)
   if not path.is_dir():
@@ -184,7 +195,7 @@ def convert(
   """
   import torch  # noqa: PLC0415
 
-  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  src, dst = as_path(src), as_path(dst)
   if not src.exists():
     raise FileNotFoundError(f'no such file or directory: {src}')
   if src.is_file():
@@ -200,4 +211,5 @@ def convert(
   if dst.exists() and not force:
     raise FileExistsError(f'{dst} exists (pass --force to overwrite).')
   dst.parent.mkdir(parents=True, exist_ok=True)
-  torch.save(convert_lib.to_torch_state_dict(variables, config), dst)
+  with dst.open('wb') as f:
+    torch.save(convert_lib.to_torch_state_dict(variables, config), f)

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from psp_jax import checkpoint_io
 from psp_jax.train_state import TrainState
 
 ITEMS = ('state', 'model_config')
@@ -102,13 +103,13 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    workdir = os.path.abspath(workdir)
+    workdir = checkpoint_io.as_path(workdir)
     self.latest = ocp.CheckpointManager(
-      os.path.join(workdir, LATEST_DIR),
+      workdir / LATEST_DIR,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
       item_names=ITEMS,
     )
-    for directory in (self.latest.directory, os.path.join(workdir, BEST_DIR)):
+    for directory in (self.latest.directory, workdir / BEST_DIR):
       partial = unfinished(str(directory))
       if partial:
         logging.warning(
@@ -118,7 +119,7 @@ class Checkpoints:
           ', '.join(partial),
         )
     self.best = ocp.CheckpointManager(
-      os.path.join(workdir, BEST_DIR),
+      workdir / BEST_DIR,
       options=ocp.CheckpointManagerOptions(
         max_to_keep=1,
         best_fn=lambda m: m[BEST_METRIC],

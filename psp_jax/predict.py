@@ -76,7 +76,7 @@ def load_model(
 
 def run_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict | None:
   """The experiment config a training workdir was run with (its config.json), else None."""
-  path = pathlib.Path(checkpoint) / checkpoint_io.RUN_CONFIG_FILE
+  path = checkpoint_io.as_path(checkpoint) / checkpoint_io.RUN_CONFIG_FILE
   if not path.is_file():
     return None
   try:

@@ -5,7 +5,6 @@ Only process 0 writes files; the other processes log nothing and show no bar.
 
 import json
 import logging
-import os
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -54,12 +53,14 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, model_config: 
   """
   if jax.process_index() > 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, checkpoint_io.RUN_CONFIG_FILE), 'w') as f:
-    f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
-  with open(os.path.join(workdir, checkpoint_io.CONFIG_FILE), 'w') as f:
-    json.dump(model_config, f, indent=2, sort_keys=True)
-    f.write('\n')
+  path = checkpoint_io.as_path(workdir)  # local, or gs://... on a TPU VM
+  path.mkdir(parents=True, exist_ok=True)
+  (path / checkpoint_io.RUN_CONFIG_FILE).write_text(
+    config.to_json_best_effort(indent=2, sort_keys=True) + '\n'
+  )
+  (path / checkpoint_io.CONFIG_FILE).write_text(
+    json.dumps(model_config, indent=2, sort_keys=True) + '\n'
+  )
 
 
 def palette_of(dataset: str, num_classes: int) -> np.ndarray:

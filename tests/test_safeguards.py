@@ -133,3 +133,30 @@ def test_several_processes_stop_together_at_sync_points(monkeypatch):
   stop = safeguards.StopRequest()
   assert not stop.agreed(sync_point=False) and gathered == []  # No collective off sync points.
   assert stop.agreed(sync_point=True) and gathered == [0]
+
+
+def test_a_bucket_workdir_stays_remote(tmp_path, monkeypatch):
+  """gs://bucket/run must reach orbax and the config writer as it is: os.path.abspath made
+  it ./gs:/bucket/run, so a TPU VM wrote its checkpoints to a disk lost on preemption."""
+  from psp_jax import checkpoint_io, summaries
+
+  monkeypatch.chdir(tmp_path)
+  assert str(checkpoint_io.as_path('gs://bucket/run') / 'best') == 'gs://bucket/run/best'
+  assert str(checkpoint_io.as_path('run')) == str(tmp_path / 'run')
+  directories = []
+
+  class Recorder:
+    def __init__(self, directory, **kwargs):
+      self.directory = directory
+      directories.append(str(directory))
+
+  monkeypatch.setattr(checkpointing.ocp, 'CheckpointManager', Recorder)
+  checkpointing.Checkpoints('gs://bucket/run', keep=1)
+  assert directories == ['gs://bucket/run/checkpoints', 'gs://bucket/run/best']
+  written = {}
+  remote = type(checkpoint_io.as_path('gs://bucket'))  # etils' GCS path (tf.io.gfile here)
+  monkeypatch.setattr(remote, 'mkdir', lambda self, **kw: None)
+  monkeypatch.setattr(remote, 'write_text', lambda self, text: written.setdefault(str(self), text))
+  summaries.write_config('gs://bucket/run', tiny_config(), {'num_classes': 3})
+  assert sorted(written) == ['gs://bucket/run/config.json', 'gs://bucket/run/model_config.json']
+  assert not (tmp_path / 'gs:').exists()
