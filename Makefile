@@ -7,7 +7,7 @@ WORKDIR ?= runs/synthetic
 export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 
-.PHONY: setup train test lint format clean
+.PHONY: setup train test test-newest lint format clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ train: setup
 
 test: setup lint
 	$(PY) -m pytest -n 2 --dist loadgroup
+
+# The core tests (no torch) on Python 3.12 with the newest jax/flax/optax/orbax, in .venv312.
+test-newest:
+	.ci/py312.sh
 
 lint: setup
 	$(PY) -m ruff check .

@@ -1,0 +1,215 @@
+"""tools/tpu_launch.py: its dry run, its commands against the code's flags, and docs/tpu.md.
+
+The train, evaluate and prepare commands the launcher prints are parsed by the programs'
+own flag definitions (train.py's absl flags and config file, psp_jax.evaluate's, the
+prepare parser) and the resulting config is checked by train_config.validate for the
+slice's devices and hosts, so a renamed flag or config key fails here, not on a TPU.
+"""
+
+import json
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / 'tools'))
+import tpu_launch  # noqa: E402
+
+DOCS = ROOT / 'docs' / 'tpu.md'
+LAUNCHER = 'python tools/tpu_launch.py'
+
+
+def dry_run(argv: list[str], capsys, monkeypatch) -> str:
+  """The launcher's output with --dry-run; it must not start any process."""
+
+  def refuse(*args, **kwargs):
+    raise AssertionError(f'--dry-run ran {args}')
+
+  with monkeypatch.context() as patch:
+    patch.setattr(subprocess, 'run', refuse)
+    assert tpu_launch.main([*argv, '--dry-run']) == 0
+  return capsys.readouterr().out
+
+
+def documented_invocations() -> list[list[str]]:
+  """The launcher command lines of docs/tpu.md."""
+  lines = [ln.strip() for ln in DOCS.read_text().splitlines() if ln.strip().startswith(LAUNCHER)]
+  return [shlex.split(ln)[2:] for ln in lines]
+
+
+def remote_args(output: str, program: str) -> list[str]:
+  """The arguments after `program` (e.g. 'train.py') in the printed remote scripts."""
+  for block in re.split(r'^# \w+$', output, flags=re.M):
+    scripts = [w for w in shlex.split(block) if w.startswith('--command=')]
+    for line in (ln for script in scripts for ln in script.splitlines()):
+      words = shlex.split(line)
+      if program in words:
+        rest = words[words.index(program) + 1 :]
+        stop = ('<', '>', '>>', '&', '&&', ';')
+        end = next((i for i, w in enumerate(rest) if w in stop), None)
+        return rest[:end]
+  raise AssertionError(f'no {program} command in:\n{output}')
+
+
+def parse_with_code(kind: str, args: list[str], devices: int, hosts: int) -> dict:
+  """Parses args as the program does (in a fresh process: absl flags are global)."""
+  code = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+kind, args = {kind!r}, {args!r}
+if kind == 'prepare':
+  from psp_jax.data import prepare
+  print(json.dumps(vars(prepare._parser().parse_args(args))))
+  sys.exit()
+from absl import flags
+if kind == 'train':
+  import train
+else:
+  from psp_jax import evaluate
+  evaluate.define_flags()
+sys.argv = [kind, *args]  # config_flags finds the --config.KEY overrides in sys.argv.
+flags.FLAGS(sys.argv)
+from psp_jax import train_config
+config = flags.FLAGS.config
+train_config.validate(config, device_count={devices}, process_count={hosts})
+print(json.dumps(dict(
+  data_dir=config.data.data_dir, name=config.data.name, batch_size=config.batch_size,
+  init_checkpoint=config.init_checkpoint, scales=list(config.eval.scales),
+  workdir=flags.FLAGS['workdir'].value if 'workdir' in flags.FLAGS else None)))
+"""
+  proc = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+SINGLE = ['--tpu=psp-v5e', '--zone=us-west4-a', '--bucket=gs://my-bucket']
+POD = ['--tpu=psp-v4', '--zone=us-central2-b', '--accelerator=v4-32', '--spot']
+POD += ['--bucket=gs://my-bucket', '--init_checkpoint=gs://my-bucket/init/resnet50_v2.pth']
+
+
+@pytest.mark.parametrize(
+  ('accelerator', 'devices', 'hosts'),
+  [
+    ('v5litepod-1', 1, 1),
+    ('v5litepod-8', 8, 1),
+    ('v5litepod-16', 16, 4),
+    ('v5litepod-32', 32, 8),
+    ('v4-8', 4, 1),
+    ('v4-32', 16, 4),
+    ('v5p-8', 4, 1),
+    ('v6e-8', 8, 1),
+  ],
+)
+def test_slice_devices_and_hosts(accelerator, devices, hosts):
+  assert tpu_launch.slice_of(accelerator) == tpu_launch.Slice(devices, hosts)
+
+
+def test_unknown_accelerator_is_refused():
+  with pytest.raises(ValueError, match='v2-8'):
+    tpu_launch.slice_of('v2-8')
+
+
+def test_dry_run_prints_every_command_and_runs_none(capsys, monkeypatch):
+  out = dry_run([*SINGLE, *tpu_launch.STEPS], capsys, monkeypatch)
+  headers = re.findall(r'^# (\w+)$', out, flags=re.M)
+  assert headers == list(tpu_launch.STEPS)
+  for command in tpu_launch.plan([*SINGLE, *tpu_launch.STEPS]):
+    assert command.render() in out
+  assert 'gcloud compute tpus tpu-vm create psp-v5e --zone=us-west4-a' in out
+  assert '--accelerator-type=v5litepod-8 --version=v2-alpha-tpuv5-lite' in out
+  assert 'gcloud storage buckets create gs://my-bucket --location=us-west4' in out
+
+
+def test_pod_commands_run_on_every_worker(capsys, monkeypatch):
+  out = dry_run([*POD, 'create', 'install', 'prepare', 'train', 'evaluate'], capsys, monkeypatch)
+  assert '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot' in out
+  ssh = [ln for ln in out.splitlines() if ln.startswith('gcloud compute tpus tpu-vm ssh')]
+  workers = [re.search(r'--worker=(\w+)', ln).group(1) for ln in ssh]
+  # The data set is prepared once; install, train and evaluate run on all 4 hosts.
+  assert workers == ['all', '0', 'all', 'all']
+  assert 'torch --index-url=https://download.pytorch.org/whl/cpu' in out  # for the .pth
+  assert '$HOME/init/resnet50_v2.pth' in out
+
+
+def test_the_script_survives_the_shell(capsys, monkeypatch):
+  """What gcloud receives as --command is the script, whatever the shell quoting."""
+  argv = [*POD, '--set=eval.scales=(0.5,1.0)', 'train']
+  (command,) = tpu_launch.plan(argv)
+  words = shlex.split(command.render())
+  assert words == command.run_argv()
+  assert '"--config.eval.scales=(0.5,1.0)"' in command.script
+
+
+@pytest.mark.parametrize(('argv', 'devices', 'hosts'), [(SINGLE, 8, 1), (POD, 16, 4)])
+def test_train_command_parses_against_train_py(argv, devices, hosts, capsys, monkeypatch):
+  out = dry_run([*argv, '--set=eval.scales=(0.5,1.0)', 'train'], capsys, monkeypatch)
+  args = remote_args(out, 'train.py')
+  parsed = parse_with_code('train', args, devices, hosts)
+  assert parsed['name'] == 'ade20k' and parsed['batch_size'] == 16
+  assert parsed['data_dir'] == 'gs://my-bucket/tensorflow_datasets'
+  assert parsed['workdir'] == 'gs://my-bucket/runs/ade20k'
+  assert parsed['scales'] == [0.5, 1.0]
+  if '--init_checkpoint' in ' '.join(argv):
+    assert parsed['init_checkpoint'] == '$HOME/init/resnet50_v2.pth'
+
+
+def test_a_wrong_config_key_fails_the_check(capsys, monkeypatch):
+  out = dry_run([*SINGLE, '--set=optim.base_lrr=0.1', 'train'], capsys, monkeypatch)
+  with pytest.raises(AssertionError, match='base_lrr'):
+    parse_with_code('train', remote_args(out, 'train.py'), 8, 1)
+
+
+def test_evaluate_and_prepare_commands_parse(capsys, monkeypatch):
+  out = dry_run([*POD, 'prepare', 'evaluate'], capsys, monkeypatch)
+  parsed = parse_with_code('evaluate', remote_args(out, 'psp_jax.evaluate'), 16, 4)
+  assert parsed['data_dir'] == 'gs://my-bucket/tensorflow_datasets'
+  prepared = parse_with_code('prepare', remote_args(out, 'psp_jax.data.prepare'), 1, 1)
+  assert prepared['name'] == 'ade20k' and prepared['data_dir'].startswith('gs://my-bucket/')
+  assert prepared['manual_dir'] == '$HOME/data'
+
+
+def test_a_batch_the_slice_cannot_split_is_refused(capsys):
+  argv = ['--tpu=t', '--zone=us-west4-a', '--bucket=gs://b', '--accelerator=v5litepod-32']
+  assert tpu_launch.main([*argv, '--dry-run', 'train']) == 2
+  assert 'batch_size=64' in capsys.readouterr().err
+  commands = tpu_launch.plan([*argv, '--set=batch_size=32', 'train'])
+  assert '--config.batch_size=32' in commands[0].script
+
+
+def test_the_guide_shows_exactly_what_the_launcher_prints():
+  """Every command of every launcher line in docs/tpu.md is in the guide, and every
+  `gcloud compute tpus` command in the guide comes from one of them."""
+  text = DOCS.read_text()
+  invocations = documented_invocations()
+  assert len(invocations) >= 2, 'docs/tpu.md should show the single-host and pod launches'
+  assert '--worker=all' in text and '--accelerator=v4-32' in text
+  rest = text
+  assert sum('--dry-run' in argv for argv in invocations) >= 2
+  for argv in invocations:
+    for command in tpu_launch.plan([a for a in argv if a != '--dry-run']):
+      assert command.render() in text, f'docs/tpu.md lacks, from {argv}:\n{command.render()}'
+      rest = rest.replace(command.render(), '')
+  stale = [ln for ln in rest.splitlines() if 'gcloud compute tpus' in ln and '`' not in ln]
+  assert not stale, f'commands in docs/tpu.md that the launcher does not print: {stale}'
+
+
+def test_launcher_constants_match_the_config_and_the_notebook():
+  """The batch sizes the launcher checks are configs/ade20k.py's, and it installs from the
+  same repository as the Colab notebook."""
+  from test_notebook import parameters_index, read_notebook
+  from test_train import load_config
+
+  config = load_config('ade20k')
+  assert (config.batch_size, config.eval.batch_size) == (
+    tpu_launch.OFFICIAL_BATCH,
+    tpu_launch.OFFICIAL_EVAL_BATCH,
+  )
+  notebook = read_notebook()
+  parameters = notebook.cells[parameters_index(notebook)].source
+  assert f"REPO_URL = '{tpu_launch.REPO_URL}'" in parameters
