@@ -260,16 +260,7 @@ def _train(config, workdir, stop_at_step, stop: safeguards.StopRequest) -> dict[
   summaries.write_config(workdir, config, model_config)
   writer = summaries.create_writer(workdir)
 
-  step_fn = train_step_lib.make_train_step(
-    model,
-    tx,
-    schedule,
-    aux_weight=config.optim.aux_weight,
-    ignore_label=config.data.ignore_label,
-    loss_groups=config.optim.loss_groups,
-    grad_accum_steps=config.optim.grad_accum_steps,
-    mesh=mesh,
-  )
+  step_fn = train_step_lib.train_step_of_config(model, tx, schedule, config, mesh)
   p_train_step = train_step_lib.compile_train_step(
     safeguards.guard_nonfinite(step_fn), shardings, mesh
   )

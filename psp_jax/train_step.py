@@ -119,6 +119,26 @@ def make_train_step(
   return train_step
 
 
+def train_step_of_config(
+  model: PSPNet,
+  tx: optax.GradientTransformation,
+  schedule: Callable[[jax.Array], jax.Array],
+  config: Any,
+  mesh: Mesh | None = None,
+) -> TrainStep:
+  """make_train_step with a run config's settings (config.optim.*, config.data.ignore_label)."""
+  return make_train_step(
+    model,
+    tx,
+    schedule,
+    aux_weight=config.optim.aux_weight,
+    ignore_label=config.data.ignore_label,
+    loss_groups=config.optim.loss_groups,
+    grad_accum_steps=config.optim.grad_accum_steps,
+    mesh=mesh,
+  )
+
+
 def compile_train_step(
   train_step: TrainStep, state_shardings: TrainState, mesh: Mesh
 ) -> Callable[..., Any]:

@@ -9,6 +9,7 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_metrics import intersection_and_union  # noqa: I001 (tests/ is on sys.path)
 
 from psp_jax import evaluate
 from psp_jax.inference import InferenceConfig, SlidingWindowInference
@@ -45,17 +46,6 @@ def random_examples(seed, count, present=5):
     label[label == 3] = 4  # Class 3 predicted but never in the ground truth.
     out.append(dict(image=image, label=label, pred=pred))
   return out
-
-
-def intersection_and_union(output, target, k, ignore_index=255):
-  """util/util.py intersectionAndUnion, transcribed."""
-  output, target = output.reshape(-1).copy(), target.reshape(-1)
-  output[target == ignore_index] = ignore_index
-  intersection = output[output == target]
-  area_i = np.histogram(intersection, bins=k, range=(0, k - 1))[0]
-  area_o = np.histogram(output, bins=k, range=(0, k - 1))[0]
-  area_t = np.histogram(target, bins=k, range=(0, k - 1))[0]
-  return area_i, area_o + area_t - area_i, area_t
 
 
 @pytest.fixture(scope='module')

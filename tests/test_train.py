@@ -52,16 +52,7 @@ def make_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """The train step of the config, jitted for the mesh as train_lib does (not compiled yet)."""
   model = train_state.build_model(train_config.model_kwargs(config, 'cpu'))
   tx, schedule = optim.create_optimizer(config.optim, config.num_train_steps)
-  step = train_step.make_train_step(
-    model,
-    tx,
-    schedule,
-    aux_weight=config.optim.aux_weight,
-    ignore_label=config.data.ignore_label,
-    loss_groups=config.optim.loss_groups,
-    grad_accum_steps=config.optim.grad_accum_steps,
-    mesh=mesh,
-  )
+  step = train_step.train_step_of_config(model, tx, schedule, config, mesh)
   shardings = jax.tree.map(lambda _: distributed.replicated(mesh), initial_abstract(config))
   return train_step.compile_train_step(step, shardings, mesh)
 
