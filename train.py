@@ -14,6 +14,7 @@ non-finite loss, ends the run with status 1 and one message saying what is wrong
 """
 
 import os
+import sys
 
 # Before TensorFlow is imported anywhere (both are needed to quiet its start-up lines).
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -66,8 +67,15 @@ def main(argv: list[str]) -> None:
     builders.MissingDataError,
   ) as e:
     # Errors that say what is wrong: their message, without a traceback, and status 1.
+    # train_and_evaluate has already closed the checkpoints and the summary writer. The exit
+    # skips destructors: a tf.data iterator stopped by a bad file (list/folder sources read
+    # files in a parallel tf.numpy_function) deadlocks when it is destroyed while one of
+    # those calls waits for the GIL, which the destroying thread holds (seen in CI).
     logging.error('%s: %s', type(e).__name__, e)
-    raise SystemExit(1) from None
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == '__main__':
