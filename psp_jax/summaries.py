@@ -15,13 +15,8 @@ import numpy as np
 from clu import metric_writers  # noqa: I001 (after psp_jax.data._tf on purpose)
 from tqdm import tqdm
 
-from psp_jax import checkpoint_io, visualize
+from psp_jax import checkpoint_io, inference_plan, visualize
 from psp_jax.data._tf import tf  # noqa: F401 (quiet and off accelerators before clu imports it)
-
-# ImageNet statistics on the 0..255 scale, as psp_jax.data.transforms.normalize applies them.
-_MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-_STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
-
 
 _CHATTY = ('/orbax/', '/tensorflow_datasets/', '/clu/')
 
@@ -75,7 +70,8 @@ def palette_of(dataset: str, num_classes: int) -> np.ndarray:
 
 def denormalize(images: np.ndarray) -> np.ndarray:
   """Normalised float images [N, H, W, 3] back to uint8 RGB."""
-  return np.clip(np.rint(np.asarray(images) * _STD + _MEAN), 0, 255).astype(np.uint8)
+  images = np.asarray(images) * inference_plan.STD + inference_plan.MEAN
+  return np.clip(np.rint(images), 0, 255).astype(np.uint8)
 
 
 def example_panels(
