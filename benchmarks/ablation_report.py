@@ -156,11 +156,14 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
   """The results section: set-up, Table 1, Table 2, the orderings, per-run numbers, chart."""
   grouped = by_variant(results)
   setup = results[0]['setup']
+  data = results[0]['config']['data']
   lines = [RESULTS_MARKER, '', '## Results', '']
   if env.get('quick'):
     lines += ['**Smoke run (--quick): tiny network and data, numbers mean nothing.**', '']
   lines += [
-    f'`{env["command"]}` on {env["date"]}: {env["steps"]} steps per run, '
+    f'`{env["command"]}` on {env["date"]}: {env["steps"]} steps per run at batch '
+    f'{results[0]["config"]["batch_size"]}, {data["synthetic"]["image_size"]}-pixel scenes, '
+    f'{data["crop_size"]}-pixel crops, '
     f'seed{"s" if len(env["seeds"]) > 1 else ""} {", ".join(map(str, env["seeds"]))}; '
     f'jax {env["jax"]}, {env["machine"]}. '
     f'{len(results)} runs took {env["total_seconds"] / 60:.1f} min of training and '

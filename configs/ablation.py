@@ -3,9 +3,15 @@
   python train.py --config configs/ablation.py:b1236-max --workdir runs/ablation/b1236-max
   python benchmarks/ablation.py          # every variant x seed, writes docs/ablation.md
 
-Each variant is configs/synthetic.py (thinned PSPNet on the synthetic scenes) with the
-model or loss change of one row of the paper, trained for STEPS steps and validated once at
-the end. Without an argument get_config gives the full PSPNet (b1236-avg-dr).
+Each variant is configs/synthetic.py's thinned PSPNet with the model or loss change of one
+row of the paper, trained for STEPS steps and validated once at the end. Without an
+argument get_config gives the full PSPNet (b1236-avg-dr).
+
+The scenes are IMAGE_SIZE pixels, twice the side of configs/synthetic.py's. The layout is
+relative to the image, so every distance doubles in pixels while the network's receptive
+field stays the same. What decides car against boat for a close-up's lower pixels is then
+farther away than the dilated FCN's effective receptive field; PSPNet's global bins see it.
+At 129 pixels the FCN saw the whole scene and the pyramid gained nothing (docs/ablation.md).
 
 Table 1 rows: the dilated FCN without the pyramid (baseline); one global bin (b1) or bins
 (1, 2, 3, 6) (b1236); average or max pooling; with or without the 1x1 dimension reduction
@@ -21,9 +27,13 @@ import ml_collections
 
 from configs import synthetic
 
-# Steps per run: a third of configs/synthetic.py, so 8 variants x 3 seeds fit an hour on two
-# idle cores.
+# Steps per run, at batch 8: 8 variants x 3 seeds fit an hour on two idle cores.
 STEPS = 200
+IMAGE_SIZE = 257
+# 193 = 8 * 24 + 1 (the official 8k + 1 shape): three quarters of the scene, as for
+# configs/synthetic.py's 97 of 129, so most crops keep the ground above a close-up.
+CROP_SIZE = 193
+BATCH_SIZE = 8
 DEFAULT_VARIANT = 'b1236-avg-dr'
 
 # name: (model overrides, optim overrides). The model keys are psp_jax.models.PSPNet's.
@@ -71,6 +81,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.model[key] = value
   for key, value in optim.items():
     config.optim[key] = value
+
+  config.data.synthetic.image_size = IMAGE_SIZE
+  config.data.crop_size = CROP_SIZE
+  config.eval.base_size = IMAGE_SIZE  # psp_jax.evaluate: each scene whole, at its size.
+  config.batch_size = BATCH_SIZE
 
   config.num_train_steps = STEPS
   # One validation and one checkpoint, at the end: the reported weights are the last ones.

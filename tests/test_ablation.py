@@ -35,6 +35,13 @@ def test_every_variant_is_a_valid_config_that_changes_only_its_row():
     train_config.validate(config, device_count=1, process_count=1)
     assert config.num_train_steps == ablation_config.STEPS
     assert config.eval_every_steps == config.checkpoint_every_steps == config.num_train_steps
+    # Every variant trains and is evaluated on the same scenes, crops and batch.
+    assert config.data.synthetic.image_size == config.eval.base_size == ablation_config.IMAGE_SIZE
+    assert (config.data.crop_size, config.batch_size) == (
+      ablation_config.CROP_SIZE,
+      ablation_config.BATCH_SIZE,
+    )
+    assert config.data.crop_size % 8 == 1 and config.data.crop_size < ablation_config.IMAGE_SIZE
     for key, value in config.model.items():
       assert value == model.get(key, default.model[key]), (name, key)
     assert config.optim.aux_weight == optim.get('aux_weight', 0.4), name
@@ -69,6 +76,7 @@ def fake(variant, seed, miou, context=0.5):
     variant=variant, seed=seed, mIoU=miou, allAcc=miou + 0.05, iou=iou,
     setup=dict(images=200, mode='whole', flip=True), val_in_training=dict(mIoU=miou),
     train_seconds=60.0, eval_seconds=5.0,
+    config=dict(batch_size=8, data=dict(crop_size=193, synthetic=dict(image_size=257))),
   )  # fmt: skip
 
 
@@ -92,6 +100,7 @@ def test_report_tables_claims_and_chart(tmp_path):
   md_path, png_path = report.write(results, env, tmp_path)
   md = md_path.read_text()
   assert md.startswith('# Kept title\n\nKept text.\n') and md.count(report.RESULTS_MARKER) == 1
+  assert '5 steps per run at batch 8, 257-pixel scenes, 193-pixel crops,' in md
   assert '| ResNet50+B1236+AVE+DR (`b1236-avg-dr`) | 41.68 | 80.04 | 88.50 (88.00–89.00) |' in md
   assert '| ResNet50 (without AL) (`baseline-aux0`) | 35.82 | 77.07 | 81.50 (79.00–84.00) |' in md
   claim = {line.split('` > `')[0].split('`')[-1] + '>' + line.split('` > `')[1].split('`')[0]: line
