@@ -6,7 +6,6 @@ import time
 import ml_collections
 import numpy as np
 import pytest
-from scipy import ndimage
 
 from psp_jax.data import classes, sources, synthetic
 from psp_jax.data import synthetic as S
@@ -136,8 +135,21 @@ def test_objects_need_context_from_far_away():
   far, total = 0, 0
   for index in range(60):
     _, label, scene = synthetic.render(2, 'train', index)
-    band, ground, _, thing = synthetic.SCENE_LAYOUT[scene]
-    cue = np.isin(label, [ground] if scene in ('street', 'harbour') else [ground, band])
-    distance = ndimage.distance_transform_edt(~cue)[label == thing]
+    distance = synthetic.cue_distances(label, scene)
     far, total = far + (distance > 129 / 3).sum(), total + distance.size
   assert far / total > 0.07  # About 14% over many images.
+
+
+def test_scene_cues_are_what_tells_the_look_alike_scenes_apart():
+  assert synthetic.scene_cues('street') == (S.ROAD,)  # Harbours have buildings too.
+  assert synthetic.scene_cues('harbour') == (S.WATER,)
+  assert synthetic.scene_cues('pasture') == (S.TREE, S.GRASS)
+  assert synthetic.scene_cues('beach') == (S.WATER, S.SAND)
+  label = np.full((5, 9), S.CAR, np.uint8)
+  label[0, 0] = S.ROAD
+  label[0, 8] = S.WATER  # Not a cue in a street.
+  distance = synthetic.cue_distances(label, 'street')
+  assert distance.shape == (43,) and distance[0] == 1 and distance[-1] == np.hypot(4, 8)
+  assert distance[6] == 7  # (0, 7) is 7 from the road, not 1 from the water.
+  label[0, 0] = S.CAR
+  assert np.isinf(synthetic.cue_distances(label, 'street')).all()

@@ -364,6 +364,37 @@ def render(
   return np.clip(np.rint(image), 0, 255).astype(np.uint8), c.label, scene
 
 
+def scene_cues(scene: str) -> tuple[int, ...]:
+  """The classes that tell `scene` from the scene whose objects look the same.
+
+  street: road (harbour shares its buildings); harbour: water; pasture: tree and grass;
+  beach: water and sand.
+  """
+  band, ground, kind, _ = SCENE_LAYOUT[scene]
+  other = next(v for s, v in SCENE_LAYOUT.items() if v[2] == kind and s != scene)
+  return tuple(c for c in (band, ground) if c not in other[:2])
+
+
+def cue_distances(label: np.ndarray, scene: str) -> np.ndarray:
+  """Distance in pixels from each object pixel to the nearest pixel of a scene_cues class.
+
+  Args:
+    label: uint8 [H, W] of a scene of type `scene` (render's label).
+    scene: its scene type.
+
+  Returns:
+    float [number of car/boat/cow/seal pixels], in row-major order; inf where the image
+    shows no cue at all.
+  """
+  from scipy import ndimage  # noqa: PLC0415 (rendering alone does not need it)
+
+  cue = np.isin(label, scene_cues(scene))
+  thing = label == SCENE_LAYOUT[scene][3]
+  if not cue.any():
+    return np.full(int(thing.sum()), np.inf)
+  return ndimage.distance_transform_edt(~cue)[thing]
+
+
 def generate(
   seed: int, split: str, num_examples: int, image_size: int = 129
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray, str]]:
