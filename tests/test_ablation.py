@@ -10,6 +10,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from psp_jax import train_config, train_state
@@ -22,6 +23,7 @@ for path in (ROOT, ROOT / 'benchmarks'):
 ablation_config = importlib.import_module('configs.ablation')
 ablation = importlib.import_module('ablation')
 report = importlib.import_module('ablation_report')
+receptive_field = importlib.import_module('receptive_field')
 
 TABLE1 = ('baseline', 'b1-max', 'b1-avg', 'b1236-max', 'b1236-avg', 'b1236-max-dr', 'b1236-avg-dr')
 NUMBER = re.compile(r'^-?\d+\.\d+( \(-?\d+\.\d+–-?\d+\.\d+\))?$')
@@ -127,7 +129,7 @@ def table_rows(md: str) -> dict[str, list[str]]:
   return rows
 
 
-def test_quick_run_end_to_end_then_rerun_skips(tmp_path, monkeypatch):
+def test_quick_run_end_to_end_then_rerun_skips(tmp_path, monkeypatch, capsys):
   workdir = tmp_path / 'runs'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device, as a user.
   args = ['--quick', f'--workdir={workdir}', f'--compilation_cache_dir={tmp_path / "cache"}']
@@ -150,6 +152,16 @@ def test_quick_run_end_to_end_then_rerun_skips(tmp_path, monkeypatch):
   assert stored['setup']['images'] == ablation.QUICK['synthetic']['num_val']
   assert set(stored['iou']) >= set(report.CONTEXT_CLASSES)
 
+  # The receptive-field script reads a run's config and weights and draws its gradient map.
+  receptive_field.main(
+    [str(result.parent), '--sizes=41', '--images=2', '--far=8', f'--out={tmp_path / "rf.png"}']
+  )
+  out = capsys.readouterr().out
+  assert re.search(r'^\| 41 px \| [\d,]+ \| \d+ px \| \d+ px \| \d+% \|$', out, re.M), out
+  assert re.search(r'^\| `baseline/seed1` \| 41 px \| \d+ px \| \d+ px \| [\d.]+% \|$', out, re.M)
+  assert '| an even spread (reference) | 41 px |' in out
+  assert (tmp_path / 'rf.png').read_bytes()[:4] == b'\x89PNG'
+
   # A rerun reads every result and trains nothing.
   from psp_jax import evaluate, train_lib
 
@@ -167,3 +179,30 @@ def test_quick_run_end_to_end_then_rerun_skips(tmp_path, monkeypatch):
   result.write_text(json.dumps(stored))
   with pytest.raises(RuntimeError, match='another config'):
     ablation.main([*args[:2], '--compilation_cache_dir='])
+
+
+def test_receptive_field_radii_and_gradient_support():
+  weights = np.zeros((21, 21))
+  weights[10, 10], weights[10, 20] = 1.0, 3.0  # A quarter at the point, the rest 10 px away.
+  assert receptive_field.radial_stats(weights, (10, 10), far=5) == dict(
+    r50=10.0, r90=10.0, far=0.75
+  )
+  assert receptive_field.radial_stats(weights, (10, 20), far=5)['r50'] == 0.0
+
+  # A 3x3 box filter: the winning logit at (4, 6) depends on its 3x3 window and nothing else.
+  def apply_fn(variables, x):
+    box = jax.lax.conv_general_dilated(
+      x.sum(-1, keepdims=True),
+      variables,
+      (1, 1),
+      'SAME',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+    )
+    return jnp.concatenate([box, jnp.full_like(box, -1e3)], axis=-1)
+
+  images = np.random.default_rng(0).integers(0, 256, (3, 9, 11, 3), dtype=np.uint8)
+  grad = receptive_field.gradient_map(apply_fn, jnp.ones((3, 3, 1, 1)), images, (4, 6))
+  support = np.zeros((9, 11), bool)
+  support[3:6, 5:8] = True
+  np.testing.assert_allclose(grad[support], 3.0)  # d/d(normalised input), summed over RGB.
+  assert (grad[~support] == 0).all()
