@@ -270,7 +270,7 @@ def environment(args, spent: float, results: list[dict]) -> dict:
 
   return dict(
     date=datetime.date.today().isoformat(),
-    command='python benchmarks/ablation.py ' + ' '.join(sys.argv[1:]),
+    command=' '.join(['python benchmarks/ablation.py', *sys.argv[1:]]),
     steps=args.steps,
     seeds=list(args.seeds),
     jax=jax.__version__,
