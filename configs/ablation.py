@@ -10,8 +10,9 @@ argument get_config gives the full PSPNet (b1236-avg-dr).
 The scenes are IMAGE_SIZE pixels, twice the side of configs/synthetic.py's. The layout is
 relative to the image, so every distance doubles in pixels while the network's receptive
 field stays the same. What decides car against boat for a close-up's lower pixels is then
-farther away than the dilated FCN's effective receptive field; PSPNet's global bins see it.
-At 129 pixels the FCN saw the whole scene and the pyramid gained nothing (docs/ablation.md).
+where the dilated FCN's gradient has faded (benchmarks/receptive_field.py measures both),
+while PSPNet's global bins see the whole scene. At 129 pixels the FCN drew on the whole
+scene and the pyramid gained nothing (docs/ablation.md).
 
 Table 1 rows: the dilated FCN without the pyramid (baseline); one global bin (b1) or bins
 (1, 2, 3, 6) (b1236); average or max pooling; with or without the 1x1 dimension reduction
