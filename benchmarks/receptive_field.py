@@ -23,6 +23,7 @@ network whose radii come close to those draws on the whole scene.
 """
 
 import argparse
+import functools
 import os
 import pathlib
 import sys
@@ -42,6 +43,7 @@ from psp_jax.data import synthetic  # noqa: E402
 FRACTIONS = (0.5, 0.9)
 
 
+@functools.cache  # The data table and every checkpoint of a size read the same scenes.
 def scenes(image_size: int, count: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray, str]]:
   """The first `count` validation scenes: (image uint8 [S, S, 3], label [S, S], scene)."""
   return [synthetic.render(seed, 'validation', i, image_size) for i in range(count)]

@@ -29,6 +29,11 @@ TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.checkpointing.BEST_DIR, LATEST_D
 COLLECTIONS = ('params', 'batch_stats')
 
 
+def is_remote(path: str | os.PathLike) -> bool:
+  """Whether path names a remote file system (gs://bucket/...), not a local one."""
+  return '://' in os.fspath(path)
+
+
 def as_path(path: str | os.PathLike) -> epath.Path:
   """A local path made absolute, or a remote one (gs://bucket/...) as it is.
 
@@ -36,7 +41,7 @@ def as_path(path: str | os.PathLike) -> epath.Path:
   folder: checkpoints on a TPU VM's own disk are lost with the VM.
   """
   path = os.fspath(path)
-  return epath.Path(path if '://' in path else os.path.abspath(path))
+  return epath.Path(path if is_remote(path) else os.path.abspath(path))
 
 
 def save_variables(

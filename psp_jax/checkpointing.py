@@ -44,7 +44,7 @@ def check_workdir(workdir: str) -> None:
   Raises:
     WorkdirError: naming the directory and the system's reason.
   """
-  if '://' in workdir:
+  if checkpoint_io.is_remote(workdir):
     return
   probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}.{os.getpid()}')
   try:
@@ -72,7 +72,7 @@ def check_free_space(workdir: str, checkpoint_bytes: int) -> None:
   Raises:
     WorkdirError: with the free and the needed space.
   """
-  if '://' in workdir:
+  if checkpoint_io.is_remote(workdir):
     return
   free, need = shutil.disk_usage(workdir).free, 2 * checkpoint_bytes
   if free < need:
@@ -90,7 +90,7 @@ def unfinished(directory: str) -> list[str]:
   only when every file is on disk, so these are never restored; a new save of the same step
   replaces them.
   """
-  if '://' in directory or not os.path.isdir(directory):
+  if checkpoint_io.is_remote(directory) or not os.path.isdir(directory):
     return []
   return sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
 
