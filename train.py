@@ -53,8 +53,14 @@ def main(argv: list[str]) -> None:
     jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
 
   # Imported here: they import the model and TensorFlow.
-  from psp_jax import checkpointing, safeguards, summaries, train_config, train_lib  # noqa: PLC0415
   from psp_jax.data import builders, files  # noqa: PLC0415
+  from psp_jax.train import checkpoints as checkpointing  # noqa: PLC0415
+  from psp_jax.train import config as train_config  # noqa: PLC0415
+  from psp_jax.train import loop as train_lib  # noqa: PLC0415
+  from psp_jax.train import (
+    safeguards,  # noqa: PLC0415
+    summaries,  # noqa: PLC0415
+  )
 
   summaries.quiet_library_logs()
   try:

@@ -115,8 +115,8 @@ def run_one(variant: str, seed: int, config, run_dir: pathlib.Path) -> tuple[dic
     RuntimeError: run_dir holds a result of another config.
     KeyboardInterrupt: a signal stopped training (its checkpoint is saved).
   """
-  from psp_jax import evaluate as evaluate_lib  # noqa: PLC0415 (imports TensorFlow)
-  from psp_jax import train_lib  # noqa: PLC0415
+  from psp_jax.inference import evaluation  # noqa: PLC0415 (imports TensorFlow)
+  from psp_jax.train import loop as train_lib  # noqa: PLC0415
 
   path = run_dir / RESULT_FILE
   if path.is_file():
@@ -135,7 +135,7 @@ def run_one(variant: str, seed: int, config, run_dir: pathlib.Path) -> tuple[dic
   train_seconds = time.perf_counter() - started
   started = time.perf_counter()
   checkpoint = run_dir / 'checkpoints' / str(trained['step'])
-  results = evaluate_lib.evaluate(
+  results = evaluation.evaluate(
     config, checkpoint if checkpoint.is_dir() else run_dir, progress=False
   )
   result = dict(
@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
   args = parse_args(argv)
   import jax  # noqa: PLC0415
 
-  from psp_jax import distributed, summaries  # noqa: PLC0415
+  from psp_jax import distributed  # noqa: PLC0415
+  from psp_jax.train import summaries  # noqa: PLC0415
 
   distributed.set_cpu_xla_flags()
   if args.compilation_cache_dir:

@@ -37,8 +37,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from psp_jax import inference_plan, predict  # noqa: E402
 from psp_jax.data import synthetic  # noqa: E402
+from psp_jax.inference import segmenter  # noqa: E402
+from psp_jax.inference import plan as inference_plan  # noqa: E402
 
 FRACTIONS = (0.5, 0.9)
 
@@ -156,11 +157,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f'| Checkpoint | scenes | r50 | r90 | gradient beyond {args.far:g} px |')
     print('|---|---:|---:|---:|---:|')
   for checkpoint in map(pathlib.Path, args.checkpoints):
-    config = predict.run_config(checkpoint)
+    config = segmenter.run_config(checkpoint)
     if config is None or config.data.name != 'synthetic':
       raise SystemExit(f'{checkpoint}: not a training workdir of a synthetic-data run.')
     size = config.data.synthetic.image_size
-    apply_fn, variables, _ = predict.load_model(checkpoint)
+    apply_fn, variables, _ = segmenter.load_model(checkpoint)
     images = np.stack([im for im, _, _ in scenes(size, args.images, config.data.synthetic.seed)])
     point = (size // 2, size // 2)
     weights = gradient_map(apply_fn, variables, images, point)

@@ -76,7 +76,9 @@ def main() -> None:
   import jax.numpy as jnp  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from psp_jax import optim, train_state, train_step  # noqa: PLC0415
+  from psp_jax.train import optim  # noqa: PLC0415
+  from psp_jax.train import state as train_state  # noqa: PLC0415
+  from psp_jax.train import step as train_step  # noqa: PLC0415
 
   devices = jax.devices()[: args.devices]
   if len(devices) < args.devices:

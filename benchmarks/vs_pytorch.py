@@ -56,8 +56,8 @@ def make_weights(model: dict, directory: str, seed: int = 0) -> tuple[str | None
     import torch  # noqa: PLC0415
   except ImportError:
     return None, None
-  from psp_jax import convert  # noqa: PLC0415
-  from psp_jax.torch_pspnet import TorchPSPNet  # noqa: PLC0415
+  from psp_jax.interop import semseg  # noqa: PLC0415
+  from psp_jax.interop.torch_pspnet import TorchPSPNet  # noqa: PLC0415
 
   torch.manual_seed(seed)
   net = TorchPSPNet(**model)
@@ -70,7 +70,7 @@ def make_weights(model: dict, directory: str, seed: int = 0) -> tuple[str | None
       m.momentum = 0.1
   torch_path = os.path.join(directory, 'weights.pt')
   torch.save(net.state_dict(), torch_path)
-  variables, _ = convert.from_torch_state_dict(net.state_dict(), model)
+  variables, _ = semseg.from_torch_state_dict(net.state_dict(), model)
   flat = {}
 
   def walk(node, prefix):

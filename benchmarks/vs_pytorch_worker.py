@@ -69,7 +69,7 @@ class TorchSide:
   def __init__(self, spec: dict):
     import torch  # noqa: PLC0415
 
-    from psp_jax.torch_pspnet import TorchPSPNet  # noqa: PLC0415
+    from psp_jax.interop.torch_pspnet import TorchPSPNet  # noqa: PLC0415
 
     self.torch, self.spec = torch, spec
     torch.set_num_threads(spec['threads'])
@@ -163,7 +163,9 @@ class JaxSide:
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import traverse_util  # noqa: PLC0415
 
-    from psp_jax import optim, train_state, train_step  # noqa: PLC0415
+    from psp_jax.train import optim  # noqa: PLC0415
+    from psp_jax.train import state as train_state  # noqa: PLC0415
+    from psp_jax.train import step as train_step  # noqa: PLC0415
 
     self.jax, self.spec = jax, spec
     self.device = jax.devices()[0]
@@ -224,7 +226,7 @@ class JaxSide:
     import jax  # noqa: PLC0415
     from flops import function_flops, xla_flops  # noqa: PLC0415
 
-    from psp_jax import convert  # noqa: PLC0415
+    from psp_jax.interop import semseg  # noqa: PLC0415
 
     start = time.perf_counter()
     lowered = self.fn.lower(*self.args)
@@ -237,8 +239,8 @@ class JaxSide:
     if self.spec['kind'] == 'eval':
       np.savez(out_path, logits=np.asarray(out))
     else:
-      before = convert.to_torch_names({'params': self.initial['params']})
-      after = convert.to_torch_names({'params': jax.device_get(self.args[0].params)})
+      before = semseg.to_torch_names({'params': self.initial['params']})
+      after = semseg.to_torch_names({'params': jax.device_get(self.args[0].params)})
       deltas = {k: after[k] - before[k] for k in before}
       np.savez(out_path, loss=np.float64(out['loss']), **deltas)
     self.initial = None

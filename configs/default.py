@@ -86,7 +86,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1  # > 0 overrides num_epochs
   # Weights to start from (matching names and shapes are copied, the rest stays fresh), e.g.
   # the ImageNet backbone resnet50_v2.pth the original starts from (PSPNet(pretrained=True));
-  # anything psp_jax.checkpoint_io.load_variables reads.
+  # anything psp_jax.weights.load_variables reads.
   config.init_checkpoint = ml_collections.config_dict.placeholder(str)
 
   # Logging, validation and checkpoints.
@@ -106,7 +106,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 8  # windows per device step, global
   config.eval.max_examples = -1  # > 0 evaluates on a prefix of the split
   config.eval.whole_multiple = 64  # 'whole' mode and in-training validation pad to multiples
-  config.eval.tile_size = 512  # psp_jax.inference: side of the tiles resized back at once
+  config.eval.tile_size = (
+    512  # psp_jax.inference.sliding_window: side of the tiles resized back at once
+  )
 
   # A typo in a derived config (`config.optim.base_lrr = ...`) then fails instead of adding
   # a key nobody reads; existing keys stay assignable.

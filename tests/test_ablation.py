@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psp_jax import train_config, train_state
+from psp_jax.train import config as train_config
+from psp_jax.train import state as train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / 'benchmarks'):
@@ -163,13 +164,14 @@ def test_quick_run_end_to_end_then_rerun_skips(tmp_path, monkeypatch, capsys):
   assert (tmp_path / 'rf.png').read_bytes()[:4] == b'\x89PNG'
 
   # A rerun reads every result and trains nothing.
-  from psp_jax import evaluate, train_lib
+  from psp_jax.inference import evaluation
+  from psp_jax.train import loop as train_lib
 
   def refuse(*args, **kwargs):
     raise AssertionError('a finished run was run again')
 
   monkeypatch.setattr(train_lib, 'train_and_evaluate', refuse)
-  monkeypatch.setattr(evaluate, 'evaluate', refuse)
+  monkeypatch.setattr(evaluation, 'evaluate', refuse)
   (workdir / 'ablation.md').unlink()
   ablation.main([*args[:2], '--compilation_cache_dir='])
   assert table_rows((workdir / 'ablation.md').read_text()) == rows

@@ -15,9 +15,11 @@ torch = pytest.importorskip('torch')
 
 from flax import traverse_util  # noqa: E402
 
-from psp_jax import checkpoint_io, convert  # noqa: E402
+from psp_jax import convert as convert_cli  # noqa: E402
+from psp_jax import weights  # noqa: E402
+from psp_jax.interop import semseg  # noqa: E402
+from psp_jax.interop.torch_pspnet import TorchPSPNet  # noqa: E402
 from psp_jax.models import PSPNet  # noqa: E402
-from psp_jax.torch_pspnet import TorchPSPNet  # noqa: E402
 
 pytestmark = pytest.mark.torch
 DATA = pathlib.Path(__file__).parent / 'data'
@@ -74,10 +76,10 @@ def _official_keys(depth: int) -> list[str]:
 def test_flax_tree_is_the_official_layout_renamed(kwargs):
   """The Flax model's variables and psp_jax.convert's expectation agree leaf for leaf."""
   variables = random_variables(PSPNet(**kwargs))
-  converted, config = convert.from_torch_state_dict(random_torch_state_dict(**kwargs), kwargs)
+  converted, config = semseg.from_torch_state_dict(random_torch_state_dict(**kwargs), kwargs)
   shape = lambda t: {k: tuple(v.shape) for k, v in flat(t).items()}
   assert shape(converted) == shape(variables)
-  back, _ = convert.from_torch_state_dict(convert.to_torch_state_dict(variables, kwargs), kwargs)
+  back, _ = semseg.from_torch_state_dict(semseg.to_torch_state_dict(variables, kwargs), kwargs)
   assert_trees_equal(back, variables)  # flax -> torch -> flax is exact
   for key in ('depth', 'num_classes', 'width', 'use_ppm', 'reduce_dim'):
     assert config[key] == kwargs.get(key, config[key])
@@ -86,14 +88,14 @@ def test_flax_tree_is_the_official_layout_renamed(kwargs):
 @pytest.mark.slow
 def test_full_pspnet50_official_keys_and_round_trip():
   variables = random_variables(PSPNet(150, depth=50))
-  sd = convert.to_torch_state_dict(variables)
+  sd = semseg.to_torch_state_dict(variables)
   assert [f'{k} {tuple(v.shape)}' for k, v in sd.items()] == _official_keys(50)
   assert sd['layer0.1.num_batches_tracked'].dtype == torch.long
   with torch.device('meta'):
     official = TorchPSPNet(150, depth=50)
   official.load_state_dict(sd, strict=True, assign=True)  # the original's loader accepts it
   torch.testing.assert_close(official.cls[4].bias, sd['cls.4.bias'])
-  back, config = convert.from_torch_state_dict(sd)
+  back, config = semseg.from_torch_state_dict(sd)
   assert_trees_equal(back, variables)
   assert (config['depth'], config['num_classes'], config['width']) == (50, 150, 64)
   # Kernels are HWIO; the layout move is a transpose, not a reshape.
@@ -105,9 +107,9 @@ def test_full_pspnet50_official_keys_and_round_trip():
 
 def test_prefix_wrapper_and_inference():
   sd = random_torch_state_dict(num_classes=21, depth=101, width=4, head_channels=8, aux_channels=4)
-  plain, config = convert.from_torch_state_dict(sd)
+  plain, config = semseg.from_torch_state_dict(sd)
   wrapped = {'epoch': 100, 'state_dict': {f'module.{k}': v for k, v in sd.items()}}
-  again, config2 = convert.from_torch_state_dict(wrapped)
+  again, config2 = semseg.from_torch_state_dict(wrapped)
   assert_trees_equal(plain, again)
   assert config == config2
   assert config['depth'] == 101 and config['num_classes'] == 21 and config['width'] == 4
@@ -115,14 +117,14 @@ def test_prefix_wrapper_and_inference():
   assert len(plain['params']['backbone']['layer3']) == 23
   bs = plain['batch_stats']['ppm']['3']['bn']
   np.testing.assert_array_equal(bs['var'], sd['ppm.features.3.2.running_var'].numpy())
-  assert convert.infer_model_config(sd) == config
+  assert semseg.infer_model_config(sd) == config
 
 
 @pytest.mark.parametrize('depth', [18, 34, 50, 101, 152])
 def test_infer_model_config_every_depth(depth):
   with torch.device('meta'):
     sd = TorchPSPNet(19, depth=depth, stem='deep', width=16, head_channels=32).state_dict()
-  config = convert.infer_model_config(sd)
+  config = semseg.infer_model_config(sd)
   assert (config['depth'], config['num_classes'], config['width']) == (depth, 19, 16)
   assert (config['stem'], config['head_channels'], config['aux_channels']) == ('deep', 32, 256)
 
@@ -134,8 +136,8 @@ def test_bad_checkpoints_one_clear_error():
   bad['layer9.weight'] = torch.zeros(3)
   bad['cls.4.weight'] = torch.zeros(6, 16, 1, 1)  # a 6-class classifier
   bad['cls.4.bias'] = torch.zeros(6)
-  with pytest.raises(convert.CheckpointMismatchError) as info:
-    convert.from_torch_state_dict(bad, TINY)
+  with pytest.raises(semseg.CheckpointMismatchError) as info:
+    semseg.from_torch_state_dict(bad, TINY)
   message = str(info.value)
   assert isinstance(info.value, ValueError)
   assert '1 missing keys:\n  layer2.1.bn2.running_mean' in message
@@ -146,26 +148,24 @@ def test_bad_checkpoints_one_clear_error():
   assert 'but the config says num_classes=5' in message
 
   sd101 = random_torch_state_dict(**dict(TINY, depth=101))
-  with pytest.raises(
-    convert.CheckpointMismatchError, match='looks like a checkpoint of PSPNet-101'
-  ):
-    convert.from_torch_state_dict(sd101, dict(TINY, depth=50))
-  with pytest.raises(convert.CheckpointMismatchError, match='but the config says depth=50'):
-    convert.from_torch_state_dict({'module.' + k: v for k, v in sd101.items()}, {'depth': 50})
-  with pytest.raises(convert.CheckpointMismatchError, match='cannot recognise a ResNet'):
-    convert.from_torch_state_dict({'encoder.weight': torch.zeros(2)})
+  with pytest.raises(semseg.CheckpointMismatchError, match='looks like a checkpoint of PSPNet-101'):
+    semseg.from_torch_state_dict(sd101, dict(TINY, depth=50))
+  with pytest.raises(semseg.CheckpointMismatchError, match='but the config says depth=50'):
+    semseg.from_torch_state_dict({'module.' + k: v for k, v in sd101.items()}, {'depth': 50})
+  with pytest.raises(semseg.CheckpointMismatchError, match='cannot recognise a ResNet'):
+    semseg.from_torch_state_dict({'encoder.weight': torch.zeros(2)})
   # Leaves outside the naming contract are refused, not silently dropped.
   variables = random_variables(PSPNet(**TINY))
   variables['params']['cls']['extra'] = {'kernel': np.zeros((1, 1, 2, 2), np.float32)}
-  with pytest.raises(convert.CheckpointMismatchError, match='params/cls/extra/kernel'):
-    convert.to_torch_state_dict(variables)
+  with pytest.raises(semseg.CheckpointMismatchError, match='params/cls/extra/kernel'):
+    semseg.to_torch_state_dict(variables)
 
 
 def _backbone_file(stem: str, names: str, depth: int = 50) -> tuple[dict, dict]:
   """(ImageNet-style file, the official-named backbone tensors in it)."""
   sd = random_torch_state_dict(**dict(TINY, depth=depth, stem=stem))
   official = {k: v for k, v in sd.items() if k.startswith('layer')}
-  stem_names = {v: k for k, v in convert.BACKBONE_STEM.items()}
+  stem_names = {v: k for k, v in semseg.BACKBONE_STEM.items()}
   out = {}
   for key, value in official.items():
     prefix = '.'.join(key.split('.')[:2])
@@ -186,57 +186,57 @@ def test_load_backbone(stem, names):
   if stem == 'classic':
     assert 'conv1.weight' in file and file['conv1.weight'].shape[-1] == 7
   model_vars = random_variables(PSPNet(**dict(TINY, stem=stem)), seed=1)
-  loaded = convert.load_backbone(model_vars, file)
-  named = convert.to_torch_names(loaded)
+  loaded = semseg.load_backbone(model_vars, file)
+  named = semseg.to_torch_names(loaded)
   for key, value in official.items():
     if not key.endswith('tracked'):
       np.testing.assert_array_equal(named[key], value.numpy(), err_msg=key)
   for head in ('ppm', 'cls', 'aux'):  # untouched
     assert_trees_equal(loaded['params'][head], model_vars['params'][head])
 
-  with pytest.raises(convert.CheckpointMismatchError, match='ImageNet ResNet-50 .* depth=101'):
-    convert.load_backbone(random_variables(PSPNet(**dict(TINY, depth=101, stem=stem))), file)
+  with pytest.raises(semseg.CheckpointMismatchError, match='ImageNet ResNet-50 .* depth=101'):
+    semseg.load_backbone(random_variables(PSPNet(**dict(TINY, depth=101, stem=stem))), file)
   file['layer5.0.weight'] = torch.zeros(1)
-  with pytest.raises(convert.CheckpointMismatchError, match='unexpected keys:\n  layer5.0.weight'):
-    convert.load_backbone(model_vars, file)
+  with pytest.raises(semseg.CheckpointMismatchError, match='unexpected keys:\n  layer5.0.weight'):
+    semseg.load_backbone(model_vars, file)
 
 
 def test_load_variables_of_pth_files(tmp_path):
   sd = random_torch_state_dict(**TINY)
   torch.save({'state_dict': {f'module.{k}': v for k, v in sd.items()}}, tmp_path / 'psp.pth')
-  variables, config = checkpoint_io.load_variables(tmp_path / 'psp.pth')
-  assert_trees_equal(variables, convert.from_torch_state_dict(sd)[0])
+  variables, config = weights.load_variables(tmp_path / 'psp.pth')
+  assert_trees_equal(variables, semseg.from_torch_state_dict(sd)[0])
   assert config['depth'] == 50 and config['num_classes'] == 5
   PSPNet(**config)  # the config builds the model
 
   backbone, _ = _backbone_file('deep', 'top-level')
   torch.save(backbone, tmp_path / 'resnet50_v2.pth')
-  variables, config = checkpoint_io.load_variables(tmp_path / 'resnet50_v2.pth')
+  variables, config = weights.load_variables(tmp_path / 'resnet50_v2.pth')
   assert set(variables['params']) == {'backbone'}
   assert config == dict(depth=50, stem='deep', width=8)
 
   (tmp_path / 'junk.pth').write_bytes(b'not a checkpoint')
   with pytest.raises(OSError, match='junk.pth is not a readable PyTorch checkpoint'):
-    checkpoint_io.load_variables(tmp_path / 'junk.pth')
+    weights.load_variables(tmp_path / 'junk.pth')
   with pytest.raises(FileNotFoundError, match='nowhere'):
-    checkpoint_io.load_variables(tmp_path / 'nowhere')
+    weights.load_variables(tmp_path / 'nowhere')
   with pytest.raises(FileNotFoundError, match='is not a checkpoint'):
-    checkpoint_io.load_variables(tmp_path)
+    weights.load_variables(tmp_path)
 
 
 def test_save_and_load_variables(tmp_path):
   variables = random_variables(PSPNet(**TINY))
-  checkpoint_io.save_variables(tmp_path / 'w', variables, dict(TINY, bins=(1, 2, 3, 6)))
-  loaded, config = checkpoint_io.load_variables(tmp_path / 'w')
+  weights.save_variables(tmp_path / 'w', variables, dict(TINY, bins=(1, 2, 3, 6)))
+  loaded, config = weights.load_variables(tmp_path / 'w')
   assert_trees_equal(loaded, variables)
   assert config == dict(TINY, bins=[1, 2, 3, 6])
   with pytest.raises(FileExistsError, match='force'):
-    checkpoint_io.save_variables(tmp_path / 'w', variables, TINY)
+    weights.save_variables(tmp_path / 'w', variables, TINY)
 
 
 def test_load_variables_of_training_workdir(tmp_path):
-  from psp_jax import checkpointing  # noqa: PLC0415
-  from psp_jax.train_state import TrainState  # noqa: PLC0415
+  from psp_jax.train import checkpoints as checkpointing  # noqa: PLC0415
+  from psp_jax.train.state import TrainState  # noqa: PLC0415
 
   variables = random_variables(PSPNet(**TINY))
   state = TrainState(
@@ -248,10 +248,10 @@ def test_load_variables_of_training_workdir(tmp_path):
   ckpts = checkpointing.Checkpoints(str(tmp_path), keep=2, async_save=False)
   ckpts.save(state, dict(TINY))
   ckpts.close()
-  loaded, config = checkpoint_io.load_variables(tmp_path)
+  loaded, config = weights.load_variables(tmp_path)
   assert_trees_equal(loaded, variables)
   assert config == TINY
-  loaded, _ = checkpoint_io.load_variables(tmp_path / 'checkpoints' / '7')
+  loaded, _ = weights.load_variables(tmp_path / 'checkpoints' / '7')
   assert_trees_equal(loaded, variables)
 
 
@@ -294,6 +294,6 @@ def test_cli_errors(tmp_path, capsys):
     ([str(tmp_path), str(tmp_path / 'z.pth')], 'is not a checkpoint'),
   ):
     with pytest.raises(SystemExit) as info:
-      convert.main(argv)
+      convert_cli.main(argv)
     assert info.value.code == 1
     assert message in capsys.readouterr().err

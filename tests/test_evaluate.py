@@ -1,4 +1,4 @@
-"""Tests of psp_jax.evaluate: metrics against NumPy, reports, and several hosts."""
+"""Tests of inference.evaluation and psp_jax.evaluate: metrics against NumPy, reports, hosts."""
 
 import json
 import os
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from test_metrics import intersection_and_union  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax import evaluate
-from psp_jax.inference import InferenceConfig, SlidingWindowInference
-from psp_jax.inference_plan import MEAN, STD
+from psp_jax.inference import evaluation
+from psp_jax.inference.plan import MEAN, STD
+from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
 
 K = 6  # Class 5 never occurs: absent from prediction and ground truth.
 STEP = 40  # An image's red channel encodes the prediction the oracle will make.
@@ -66,13 +66,13 @@ def test_oracle_predictions_survive_the_pipeline(oracle_inference):
 @pytest.mark.parametrize('protocol', ['official', 'mmseg'])
 def test_metrics_equal_numpy_reference(oracle_inference, protocol):
   examples = random_examples(2, 19)  # 19 = two full steps on 8 devices and a partial one.
-  confusion = evaluate.evaluate_examples(oracle_inference, iter(examples), progress=False)
+  confusion = evaluation.evaluate_examples(oracle_inference, iter(examples), progress=False)
   sums = [intersection_and_union(ex['pred'], ex['label'], K) for ex in examples]
   inter, union, target = (np.sum(s, axis=0) for s in zip(*sums, strict=True))
   np.testing.assert_array_equal(np.diag(confusion), inter)
   np.testing.assert_array_equal(confusion.sum(1), target)
   names = [f'c{i}' for i in range(K)]
-  res = evaluate.summarize(confusion, names, protocol=protocol)
+  res = evaluation.summarize(confusion, names, protocol=protocol)
   iou, acc = inter / (union + 1e-10), inter / (target + 1e-10)
   if protocol == 'official':  # tool/test.py: mean over all classes, absent ones count 0.
     expected = dict(mIoU=np.mean(iou), mAcc=np.mean(acc))
@@ -88,15 +88,15 @@ def test_metrics_equal_numpy_reference(oracle_inference, protocol):
 
 def test_reports_name_classes_and_protocol(tmp_path):
   confusion = np.array([[5, 1, 0], [2, 7, 0], [0, 0, 0]])
-  res = evaluate.summarize(
+  res = evaluation.summarize(
     confusion, ['wall', 'sky', 'tree'], protocol='official', setup=dict(mode='slide')
   )
-  text, md = evaluate.format_text(res), evaluate.format_markdown(res)
+  text, md = evaluation.format_text(res), evaluation.format_markdown(res)
   for report in (text, md):
     assert 'official' in report and 'all 3 classes' in report
     assert 'sky' in report and 'mode=slide' in report
   assert '| sky |  70.00 |  77.78 | 9 |' in md  # IoU 7 / (9 + 8 - 7), acc 7 / 9.
-  evaluate.write_results(res, tmp_path)
+  evaluation.write_results(res, tmp_path)
   loaded = json.loads((tmp_path / 'results.json').read_text())
   assert loaded['per_class'][2] == dict(name='tree', iou=0.0, acc=0.0, pixels=0)
   assert (tmp_path / 'results.txt').read_text().startswith('protocol: official')
@@ -105,9 +105,9 @@ def test_reports_name_classes_and_protocol(tmp_path):
 def test_large_counts_do_not_overflow(oracle_inference, monkeypatch):
   # Force a move to the host after every step: totals must not change.
   examples = random_examples(3, 10)
-  expected = evaluate.evaluate_examples(oracle_inference, iter(examples), progress=False)
-  monkeypatch.setattr(evaluate, '_INT32_MAX', 1)
-  got = evaluate.evaluate_examples(oracle_inference, iter(examples), progress=False)
+  expected = evaluation.evaluate_examples(oracle_inference, iter(examples), progress=False)
+  monkeypatch.setattr(evaluation, '_INT32_MAX', 1)
+  got = evaluation.evaluate_examples(oracle_inference, iter(examples), progress=False)
   np.testing.assert_array_equal(got, expected)
   assert got.dtype == np.int64
 
@@ -119,14 +119,14 @@ import jax, numpy as np
 jax.distributed.initialize('127.0.0.1:' + sys.argv[2], num_processes=2, process_id=int(sys.argv[1]))
 sys.path.insert(0, sys.argv[3])
 import test_evaluate as t
-from psp_jax import evaluate
-from psp_jax.inference import InferenceConfig, SlidingWindowInference
+from psp_jax.inference import evaluation
+from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
 inference = SlidingWindowInference(
   t.oracle, {}, num_classes=t.K, config=InferenceConfig(crop_size=(24, 24), base_size=40))
 pid = jax.process_index()
 examples = t.random_examples(10 + pid, 3 if pid == 0 else 7)  # Unequal numbers of steps.
-local = evaluate.evaluate_examples(inference, iter(examples), progress=False)
-total = evaluate.sum_over_hosts(local)
+local = evaluation.evaluate_examples(inference, iter(examples), progress=False)
+total = evaluation.sum_over_hosts(local)
 np.save(sys.argv[4] + f'/{pid}.npy', np.stack([local, total]))
 """
 
@@ -160,13 +160,13 @@ def test_command_line_on_synthetic_data(tmp_path):
   """python -m psp_jax.evaluate on a converted checkpoint and the generated data set."""
   from test_inference import random_variables
 
-  from psp_jax import checkpoint_io
+  from psp_jax import weights
   from psp_jax.data import classes
   from psp_jax.models import PSPNet
 
   model_config = dict(num_classes=11, depth=18, width=8, head_channels=16, aux_channels=8)
   variables = random_variables(PSPNet(**model_config), seed=2)
-  checkpoint_io.save_variables(tmp_path / 'ckpt', variables, model_config)
+  weights.save_variables(tmp_path / 'ckpt', variables, model_config)
   root = pathlib.Path(__file__).parent.parent
   overrides = dict(
     data_dir=tmp_path / 'data',

@@ -1,4 +1,4 @@
-"""Tests of psp_jax.inference against a NumPy transcription of tool/test.py."""
+"""Tests of psp_jax.inference.sliding_window against a NumPy transcription of tool/test.py."""
 
 import math
 
@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from psp_jax.inference import InferenceConfig, SlidingWindowInference, scale_canvases
-from psp_jax.inference_plan import (
+from psp_jax.inference.plan import (
   MEAN,
   STD,
   linear_indices,
@@ -17,6 +16,7 @@ from psp_jax.inference_plan import (
   scaled_size,
   window_grid,
 )
+from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference, scale_canvases
 from psp_jax.models import PSPNet
 
 NUM_CLASSES = 5

@@ -99,7 +99,7 @@ def official_checkpoint(path: pathlib.Path) -> pathlib.Path:
   """A tiny PSPNet-18 with 150 classes saved as the official train.py saves its checkpoints."""
   import torch
 
-  from psp_jax import torch_pspnet
+  from psp_jax.interop import torch_pspnet
 
   torch.manual_seed(0)
   net = torch_pspnet.build(TORCH_CONFIG)

@@ -1,4 +1,4 @@
-"""Tests of psp_jax.optim: poly schedule, 10x head rate, coupled decay, torch SGD momentum."""
+"""Tests of psp_jax.train.optim: poly schedule, 10x head rate, coupled decay, torch SGD momentum."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from psp_jax import optim
+from psp_jax.train import optim
 
 BASE, STEPS, WD, M = 0.01, 50, 1e-4, 0.9
 

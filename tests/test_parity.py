@@ -1,4 +1,4 @@
-"""Numerical parity of the Flax PSPNet with the official layout in PyTorch (psp_jax.torch_pspnet).
+"""Numerical parity of the Flax PSPNet with the official layout in PyTorch (interop.torch_pspnet).
 
 Weights are random, BatchNorm affine parameters random and running statistics calibrated on
 random data then perturbed, so a converter that ignored or mis-mapped any of them would fail.
@@ -21,9 +21,9 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from psp_jax import convert  # noqa: E402
+from psp_jax.interop import semseg  # noqa: E402
+from psp_jax.interop.torch_pspnet import BasicBlock, Bottleneck, TorchPSPNet  # noqa: E402
 from psp_jax.models import PSPNet  # noqa: E402
-from psp_jax.torch_pspnet import BasicBlock, Bottleneck, TorchPSPNet  # noqa: E402
 
 pytestmark = pytest.mark.torch
 STAGES = ('layer0', 'layer1', 'layer2', 'layer3', 'layer4', 'ppm', 'cls')
@@ -81,7 +81,7 @@ def flax_model(config: dict, dtype=jnp.float32, **overrides) -> PSPNet:
 def official(depth: int) -> tuple[TorchPSPNet, dict, dict]:
   """(calibrated torch PSPNet-depth, its converted float32 variables, model config)."""
   model = randomize(TorchPSPNet(150, depth=depth), seed=depth)
-  variables, config = convert.from_torch_state_dict(model.state_dict())
+  variables, config = semseg.from_torch_state_dict(model.state_dict())
   return model, variables, config
 
 
@@ -138,7 +138,7 @@ def test_eval_float64(depth):
   model64 = copy.deepcopy(torch_model).double()
   x = torch.randn(1, 3, 97, 121, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
   with jax.enable_x64(True):
-    variables, _ = convert.from_torch_state_dict(model64.state_dict(), config)
+    variables, _ = semseg.from_torch_state_dict(model64.state_dict(), config)
     model = flax_model(config, jnp.float64)
     compare_eval(model64, variables, model, x, F64_BOUND, f'f64 PSPNet-{depth} 97x121')
 
@@ -157,7 +157,7 @@ def compare_train_step(
   torch_model = copy.deepcopy(torch_model)
   if dtype == jnp.float64:
     torch_model.double()
-  variables, _ = convert.from_torch_state_dict(torch_model.state_dict(), config)
+  variables, _ = semseg.from_torch_state_dict(torch_model.state_dict(), config)
   for m in torch_model.modules():
     if isinstance(m, torch.nn.Dropout2d):
       m.p = 0.0  # masks cannot match across frameworks; dropout itself is tested elsewhere
@@ -189,7 +189,7 @@ def compare_train_step(
     variables['params'], variables['batch_stats'], jnp.asarray(nhwc(x))
   )
   results = {'loss main': errors(j_main, t_main.item()), 'loss aux': errors(j_aux, t_aux.item())}
-  named = convert.to_torch_names({'params': grads, 'batch_stats': new_stats})
+  named = semseg.to_torch_names({'params': grads, 'batch_stats': new_stats})
   torch_named = {k: p.grad for k, p in torch_model.named_parameters()}
   torch_named.update({k: b for k, b in torch_model.named_buffers() if 'running' in k})
   assert named.keys() == torch_named.keys()
@@ -243,7 +243,7 @@ def test_tiny_variants_float64(variant):
   torch_model = randomize(TorchPSPNet(**kwargs), seed=1, calib_hw=41).double()
   x, labels = _train_batch((58, 75), 7, torch.float64)
   with jax.enable_x64(True):
-    variables, config = convert.from_torch_state_dict(torch_model.state_dict(), kwargs)
+    variables, config = semseg.from_torch_state_dict(torch_model.state_dict(), kwargs)
     config.update(kwargs)
     model = flax_model(config, jnp.float64)
     compare_eval(torch_model, variables, model, x[:1], F64_BOUND, f'f64 tiny {variant}')

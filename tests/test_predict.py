@@ -10,9 +10,9 @@ import pytest
 from PIL import Image
 from test_inference import random_variables
 
-from psp_jax import predict, visualize
+from psp_jax import visualize
 from psp_jax.data import classes
-from psp_jax.inference import InferenceConfig
+from psp_jax.inference.sliding_window import InferenceConfig
 from psp_jax.models import PSPNet
 
 NUM_CLASSES = 21  # Recognised as PASCAL VOC: its palette and names.
@@ -35,7 +35,7 @@ def tiny():
 def segmenter(tiny):
   model, variables = tiny
   config = InferenceConfig(crop_size=(33, 33), base_size=48, tile_size=32)
-  return predict.Segmenter(
+  return segmenter.Segmenter(
     lambda v, x: model.apply(v, x, train=False),
     variables,
     num_classes=NUM_CLASSES,
@@ -93,13 +93,13 @@ def test_predict_files_writes_palette_pngs(segmenter, tmp_path):
   rng = np.random.default_rng(3)
   Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(src / 'a.png')
   Image.fromarray(rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)).save(src / 'sub' / 'b.jpg')
-  files = predict.list_images(src)
+  files = segmenter.list_images(src)
   assert [f.name for f in files] == ['a.png', 'b.jpg']
   out = tmp_path / 'out'
-  predict.predict_files(segmenter, files, out, root=src, progress=False)
+  segmenter.predict_files(segmenter, files, out, root=src, progress=False)
   palette = classes.PALETTES['voc2012']
   for name, path in (('a', src / 'a.png'), ('sub/b', src / 'sub' / 'b.jpg')):
-    image = predict.read_image(path)
+    image = segmenter.read_image(path)
     with Image.open(out / f'{name}.png') as f:
       assert f.mode == 'L'
       labels = np.asarray(f)
@@ -119,30 +119,30 @@ def test_a_training_workdir_sets_dataset_and_test_geometry(tmp_path):
   so a model trained on 129-pixel synthetic scenes is not run at ADE20K's 512."""
   from test_train import load_config
 
-  from psp_jax import checkpoint_io
+  from psp_jax import weights
 
   model_config = dict(num_classes=11, depth=18, width=8, head_channels=16, aux_channels=8)
   variables = random_variables(PSPNet(**model_config), seed=2)
-  checkpoint_io.save_variables(tmp_path, variables, model_config)
-  seg = predict.Segmenter.from_checkpoint(tmp_path)
+  weights.save_variables(tmp_path, variables, model_config)
+  seg = segmenter.Segmenter.from_checkpoint(tmp_path)
   assert seg.dataset is None and seg.inference.config.base_size == 512  # No run config.
   config = load_config('synthetic')
-  (tmp_path / checkpoint_io.RUN_CONFIG_FILE).write_text(config.to_json())
-  seg = predict.Segmenter.from_checkpoint(tmp_path, flip=False)
+  (tmp_path / weights.RUN_CONFIG_FILE).write_text(config.to_json())
+  seg = segmenter.Segmenter.from_checkpoint(tmp_path, flip=False)
   assert seg.dataset == 'synthetic' and seg.class_names[7] == 'car'
   np.testing.assert_array_equal(seg.palette, classes.PALETTES['synthetic'])
   got = seg.inference.config
   assert (got.mode, got.base_size, got.flip) == ('whole', config.eval.base_size, False)
-  (tmp_path / checkpoint_io.RUN_CONFIG_FILE).write_text('{not json')
+  (tmp_path / weights.RUN_CONFIG_FILE).write_text('{not json')
   with pytest.raises(ValueError, match='config.json is not a run config'):
-    predict.Segmenter.from_checkpoint(tmp_path)
+    segmenter.Segmenter.from_checkpoint(tmp_path)
 
 
 def test_list_images_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='no such file'):
-    predict.list_images(tmp_path / 'missing')
+    segmenter.list_images(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='no images'):
-    predict.list_images(tmp_path)
+    segmenter.list_images(tmp_path)
 
 
 @pytest.mark.torch
@@ -152,7 +152,7 @@ def test_command_line_on_an_official_pth_matches_torch(tmp_path):
   torch = pytest.importorskip('torch')
   from test_inference import _reference
 
-  from psp_jax import torch_pspnet
+  from psp_jax.interop import torch_pspnet
 
   torch.manual_seed(0)
   net = torch_pspnet.build(

@@ -1,5 +1,5 @@
-"""Tests of psp_jax.safeguards and the workdir checks, in process (tests/test_train_run.py runs
-the real train.py through the same faults)."""
+"""Tests of psp_jax.train.safeguards and the workdir checks, in process (test_train_run.py
+runs the real train.py through the same faults)."""
 
 import os
 import shutil
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from test_train import tiny_config  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax import checkpointing, safeguards, train_lib
-from psp_jax.train_state import TrainState
+from psp_jax.train import checkpoints as checkpointing
+from psp_jax.train import loop as train_lib
+from psp_jax.train import safeguards
+from psp_jax.train.state import TrainState
 
 
 def test_stop_request_sets_a_flag_and_restores_the_handlers():
@@ -138,11 +140,12 @@ def test_several_processes_stop_together_at_sync_points(monkeypatch):
 def test_a_bucket_workdir_stays_remote(tmp_path, monkeypatch):
   """gs://bucket/run must reach orbax and the config writer as it is: os.path.abspath made
   it ./gs:/bucket/run, so a TPU VM wrote its checkpoints to a disk lost on preemption."""
-  from psp_jax import checkpoint_io, summaries
+  from psp_jax import paths
+  from psp_jax.train import summaries
 
   monkeypatch.chdir(tmp_path)
-  assert str(checkpoint_io.as_path('gs://bucket/run') / 'best') == 'gs://bucket/run/best'
-  assert str(checkpoint_io.as_path('run')) == str(tmp_path / 'run')
+  assert str(paths.as_path('gs://bucket/run') / 'best') == 'gs://bucket/run/best'
+  assert str(paths.as_path('run')) == str(tmp_path / 'run')
   directories = []
 
   class Recorder:
@@ -154,7 +157,7 @@ def test_a_bucket_workdir_stays_remote(tmp_path, monkeypatch):
   checkpointing.Checkpoints('gs://bucket/run', keep=1)
   assert directories == ['gs://bucket/run/checkpoints', 'gs://bucket/run/best']
   written = {}
-  remote = type(checkpoint_io.as_path('gs://bucket'))  # etils' GCS path (tf.io.gfile here)
+  remote = type(paths.as_path('gs://bucket'))  # etils' GCS path (tf.io.gfile here)
   monkeypatch.setattr(remote, 'mkdir', lambda self, **kw: None)
   monkeypatch.setattr(remote, 'write_text', lambda self, text: written.setdefault(str(self), text))
   summaries.write_config('gs://bucket/run', tiny_config(), {'num_classes': 3})

@@ -1,4 +1,4 @@
-"""psp_jax.torch_pspnet: the official state_dict layout exactly, and the forward contract."""
+"""interop.torch_pspnet: the official state_dict layout exactly, and the forward contract."""
 
 import pathlib
 
@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from psp_jax.torch_pspnet import TorchPSPNet, build  # noqa: E402
+from psp_jax.interop.torch_pspnet import TorchPSPNet, build  # noqa: E402
 
 pytestmark = pytest.mark.torch
 DATA = pathlib.Path(__file__).parent / 'data'

@@ -73,7 +73,7 @@ else:
   evaluate.define_flags()
 sys.argv = [kind, *args]  # config_flags finds the --config.KEY overrides in sys.argv.
 flags.FLAGS(sys.argv)
-from psp_jax import train_config
+from psp_jax.train import config as train_config
 config = flags.FLAGS.config
 train_config.validate(config, device_count={devices}, process_count={hosts})
 print(json.dumps(dict(

@@ -13,7 +13,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from psp_jax import distributed, optim, train_config, train_state, train_step
+from psp_jax import distributed
+from psp_jax.train import config as train_config
+from psp_jax.train import optim
+from psp_jax.train import state as train_state
+from psp_jax.train import step as train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_CLASSES, CROP, BATCH = 5, 41, 8
@@ -182,7 +186,7 @@ def test_gradient_accumulation_averages_micro_batch_gradients(initial_state):
 
 
 def test_loss_groups_average_per_group_means():
-  from psp_jax import losses
+  from psp_jax.train import losses
 
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(4, 3, 5, NUM_CLASSES)), jnp.float32)
@@ -211,7 +215,7 @@ def test_cross_entropy_matches_torch_ignore_index():
   logits = rng.normal(size=(2, 7, 9, NUM_CLASSES)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, (2, 7, 9))
   labels[rng.random(labels.shape) < 0.3] = 255
-  from psp_jax import losses
+  from psp_jax.train import losses
 
   got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 255)
   criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
@@ -279,14 +283,15 @@ if __name__ == '__main__' and sys.argv[1:2] == ['worker']:
 
 
 def test_init_checkpoint_copies_the_weights_that_fit(initial_state, tmp_path):
-  from psp_jax import checkpoint_io, train_lib
+  from psp_jax import weights
+  from psp_jax.train import loop as train_lib
 
   host = {'params': initial_state.params, 'batch_stats': initial_state.batch_stats}
-  weights = jax.tree.map(lambda x: np.asarray(x) + 1.0, host)
+  saved = jax.tree.map(lambda x: np.asarray(x) + 1.0, host)
   # A classifier of another data set (7 classes) does not fit and stays fresh.
-  cls = weights['params']['cls']['conv2']
+  cls = saved['params']['cls']['conv2']
   cls['kernel'], cls['bias'] = np.ones((*cls['kernel'].shape[:3], 7)), np.ones(7)
-  checkpoint_io.save_variables(tmp_path / 'weights', weights, {'num_classes': 7})
+  weights.save_variables(tmp_path / 'weights', saved, {'num_classes': 7})
   mesh = distributed.create_mesh()
   state = train_lib.load_init_checkpoint(place(initial_state, mesh), str(tmp_path / 'weights'))
   got, fresh = as_numpy(state), as_numpy(place(initial_state, mesh))
@@ -300,7 +305,7 @@ def test_init_checkpoint_copies_the_weights_that_fit(initial_state, tmp_path):
 
 
 def test_validation_batches_are_padded_to_size_buckets():
-  from psp_jax import train_lib
+  from psp_jax.train import loop as train_lib
 
   batch = {'image': np.ones((2, 5, 7, 3), np.float32), 'label': np.zeros((2, 5, 7), np.int32)}
   padded = train_lib._pad_batch(batch, 4, 255)

@@ -1,4 +1,4 @@
-"""Tests of the configs and of psp_jax.train_config: bad values fail early, naming the key."""
+"""Tests of the configs and of psp_jax.train.config: bad values fail early, naming the key."""
 
 import jax
 import pytest
@@ -6,8 +6,9 @@ from absl import flags
 from ml_collections import config_flags
 from test_train import ROOT, load_config, tiny_config  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax import train_config, train_lib
-from psp_jax.train_config import ConfigError
+from psp_jax.train import config as train_config
+from psp_jax.train import loop as train_lib
+from psp_jax.train.config import ConfigError
 
 
 def validate(config):

@@ -14,9 +14,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from psp_jax import distributed, losses, metrics
+from psp_jax import distributed, metrics
 from psp_jax.models import PSPNet
-from psp_jax.train_state import TrainState
+from psp_jax.train import losses
+from psp_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 TrainStep = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
@@ -43,11 +44,11 @@ def make_train_step(
 
   Args:
     model: the network.
-    tx: optimiser (psp_jax.optim.create_optimizer).
+    tx: optimiser (psp_jax.train.optim.create_optimizer).
     schedule: base learning rate of the step, for the metrics.
     aux_weight: weight of the auxiliary loss.
     ignore_label: label skipped by the loss.
-    loss_groups: see psp_jax.losses.cross_entropy (per micro-batch).
+    loss_groups: see psp_jax.train.losses.cross_entropy (per micro-batch).
     grad_accum_steps: micro-batches per optimiser step.
     mesh: the mesh, to keep micro-batches sharded on 'data' (None: no constraint).
 

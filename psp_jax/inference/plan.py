@@ -1,12 +1,12 @@
 """Host-side planning of tool/test.py: resize to each scale, mean padding, window grid.
 
 Pure NumPy on three-channel images and index vectors, so it runs on the host while the
-devices compute; psp_jax.inference turns the plans into device work.
+devices compute; psp_jax.inference.sliding_window turns the plans into device work.
 
 Why the image resize is NumPy, on the host: images differ in size, so a JAX resize would
 compile once per size, and TF would make predict depend on TensorFlow; three channels cost
 little. The resize of the K-channel probabilities back to the original size runs on device
-(psp_jax.inference), as gathers with the index vectors computed here, so its shapes stay
+(sliding_window.py), as gathers with the index vectors computed here, so its shapes stay
 fixed. Both follow cv2.resize INTER_LINEAR (align_corners=False), which tool/test.py uses.
 """
 

@@ -28,7 +28,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from psp_jax import metrics
-from psp_jax.inference_plan import ImagePlan, InferenceConfig, plan_image
+from psp_jax.inference.plan import ImagePlan, InferenceConfig, plan_image
 
 __all__ = ['InferenceConfig', 'ImagePlan', 'SlidingWindowInference', 'net_process', 'plan_image']
 

@@ -18,10 +18,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from psp_jax import checkpointing, distributed, metrics, optim, safeguards, summaries, train_config
-from psp_jax import train_state as train_state_lib
-from psp_jax import train_step as train_step_lib
-from psp_jax.train_state import TrainState
+from psp_jax import distributed, metrics
+from psp_jax.train import checkpoints as checkpointing
+from psp_jax.train import config as train_config
+from psp_jax.train import optim, safeguards, summaries
+from psp_jax.train import state as train_state_lib
+from psp_jax.train import step as train_step_lib
+from psp_jax.train.state import TrainState
 
 _MAX_DEVICE_PIXELS = 2**31 - 1  # int32 confusion counts are moved to the host before this.
 
@@ -119,9 +122,9 @@ def load_init_checkpoint(state: TrainState, path: str) -> TrainState:
   """
   from flax import traverse_util  # noqa: PLC0415
 
-  from psp_jax import checkpoint_io  # noqa: PLC0415 (written by the conversion tooling)
+  from psp_jax import weights  # noqa: PLC0415 (written by the conversion tooling)
 
-  loaded, _ = checkpoint_io.load_variables(path)
+  loaded, _ = weights.load_variables(path)
   loaded = traverse_util.flatten_dict(dict(loaded))
   copied, skipped = 0, []
 

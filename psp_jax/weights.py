@@ -6,7 +6,7 @@ A weights directory (what `python -m psp_jax.convert X.pth DIR` and save_variabl
   DIR/model_config.json   psp_jax.models.PSPNet keyword arguments
 
 load_variables also reads a training workdir (its best checkpoint by validation mIoU, else
-the newest; see psp_jax.checkpointing), one step directory of it, and PyTorch files: official
+the newest; see psp_jax.train.checkpoints), one step directory of it, and PyTorch files: official
 PSPNet checkpoints and ImageNet ResNet backbones, converted on the fly (psp_jax.convert).
 Paths may be local or remote (gs://bucket/..., through etils.epath as orbax reads them).
 """
@@ -20,28 +20,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from psp_jax import convert as convert_lib
+from psp_jax.interop import pth, semseg
+from psp_jax.paths import as_path
 
 VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
 # The resolved experiment config a training run writes beside its checkpoints (summaries.py).
 RUN_CONFIG_FILE = 'config.json'
-TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.checkpointing.BEST_DIR, LATEST_DIR
+TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.train.checkpoints.BEST_DIR, LATEST_DIR
 COLLECTIONS = ('params', 'batch_stats')
-
-
-def is_remote(path: str | os.PathLike) -> bool:
-  """Whether path names a remote file system (gs://bucket/...), not a local one."""
-  return '://' in os.fspath(path)
-
-
-def as_path(path: str | os.PathLike) -> epath.Path:
-  """A local path made absolute, or a remote one (gs://bucket/...) as it is.
-
-  os.path.abspath or pathlib would turn gs://bucket/run into ./gs:/bucket/run, a local
-  folder: checkpoints on a TPU VM's own disk are lost with the VM.
-  """
-  path = os.fspath(path)
-  return epath.Path(path if is_remote(path) else os.path.abspath(path))
 
 
 def save_variables(
@@ -113,46 +99,6 @@ def _read_step_dir(step_dir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]
   return variables, dict(config)
 
 
-def load_torch_file(
-  path: str | os.PathLike, model_config: Mapping[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Flax variables of a PyTorch file: an official PSPNet checkpoint or an ImageNet backbone.
-
-  Args:
-    path: .pth file (torch.load with weights_only=True: tensors and plain containers).
-    model_config: PSPNet kwargs the weights must fit (PSPNet checkpoints only).
-  Returns:
-    (variables, model_config). For a backbone only {'params': {'backbone'}, 'batch_stats':
-    {'backbone'}} and {depth, stem, width}: copy it into a full model (load_backbone or
-    config.init_checkpoint).
-  """
-  try:
-    import torch  # noqa: PLC0415
-  except ImportError as e:
-    raise ImportError(f'reading {path} needs PyTorch (pip install torch, CPU build)') from e
-  path = as_path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f'no such checkpoint file: {path}')
-  try:
-    with path.open('rb') as f:
-      checkpoint = torch.load(f, map_location='cpu', weights_only=True)
-  except Exception as e:
-    raise OSError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
-  if not isinstance(checkpoint, Mapping):
-    raise convert_lib.CheckpointMismatchError(
-      f'{path} holds a {type(checkpoint).__name__}, not a state_dict.'
-    )
-  sd = convert_lib.unwrap_state_dict(checkpoint)
-  try:
-    if not any(k.startswith(('cls.', 'aux.', 'ppm.')) for k in sd):
-      variables, config = convert_lib.backbone_from_torch_state_dict(sd)
-    else:
-      variables, config = convert_lib.from_torch_state_dict(sd, model_config)
-  except convert_lib.CheckpointMismatchError as e:
-    raise convert_lib.CheckpointMismatchError(f'{path}: {e}') from None
-  return variables, config
-
-
 def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """(variables, model_config) of a weights dir, training workdir, step dir or .pth file.
 
@@ -164,7 +110,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   """
   path = as_path(path)
   if path.is_file():
-    return load_torch_file(path)
+    return pth.load_torch_file(path)
   if not path.is_dir():
     raise FileNotFoundError(f'no such checkpoint file or directory: {path}')
   if (path / VARIABLES_DIR).is_dir():
@@ -198,13 +144,11 @@ def convert(
     expect: PSPNet kwargs the weights must have (e.g. {'depth': 101}); also bins.
     force: overwrite dst.
   """
-  import torch  # noqa: PLC0415
-
   src, dst = as_path(src), as_path(dst)
   if not src.exists():
     raise FileNotFoundError(f'no such file or directory: {src}')
   if src.is_file():
-    variables, config = load_torch_file(src, expect or None)
+    variables, config = pth.load_torch_file(src, expect or None)
     if 'cls' not in variables['params']:
       raise ValueError(f'{src} is an ImageNet backbone, not a PSPNet: nothing to convert.')
     save_variables(dst, variables, config, force=force)
@@ -212,9 +156,7 @@ def convert(
   variables, config = load_variables(src)
   for key, value in (expect or {}).items():
     if key in config and config[key] != value:
-      raise convert_lib.CheckpointMismatchError(f'{src} has {key}={config[key]}, not {value}.')
+      raise semseg.CheckpointMismatchError(f'{src} has {key}={config[key]}, not {value}.')
   if dst.exists() and not force:
     raise FileExistsError(f'{dst} exists (pass --force to overwrite).')
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  with dst.open('wb') as f:
-    torch.save(convert_lib.to_torch_state_dict(variables, config), f)
+  pth.write_torch_file(dst, variables, config)

@@ -15,8 +15,9 @@ import numpy as np
 from clu import metric_writers  # noqa: I001 (after psp_jax.data._tf on purpose)
 from tqdm import tqdm
 
-from psp_jax import checkpoint_io, inference_plan, visualize
+from psp_jax import paths, visualize, weights
 from psp_jax.data._tf import tf  # noqa: F401 (quiet and off accelerators before clu imports it)
+from psp_jax.inference import plan as inference_plan
 
 _CHATTY = ('/orbax/', '/tensorflow_datasets/', '/clu/')
 
@@ -44,18 +45,16 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
 def write_config(workdir: str, config: ml_collections.ConfigDict, model_config: dict) -> None:
   """Writes config.json (the resolved run config) and model_config.json (PSPNet kwargs).
 
-  model_config.json is what psp_jax.checkpoint_io / psp_jax.predict rebuild the model from.
+  model_config.json is what psp_jax.weights / psp_jax.predict rebuild the model from.
   """
   if jax.process_index() > 0:
     return
-  path = checkpoint_io.as_path(workdir)  # local, or gs://... on a TPU VM
+  path = paths.as_path(workdir)  # local, or gs://... on a TPU VM
   path.mkdir(parents=True, exist_ok=True)
-  (path / checkpoint_io.RUN_CONFIG_FILE).write_text(
+  (path / weights.RUN_CONFIG_FILE).write_text(
     config.to_json_best_effort(indent=2, sort_keys=True) + '\n'
   )
-  (path / checkpoint_io.CONFIG_FILE).write_text(
-    json.dumps(model_config, indent=2, sort_keys=True) + '\n'
-  )
+  (path / weights.CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True) + '\n')
 
 
 def palette_of(dataset: str, num_classes: int) -> np.ndarray:

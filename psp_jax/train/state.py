@@ -30,7 +30,7 @@ class TrainState:
 
   @property
   def variables(self) -> dict[str, Any]:
-    """{'params', 'batch_stats'}: what model.apply and checkpoint_io need."""
+    """{'params', 'batch_stats'}: what model.apply and psp_jax.weights need."""
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 

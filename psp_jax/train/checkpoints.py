@@ -8,7 +8,7 @@ Layout of a workdir (every checkpoint is self-describing):
   workdir/best/<step>/model_config          mIoU so far (metrics in orbax's step metadata)
 
 Restoring `state` without a target gives nested dicts, so a reader that only wants the
-weights takes ['params'] and ['batch_stats'] (psp_jax.checkpoint_io does).
+weights takes ['params'] and ['batch_stats'] (psp_jax.weights does).
 """
 
 import logging
@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from psp_jax import checkpoint_io
-from psp_jax.train_state import TrainState
+from psp_jax import paths
+from psp_jax.train.state import TrainState
 
 ITEMS = ('state', 'model_config')
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
@@ -44,7 +44,7 @@ def check_workdir(workdir: str) -> None:
   Raises:
     WorkdirError: naming the directory and the system's reason.
   """
-  if checkpoint_io.is_remote(workdir):
+  if paths.is_remote(workdir):
     return
   probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}.{os.getpid()}')
   try:
@@ -72,7 +72,7 @@ def check_free_space(workdir: str, checkpoint_bytes: int) -> None:
   Raises:
     WorkdirError: with the free and the needed space.
   """
-  if checkpoint_io.is_remote(workdir):
+  if paths.is_remote(workdir):
     return
   free, need = shutil.disk_usage(workdir).free, 2 * checkpoint_bytes
   if free < need:
@@ -90,7 +90,7 @@ def unfinished(directory: str) -> list[str]:
   only when every file is on disk, so these are never restored; a new save of the same step
   replaces them.
   """
-  if checkpoint_io.is_remote(directory) or not os.path.isdir(directory):
+  if paths.is_remote(directory) or not os.path.isdir(directory):
     return []
   return sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
 
@@ -103,7 +103,7 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    workdir = checkpoint_io.as_path(workdir)
+    workdir = paths.as_path(workdir)
     self.latest = ocp.CheckpointManager(
       workdir / LATEST_DIR,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),

@@ -1,0 +1,1 @@
+"""Inference: the official test procedure (plan, sliding window), evaluation, Segmenter."""

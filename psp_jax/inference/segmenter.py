@@ -1,0 +1,250 @@
+"""Label maps, colour masks and overlays for images: the `Segmenter` API.
+
+`python -m psp_jax.predict` is its command line. In a notebook:
+
+  seg = Segmenter.from_checkpoint('runs/ade20k')
+  labels = seg.predict(image)           # int32 [H, W]
+  plt.imshow(seg.colorize(labels))
+"""
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from psp_jax import paths, visualize, weights
+from psp_jax.data import classes
+from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
+from psp_jax.models import PSPNet
+from psp_jax.train import config as train_config
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
+
+# Test geometry of the official configs (config/*/*.yaml: base_size, test_h / test_w).
+DATASET_DEFAULTS = {
+  'ade20k': dict(base_size=512, crop_size=(473, 473)),
+  'voc2012': dict(base_size=512, crop_size=(473, 473)),
+  'cityscapes': dict(base_size=2048, crop_size=(713, 713)),
+}
+# A checkpoint that does not say which data set it was trained on is recognised by its
+# number of classes.
+DATASET_BY_CLASSES = {150: 'ade20k', 21: 'voc2012', 19: 'cityscapes'}
+
+
+def build_model(model_config: dict[str, Any]) -> PSPNet:
+  """PSPNet from a model-config dict (PSPNet keyword arguments; dtypes may be strings)."""
+  kwargs = dict(model_config)
+  for key in ('dtype', 'param_dtype'):
+    if isinstance(kwargs.get(key), str):  # 'auto': bfloat16 on TPU, else float32.
+      kwargs[key] = train_config.compute_dtype(kwargs[key], jax.default_backend())
+  if 'bins' in kwargs:
+    kwargs['bins'] = tuple(kwargs['bins'])
+  return PSPNet(**kwargs)
+
+
+def load_model(
+  checkpoint: str | os.PathLike, *, dtype: str | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+  """(apply_fn, variables, model_config) of a training workdir, converted dir or .pth.
+
+  Args:
+    dtype: compute dtype to run with (e.g. 'bfloat16'); by default the checkpoint's.
+  """
+  variables, model_config = weights.load_variables(checkpoint)
+  if 'cls' not in variables['params'] or 'num_classes' not in model_config:
+    raise ValueError(
+      f'{checkpoint} holds an ImageNet backbone, not a PSPNet: train or convert a full '
+      'model first (python train.py ... --config.init_checkpoint=...)'
+    )
+  model_config = dict(model_config)
+  if dtype is not None:
+    model_config['dtype'] = dtype
+  model = build_model(model_config)
+  return (lambda v, x: model.apply(v, x, train=False)), variables, dict(model_config)
+
+
+def run_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict | None:
+  """The experiment config a training workdir was run with (its config.json), else None."""
+  path = paths.as_path(checkpoint) / weights.RUN_CONFIG_FILE
+  if not path.is_file():
+    return None
+  try:
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'{path} is not a run config written by train.py: {e}') from e
+
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of an image file, EXIF rotation applied (as cv2.imread does)."""
+  try:
+    with Image.open(path) as img:
+      return np.asarray(ImageOps.exif_transpose(img).convert('RGB'))
+  except OSError as e:
+    raise OSError(f'cannot read image {path}: {e}') from e
+
+
+class Segmenter:
+  """A trained PSPNet with the official test procedure, palette and class names."""
+
+  def __init__(
+    self,
+    apply_fn,
+    variables: Any,
+    *,
+    num_classes: int,
+    dataset: str | None = None,
+    config: InferenceConfig | None = None,
+    devices: Sequence[jax.Device] | None = None,
+  ):
+    """apply_fn(variables, images [B, H, W, 3]) -> logits [B, H, W, num_classes]."""
+    self.dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+    if config is None:
+      config = InferenceConfig(**DATASET_DEFAULTS.get(self.dataset, {}))
+    self.num_classes = num_classes
+    self.inference = SlidingWindowInference(
+      apply_fn, variables, num_classes=num_classes, config=config, devices=devices
+    )
+    known = self.dataset in classes.CLASS_NAMES
+    if known and len(classes.CLASS_NAMES[self.dataset]) != num_classes:
+      raise ValueError(
+        f'{self.dataset} has {len(classes.CLASS_NAMES[self.dataset])} classes, the model '
+        f'{num_classes}: pass the right `dataset`'
+      )
+    self.class_names = (
+      tuple(classes.CLASS_NAMES[self.dataset])
+      if known
+      else tuple(f'class {i}' for i in range(num_classes))
+    )
+    self.palette = classes.PALETTES[self.dataset] if known else _generic_palette(num_classes)
+
+  @classmethod
+  def from_checkpoint(
+    cls,
+    checkpoint: str | os.PathLike,
+    *,
+    dataset: str | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    **inference_overrides,
+  ) -> 'Segmenter':
+    """Loads a training workdir, a converted checkpoint or an official .pth.
+
+    Args:
+      dataset: palette and names ('ade20k', 'voc2012', 'cityscapes', 'synthetic'); by
+        default config.data.name, else guessed from the number of classes.
+      config: an experiment config whose eval.* and data.crop_size set the procedure; by
+        default that of a training workdir (its config.json), else the data set's official
+        test geometry.
+      inference_overrides: InferenceConfig fields, e.g. scales=(0.5, 1.0, 1.5), flip=False.
+    """
+    apply_fn, variables, model_config = load_model(checkpoint)
+    if config is None:
+      config = run_config(checkpoint)
+    num_classes = int(model_config['num_classes'])
+    if dataset is None and config is not None:
+      dataset = config.data.name
+    dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+    if config is not None:
+      inference = InferenceConfig.from_config(config, **inference_overrides)
+    else:
+      inference = InferenceConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **inference_overrides})
+    return cls(apply_fn, variables, num_classes=num_classes, dataset=dataset, config=inference)
+
+  def _as_array(self, image) -> np.ndarray:
+    if isinstance(image, str | os.PathLike):
+      return read_image(image)
+    if isinstance(image, Image.Image):
+      return np.asarray(image.convert('RGB'))
+    return np.asarray(image)
+
+  def predict(self, image) -> np.ndarray:
+    """Class indices int32 [H, W] of an image (array [H, W, 3] RGB, PIL image or path)."""
+    return self.inference.predict(self._as_array(image))
+
+  def predict_batch(self, images: Sequence) -> list[np.ndarray]:
+    """predict on several images, one per local device at a time."""
+    arrays = [self._as_array(im) for im in images]
+    plans = [self.inference.plan(a) for a in arrays]
+    out: list[np.ndarray | None] = [None] * len(plans)
+    groups: dict[tuple, list[int]] = {}
+    for i, plan in enumerate(plans):
+      groups.setdefault(plan.key, []).append(i)
+    for idx in groups.values():
+      for start in range(0, len(idx), self.inference.batch_size):
+        chunk = idx[start : start + self.inference.batch_size]
+        labels, _ = self.inference.run([plans[i] for i in chunk])
+        for i, lab in zip(chunk, labels, strict=True):
+          out[i] = lab
+    return out
+
+  def probabilities(self, image) -> np.ndarray:
+    """Class probabilities float32 [H, W, K] (flip- and scale-averaged softmax)."""
+    return self.inference.probabilities(self._as_array(image))
+
+  def colorize(self, labels: np.ndarray) -> np.ndarray:
+    """RGB uint8 [H, W, 3] of a label map in the data set's palette."""
+    return visualize.colorize(labels, self.palette)
+
+  def overlay(self, image, labels: np.ndarray | None = None, alpha: float = 0.5) -> Image.Image:
+    """The image blended with its (predicted) label colours, and a legend of the classes."""
+    image = self._as_array(image)
+    labels = self.predict(image) if labels is None else labels
+    return visualize.overlay_with_legend(image, labels, self.palette, self.class_names, alpha=alpha)
+
+  def save(self, image, labels: np.ndarray, output_dir: str | os.PathLike, name: str) -> None:
+    """Writes NAME.png (indices), NAME_color.png and NAME_overlay.png to output_dir."""
+    out = pathlib.Path(output_dir)
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    # Indices as 8-bit grey when they fit (the official gray PNG), else 16-bit.
+    mode_dtype = np.uint8 if self.num_classes <= 256 else np.uint16
+    Image.fromarray(labels.astype(mode_dtype)).save(out / f'{name}.png')
+    Image.fromarray(self.colorize(labels)).save(out / f'{name}_color.png')
+    self.overlay(image, labels).save(out / f'{name}_overlay.png')
+
+
+def _generic_palette(num_classes: int) -> np.ndarray:
+  """Colours for data sets without an official palette: the VOC colormap, then random."""
+  extra = np.random.default_rng(0).integers(0, 256, (max(num_classes - 256, 0), 3))
+  return np.concatenate([classes.VOC_PALETTE_256, extra.astype(np.uint8)])[:num_classes]
+
+
+def list_images(path: str | os.PathLike) -> list[pathlib.Path]:
+  """The image itself, or the images in a folder (recursively, sorted)."""
+  path = pathlib.Path(path)
+  if path.is_file():
+    return [path]
+  if not path.is_dir():
+    raise FileNotFoundError(f'--input {path}: no such file or folder')
+  files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
+  if not files:
+    raise FileNotFoundError(f'--input {path}: no images ({", ".join(IMAGE_SUFFIXES)}) in it')
+  return files
+
+
+def predict_files(
+  seg: Segmenter,
+  files: Sequence[pathlib.Path],
+  output_dir: str | os.PathLike,
+  *,
+  root: pathlib.Path | None = None,
+  progress: bool = True,
+) -> None:
+  """Segmenter.save for every file, one image per local device at a time.
+
+  Output names keep the path relative to `root` (a folder input), else the file stem.
+  """
+  step = seg.inference.batch_size
+  with tqdm(total=len(files), desc='predict', unit='img', disable=not progress) as bar:
+    for start in range(0, len(files), step):
+      chunk = files[start : start + step]
+      images = [read_image(p) for p in chunk]
+      for path, image, labels in zip(chunk, images, seg.predict_batch(images), strict=True):
+        name = str(path.relative_to(root).with_suffix('')) if root else path.stem
+        seg.save(image, labels, output_dir, name)
+      bar.update(len(chunk))

@@ -1,0 +1,1 @@
+"""Training: the loop, the step, the state, config checks, optimiser, losses, checkpoints."""
