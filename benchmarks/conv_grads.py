@@ -4,7 +4,7 @@
 
 For PSPNet-50's typical training convolutions (batch 2, crop 473) this times, alternating
 within one process: the forward, the weight gradient and the input gradient in XLA as
-jax.vjp writes them, the weight gradient written as matrix products (psp_jax.models.layers
+jax.vjp writes them, the weight gradient written as matrix products (psp_jax.models.cpu_conv_grad
 conv_weight_grad: one dot for a 1x1 kernel, one per tap for k x k), and PyTorch's own
 (torch.ops.aten.convolution_backward). Medians in ms.
 """
@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import torch  # noqa: E402
 
-from psp_jax.models import layers  # noqa: E402
+from psp_jax.models import cpu_conv_grad, layers  # noqa: E402
 
 # name: (batch, side, in, out, kernel, stride, dilation)
 SHAPES = {
@@ -61,7 +61,7 @@ def timings(shape: tuple, reps: int, rng: np.random.Generator) -> list[float]:
   fwd = jax.jit(conv)
   wgrad = jax.jit(lambda x, dy, conv=conv, w=w: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0])
   dgrad = jax.jit(lambda w, dy, conv=conv, x=x: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0])
-  dots = jax.jit(lambda x, dy, k=k, s=s, d=d, pad=pad: layers.conv_weight_grad(
+  dots = jax.jit(lambda x, dy, k=k, s=s, d=d, pad=pad: cpu_conv_grad.conv_weight_grad(
     x, dy, k, s, d, pad))  # fmt: skip
   ref = np.asarray(wgrad(x, dy))
   np.testing.assert_allclose(np.asarray(dots(x, dy)), ref, rtol=2e-3, atol=2e-3 * abs(ref).max())

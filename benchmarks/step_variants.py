@@ -2,7 +2,7 @@
 
   .venv/bin/python benchmarks/step_variants.py [--batch 2] [--crop 233] [--reps 3]
 
-Each variant (a value of psp_jax.models.layers.CPU_DOT_WEIGHT_GRAD_KERNELS) is compiled as
+Each variant (a value of psp_jax.models.cpu_conv_grad.CPU_DOT_WEIGHT_GRAD_KERNELS) is compiled as
 the project's real train step on the same weights and batch; the compiled steps then run in
 turn, `reps` times each, in one process, so a change of machine load hits all of them.
 Prints the median step time of each and the largest relative difference of its first update
@@ -19,11 +19,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from psp_jax import distributed  # noqa: E402
+from psp_jax.models import codec
 
 distributed.set_cpu_xla_flags()
 import jax  # noqa: E402
 
-from psp_jax.models import layers  # noqa: E402
+from psp_jax.models import cpu_conv_grad  # noqa: E402
 from psp_jax.train import optim  # noqa: E402
 from psp_jax.train import state as train_state  # noqa: E402
 from psp_jax.train import step as train_step  # noqa: E402
@@ -39,7 +40,7 @@ def main() -> None:
   parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
   args = parser.parse_args()
   mesh = distributed.create_mesh(jax.devices()[:1])
-  model = train_state.build_model(dict(num_classes=150, depth=50, dropout_rate=0.0))
+  model = codec.build_model(dict(num_classes=150, depth=50, dropout_rate=0.0))
   config = SimpleNamespace(base_lr=0.01, momentum=0.9, weight_decay=1e-4, power=0.9,
                            head_lr_mult=10.0, warmup_steps=0)  # fmt: skip
   tx, schedule = optim.create_optimizer(config, 1000)
@@ -53,7 +54,7 @@ def main() -> None:
   initial = jax.device_get(state)
   steps, updates = {}, {}
   for name in args.variants:
-    layers.CPU_DOT_WEIGHT_GRAD_KERNELS = VARIANTS[name]
+    cpu_conv_grad.CPU_DOT_WEIGHT_GRAD_KERNELS = VARIANTS[name]
     step = train_step.make_train_step(model, tx, schedule)
     start = time.perf_counter()
     compiled = train_step.compile_train_step(step, shardings, mesh).lower(

@@ -1,11 +1,12 @@
-"""Tests of psp_jax.data.transforms and psp_jax.data.augment against NumPy transcriptions of cv2."""
+"""Tests of psp_jax.data transforms, geometry and augment against NumPy transcriptions of cv2."""
 
 import math
 
 import numpy as np
 import pytest
+from augment_reference import augment_reference  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax.data import augment
+from psp_jax.data import augment, geometry
 from psp_jax.data import transforms as T
 from psp_jax.data._tf import tf
 
@@ -177,7 +178,7 @@ def test_crop_is_exact_and_offsets_cover_both_ends():
   offsets = set()
   for seed in seeds(150):
     out = T.random_crop(example, seed, (33, 41))
-    top, left = (int(v) for v in T._crop_offsets(seed, tf.constant([40, 50]), (33, 41)))
+    top, left = (int(v) for v in T.crop_offsets(seed, tf.constant([40, 50]), (33, 41)))
     np.testing.assert_array_equal(out['image'].numpy(), image[top : top + 33, left : left + 41])
     np.testing.assert_array_equal(out['label'].numpy(), label[top : top + 33, left : left + 41])
     offsets.add((top, left))
@@ -262,7 +263,7 @@ def test_labels_only_take_input_values_or_ignore():
       T.random_horizontal_flip,
       lambda e, s: T.random_crop(e, s, (65, 33)),
       chain,
-      lambda e, s: augment.augment_reference(e, s, crop_size=(33, 41)),
+      lambda e, s: augment_reference(e, s, crop_size=(33, 41)),
     ):
       out = op(example, seed)
       assert set(np.unique(out['label'].numpy()).tolist()) <= allowed
@@ -321,7 +322,7 @@ def test_fused_chain_equals_op_by_op_chain(h, w, blur, flip):
   kwargs = dict(crop_size=(33, 41), blur=blur, flip=flip)
   for seed in seeds(12, start=h):
     fused = augment.train_augment(example, seed, **kwargs)
-    reference = augment.augment_reference(example, seed, **kwargs)
+    reference = augment_reference(example, seed, **kwargs)
     # Only the rotation's float32 coordinates are computed from another origin.
     np.testing.assert_allclose(fused['image'].numpy(), reference['image'].numpy(), atol=1e-3)
     mismatch = fused['label'].numpy() != reference['label'].numpy()
@@ -336,7 +337,7 @@ def test_long_side_size_is_tool_test_formula(h, w, long_size):
     expected = (long_size, round(long_size / float(h) * w))
   else:
     expected = (round(long_size / float(w) * h), long_size)
-  got = tuple(int(v) for v in T.long_side_size(h, w, long_size))
+  got = tuple(int(v) for v in geometry.long_side_size(h, w, long_size))
   assert got == expected
   if (h, w) == (5, 512):
     assert got == (2, 256)  # round(2.5) = 2: half to even, like Python

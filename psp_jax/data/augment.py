@@ -1,52 +1,21 @@
 """The official training augmentation chain (tool/train.py's train_transform) on one example.
 
-`augment_reference` composes the ops of `transforms` one after another, exactly as the
-original does. `train_augment` draws the same random numbers from the same seed and gives the
-same result, but rotates and blurs only the crop window (plus the blur's 2-pixel margin)
-instead of the whole rescaled image: at crop 473 and scale up to 2 that is up to 4x less work.
+Composing the ops of `transforms` one after another, as the original does, gives the chain
+op by op (tests/augment_reference.py). `train_augment` draws the same random numbers from the
+same seed and gives the same result, but rotates and blurs only the crop window (plus the
+blur's 2-pixel margin) instead of the whole rescaled image: at crop 473 and scale up to 2 that
+is up to 4x less work.
 """
 
 from collections.abc import Sequence
 
+from psp_jax.data import geometry
 from psp_jax.data import transforms as T
 from psp_jax.data._tf import tf
 
 ROTATE_P = 0.5  # RandRotate(p=0.5)
 BLUR_P = 0.5  # RandomGaussianBlur: `if random.random() < 0.5`
 FLIP_P = 0.5  # RandomHorizontalFlip(p=0.5)
-
-
-def augment_reference(
-  example: T.Example,
-  seed: tf.Tensor,
-  *,
-  crop_size: Sequence[int],
-  scale_range: Sequence[float] | None = (0.5, 2.0),
-  rotate_range: Sequence[float] | None = (-10.0, 10.0),
-  blur: bool = True,
-  flip: bool = True,
-  ignore_label: int = 255,
-  aspect_ratio_range: Sequence[float] | None = None,
-) -> T.Example:
-  """The chain op by op: RandScale, RandRotate, RandomGaussianBlur, flip, Crop, Normalize.
-
-  Args: as train_augment.
-
-  Returns:
-    {'image': float32 [crop_h, crop_w, 3] normalised, 'label': int32 [crop_h, crop_w]}.
-  """
-  seeds = T._split(seed, 5)
-  out = {'image': T._as_float(example['image']), 'label': example['label']}
-  if scale_range is not None:
-    out = T.random_scale(out, seeds[0], scale_range, aspect_ratio_range)
-  if rotate_range is not None:
-    out = T.random_rotate(out, seeds[1], rotate_range, ROTATE_P, ignore_label)
-  if blur:
-    out = T.random_gaussian_blur(out, seeds[2], BLUR_P)
-  if flip:
-    out = T.random_horizontal_flip(out, seeds[3], FLIP_P)
-  out = T.random_crop(out, seeds[4], crop_size, ignore_label)
-  return {'image': T.normalize(out['image']), 'label': tf.cast(out['label'], tf.int32)}
 
 
 def train_augment(
@@ -76,10 +45,10 @@ def train_augment(
 
   Returns:
     {'image': float32 [crop_h, crop_w, 3] normalised, 'label': int32 [crop_h, crop_w]},
-    equal to augment_reference up to float32 rounding (image within ~1e-4).
+    equal to the op-by-op chain up to float32 rounding (image within ~1e-4).
   """
   crop_h, crop_w = crop_size
-  seeds = T._split(seed, 5)
+  seeds = T.split_seed(seed, 5)
   # Every step below is linear with weights summing to 1, or pads with the mean colour, so it
   # commutes with subtracting the mean: work on image - mean, pad with 0, divide by std last.
   out = {'image': T.centre(example['image']), 'label': example['label']}
@@ -92,13 +61,13 @@ def train_augment(
   no = tf.constant(False)
   do_rotate, angle = no, tf.constant(0.0, tf.float64)
   if rotate_range is not None:
-    do_rotate, angle = T._rotate_draw(seeds[1], rotate_range, ROTATE_P)
-  do_blur = T._coin(seeds[2], BLUR_P) if blur else no
-  do_flip = T._coin(seeds[3], FLIP_P) if flip else no
-  pad_top, pad_bottom = T._centred_padding(height, crop_h)
-  pad_left, pad_right = T._centred_padding(width, crop_w)
+    do_rotate, angle = T.rotate_draw(seeds[1], rotate_range, ROTATE_P)
+  do_blur = T.coin(seeds[2], BLUR_P) if blur else no
+  do_flip = T.coin(seeds[3], FLIP_P) if flip else no
+  pad_top, pad_bottom = geometry.centred_padding(height, crop_h)
+  pad_left, pad_right = geometry.centred_padding(width, crop_w)
   padded_shape = tf.stack([height + pad_top + pad_bottom, width + pad_left + pad_right])
-  top, left = T._crop_offsets(seeds[4], padded_shape, crop_size)
+  top, left = T.crop_offsets(seeds[4], padded_shape, crop_size)
 
   # The crop window in the coordinates of the rotated image, before blur, flip and padding.
   # A window at column c of the flipped image covers columns [W - c - crop_w, W - c) unflipped.
@@ -116,11 +85,11 @@ def train_augment(
   window_size = tf.stack([r1 - r0, c1 - c0])
 
   def rotated():
-    image_t = T._rotation_transform(shape, angle, rr0, cc0)
-    label_t = T._rotation_transform(shape, angle, r0, c0)
+    image_t = geometry.rotation_transform(shape, angle, rr0, cc0)
+    label_t = geometry.rotation_transform(shape, angle, r0, c0)
     return (
-      T._warp(image, image_t, region_size, 'BILINEAR', 0.0),
-      T._warp_label(label, label_t, window_size, ignore_label),
+      geometry.warp(image, image_t, region_size, 'BILINEAR', 0.0),
+      geometry.warp_label(label, label_t, window_size, ignore_label),
     )
 
   def unrotated():
@@ -136,7 +105,7 @@ def train_augment(
       [tf.maximum(margin - c0, 0), tf.maximum(c1 + margin - width, 0)],
       [0, 0],
     ]
-    return T._blur_padded(tf.pad(region, paddings, mode='REFLECT'), T.BLUR_SIZE)
+    return T.blur_padded(tf.pad(region, paddings, mode='REFLECT'), T.BLUR_SIZE)
 
   def sharp():
     return tf.slice(region, [r0 - rr0, c0 - cc0, 0], [r1 - r0, c1 - c0, -1])
@@ -144,9 +113,9 @@ def train_augment(
   image = tf.cond(do_blur, blurred, sharp) if blur else sharp()
 
   paddings = [[r0 - win_top, win_top + crop_h - r1], [c0 - win_left, win_left + crop_w - c1]]
-  image = tf.pad(T._per_channel(image, tf.divide, T.STD_RGB), paddings + [[0, 0]])
+  image = tf.pad(T.per_channel(image, tf.divide, T.STD_RGB), paddings + [[0, 0]])
   label = tf.pad(label, paddings, constant_values=ignore_label)
-  image, label = T._flip_if(do_flip, image, label)
+  image, label = geometry.flip_if(do_flip, image, label)
   return {
     'image': tf.ensure_shape(image, [crop_h, crop_w, 3]),
     'label': tf.ensure_shape(tf.cast(label, tf.int32), [crop_h, crop_w]),

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from psp_jax.data import geometry
 from psp_jax.data._tf import tf
 
 Example = dict[str, tf.Tensor]
@@ -25,7 +26,16 @@ STD_RGB = tuple(v * 255 for v in (0.229, 0.224, 0.225))
 BLUR_SIZE = 5  # RandomGaussianBlur(radius=5): cv2.GaussianBlur(image, (5, 5), 0)
 
 
-def _split(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
+def split_seed(seed: tf.Tensor, num: int) -> list[tf.Tensor]:
+  """num independent stateless seeds derived from one.
+
+  Args:
+    seed: [2] int stateless seed.
+    num: how many seeds to derive.
+
+  Returns:
+    num [2] int seeds.
+  """
   return tf.unstack(tf.random.experimental.stateless_split(seed, num))
 
 
@@ -34,22 +44,45 @@ def _uniform(seed: tf.Tensor, low: float, high: float) -> tf.Tensor:
   return tf.random.stateless_uniform([], seed, low, high, dtype=tf.float64)
 
 
-def _coin(seed: tf.Tensor, p: float) -> tf.Tensor:
-  """A bool scalar, True with probability p (`random.random() < p` in the original)."""
+def coin(seed: tf.Tensor, p: float) -> tf.Tensor:
+  """A coin flip, `random.random() < p` in the original.
+
+  Args:
+    seed: [2] int stateless seed.
+    p: probability of True.
+
+  Returns:
+    bool scalar.
+  """
   return tf.random.stateless_uniform([], seed, dtype=tf.float64) < p
 
 
-def _as_float(image: tf.Tensor) -> tf.Tensor:
+def as_float(image: tf.Tensor) -> tf.Tensor:
+  """The image as float32, values kept (not rescaled to [0, 1]).
+
+  Args:
+    image: [..., C] uint8 or float.
+
+  Returns:
+    float32, same shape.
+  """
   # Why: SemData.__getitem__ does `image = np.float32(image)` before any transform.
   return tf.cast(image, tf.float32)
 
 
-def _per_channel(image: tf.Tensor, fn, *values: Sequence[float]) -> tf.Tensor:
-  """fn(image, *values) with each [C] vector broadcast over the channels of [H, W, C].
+def per_channel(image: tf.Tensor, fn, *values: Sequence[float]) -> tf.Tensor:
+  """fn(image, *values) with each per-channel vector broadcast over the channels.
 
-  Computed on rows of W * C against the vectors tiled W times: TF's broadcast of a [C]
-  vector over the last axis is several times slower on CPU.
+  Args:
+    image: [H, W, C] (or any other rank, broadcast as usual).
+    fn: elementwise function of the image and len(values) float32 tensors.
+    *values: [C] vectors, e.g. MEAN_RGB.
+
+  Returns:
+    fn's result, [H, W, C].
   """
+  # Why: computed on rows of W * C against the vectors tiled W times: TF's broadcast of a [C]
+  # vector over the last axis is several times slower on CPU.
   image = tf.convert_to_tensor(image)
   if image.shape.rank != 3:
     return fn(image, *(tf.constant(v, tf.float32) for v in values))
@@ -61,37 +94,13 @@ def _per_channel(image: tf.Tensor, fn, *values: Sequence[float]) -> tf.Tensor:
 
 def centre(image: tf.Tensor) -> tf.Tensor:
   """float32 image - mean, per RGB channel ([H, W, 3]); mean-padding it means padding 0."""
-  return _per_channel(image, lambda x, m: _as_float(x) - m, MEAN_RGB)
-
-
-def _resize_bilinear(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-  """Bilinear resize of float32 [H, W, C] to size (h, w) with half-pixel centres, no antialias.
-
-  Why: cv2.resize(INTER_LINEAR) samples src = (dst + 0.5) * in / out - 0.5 and replicates the
-  edge pixel outside; ResizeBilinear(half_pixel_centers=True) computes the same.
-  """
-  return tf.raw_ops.ResizeBilinear(images=image[None], size=size, half_pixel_centers=True)[0]
-
-
-def _resize_nearest(label: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
-  """Nearest resize of a [H, W] label to size (h, w), as cv2.resize(INTER_NEAREST)."""
-  shape = tf.shape(label)
-
-  def index(out_size, in_size):
-    # Why: cv2's resizeNN takes src = floor(dst / (out / in)) in double precision, with no
-    # half-pixel offset (so it is shifted against the bilinear image), clamped to the last row.
-    inverse = 1.0 / (tf.cast(out_size, tf.float64) / tf.cast(in_size, tf.float64))
-    src = tf.floor(tf.cast(tf.range(out_size), tf.float64) * inverse)
-    return tf.minimum(tf.cast(src, tf.int32), in_size - 1)
-
-  rows = tf.gather(label, index(size[0], shape[0]))
-  return tf.gather(rows, index(size[1], shape[1]), axis=1)
+  return per_channel(image, lambda x, m: as_float(x) - m, MEAN_RGB)
 
 
 def _resize(example: Example, size: tf.Tensor) -> Example:
   """Image bilinear, label nearest to size (h, w), as cv2.resize with dsize would."""
-  image = _resize_bilinear(_as_float(example['image']), size)
-  return {**example, 'image': image, 'label': _resize_nearest(example['label'], size)}
+  image = geometry.resize_bilinear(as_float(example['image']), size)
+  return {**example, 'image': image, 'label': geometry.resize_nearest(example['label'], size)}
 
 
 def rescale(example: Example, scale_y: tf.Tensor, scale_x: tf.Tensor) -> Example:
@@ -134,7 +143,7 @@ def random_scale(
   Returns:
     The resized example: image float32 [h, w, 3], label uint8 [h, w].
   """
-  scale_seed, ratio_seed = _split(seed, 2)
+  scale_seed, ratio_seed = split_seed(seed, 2)
   factor = _uniform(scale_seed, *scale_range)
   ratio = tf.constant(1.0, tf.float64)
   if aspect_ratio_range is not None:
@@ -142,41 +151,11 @@ def random_scale(
   return rescale(example, factor / ratio, factor * ratio)
 
 
-def _rotation_transform(shape: tf.Tensor, angle: tf.Tensor, top=0, left=0) -> tf.Tensor:
-  """The [1, 8] ImageProjectiveTransform of RandRotate, for an output window at (top, left)."""
-  height = tf.cast(shape[0], tf.float32)
-  width = tf.cast(shape[1], tf.float32)
-  # Why: cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1) then cv2.warpAffine, which samples
-  # the source at M^-1 (x, y) for each output pixel; M^-1 is the rotation by -angle about the
-  # same centre. Pixel centres sit at integer coordinates in both cv2 and TF.
-  theta = tf.cast(angle, tf.float32) * (np.pi / 180.0)
-  a, b = tf.cos(theta), tf.sin(theta)
-  cx, cy = width / 2.0, height / 2.0
-  top = tf.cast(top, tf.float32)
-  left = tf.cast(left, tf.float32)
-  # Output pixel (x, y) of the window is (x + left, y + top) of the full output.
-  tx = (1 - a) * cx + b * cy + a * left - b * top
-  ty = -b * cx + (1 - a) * cy + b * left + a * top
-  zero = tf.zeros([], tf.float32)
-  return tf.stack([a, -b, tx, b, a, ty, zero, zero])[None]
-
-
-def _warp(image: tf.Tensor, transform: tf.Tensor, size, interpolation: str, fill) -> tf.Tensor:
-  """ImageProjectiveTransformV3 of one [H, W, C] image, constant fill outside."""
-  return tf.raw_ops.ImageProjectiveTransformV3(
-    images=image[None], transforms=transform, output_shape=size, fill_value=fill,
-    interpolation=interpolation, fill_mode='CONSTANT')[0]  # fmt: skip
-
-
 def _warp_image(image: tf.Tensor, transform: tf.Tensor, size) -> tf.Tensor:
   # Why: cv2 BORDER_CONSTANT with borderValue=mean fills per channel; the TF op takes one fill
   # value, so warp (image - mean) with fill 0: bilinear weights sum to 1, so this is the same.
-  warped = _warp(centre(image), transform, size, 'BILINEAR', 0.0)
-  return _per_channel(warped, tf.add, MEAN_RGB)
-
-
-def _warp_label(label: tf.Tensor, transform: tf.Tensor, size, ignore_label: int) -> tf.Tensor:
-  return _warp(label[..., None], transform, size, 'NEAREST', float(ignore_label))[..., 0]
+  warped = geometry.warp(centre(image), transform, size, 'BILINEAR', 0.0)
+  return per_channel(warped, tf.add, MEAN_RGB)
 
 
 def rotate(example: Example, angle: tf.Tensor, ignore_label: int = 255) -> Example:
@@ -192,15 +171,25 @@ def rotate(example: Example, angle: tf.Tensor, ignore_label: int = 255) -> Examp
     [H, W] with ignore_label outside (nearest)}.
   """
   shape = tf.shape(example['label'])
-  transform = _rotation_transform(shape, angle)
+  transform = geometry.rotation_transform(shape, angle)
   image = _warp_image(example['image'], transform, shape)
-  label = _warp_label(example['label'], transform, shape, ignore_label)
+  label = geometry.warp_label(example['label'], transform, shape, ignore_label)
   return {**example, 'image': image, 'label': label}
 
 
-def _rotate_draw(seed: tf.Tensor, rotate_range: Sequence[float], p: float):
-  coin_seed, angle_seed = _split(seed, 2)
-  return _coin(coin_seed, p), _uniform(angle_seed, *rotate_range)
+def rotate_draw(seed: tf.Tensor, rotate_range: Sequence[float], p: float):
+  """RandRotate's random numbers: whether to rotate, and by how much.
+
+  Args:
+    seed: [2] int stateless seed.
+    rotate_range: (min, max) degrees.
+    p: probability of rotating.
+
+  Returns:
+    (bool scalar, float64 scalar angle in degrees); the angle is drawn either way.
+  """
+  coin_seed, angle_seed = split_seed(seed, 2)
+  return coin(coin_seed, p), _uniform(angle_seed, *rotate_range)
 
 
 def random_rotate(
@@ -222,8 +211,8 @@ def random_rotate(
   Returns:
     {'image': float32 [H, W, 3], 'label': uint8 [H, W]}.
   """
-  do_rotate, angle = _rotate_draw(seed, rotate_range, p)
-  example = {**example, 'image': _as_float(example['image'])}
+  do_rotate, angle = rotate_draw(seed, rotate_range, p)
+  example = {**example, 'image': as_float(example['image'])}
   return tf.cond(do_rotate, lambda: rotate(example, angle, ignore_label), lambda: example)
 
 
@@ -263,8 +252,17 @@ def _filter_valid(x: tf.Tensor, taps: np.ndarray, axis: int, step: int = 1) -> t
   return out
 
 
-def _blur_padded(padded: tf.Tensor, size: int, sigma: float = 0.0) -> tf.Tensor:
-  """Blurs a [H + size - 1, W + size - 1, C] image already padded; returns [H, W, C]."""
+def blur_padded(padded: tf.Tensor, size: int, sigma: float = 0.0) -> tf.Tensor:
+  """The separable Gaussian blur of an image already padded by size // 2 on every side.
+
+  Args:
+    padded: float32 [H + size - 1, W + size - 1, C].
+    size: odd kernel size.
+    sigma: standard deviation; <= 0 takes OpenCV's default for the size.
+
+  Returns:
+    float32 [H, W, C].
+  """
   taps = gaussian_kernel_1d(size, sigma)
   shape = tf.shape(padded)
   channels = padded.shape[-1] or shape[2]
@@ -294,8 +292,8 @@ def gaussian_blur(image: tf.Tensor, size: int = BLUR_SIZE, sigma: float = 0.0) -
   )
   with tf.control_dependencies([check]):
     # Why: cv2's default border is BORDER_REFLECT_101 (gfedcb|abcdefgh), which is TF's REFLECT.
-    padded = tf.pad(_as_float(image), [[r, r], [r, r], [0, 0]], mode='REFLECT')
-  return _blur_padded(padded, size, sigma)
+    padded = tf.pad(as_float(image), [[r, r], [r, r], [0, 0]], mode='REFLECT')
+  return blur_padded(padded, size, sigma)
 
 
 def random_gaussian_blur(example: Example, seed: tf.Tensor, p: float = 0.5) -> Example:
@@ -309,8 +307,8 @@ def random_gaussian_blur(example: Example, seed: tf.Tensor, p: float = 0.5) -> E
   Returns:
     The example with a float32 image.
   """
-  image = _as_float(example['image'])
-  image = tf.cond(_coin(seed, p), lambda: gaussian_blur(image), lambda: image)
+  image = as_float(example['image'])
+  image = tf.cond(coin(seed, p), lambda: gaussian_blur(image), lambda: image)
   return {**example, 'image': image}
 
 
@@ -325,44 +323,41 @@ def random_horizontal_flip(example: Example, seed: tf.Tensor, p: float = 0.5) ->
   Returns:
     The example, dtypes unchanged.
   """
-  image, label = _flip_if(_coin(seed, p), example['image'], example['label'])
+  image, label = geometry.flip_if(coin(seed, p), example['image'], example['label'])
   return {**example, 'image': image, 'label': label}
-
-
-def _flip_if(flip: tf.Tensor, image: tf.Tensor, label: tf.Tensor):
-  """(image, label) mirrored left-right if flip, else unchanged."""
-  return tf.cond(
-    flip, lambda: (tf.reverse(image, [1]), tf.reverse(label, [1])), lambda: (image, label)
-  )
 
 
 def _pad(example: Example, top, bottom, left, right, ignore_label: int) -> Example:
   """Pads the image with the exact mean colour and the label with ignore_label."""
   paddings = [[top, bottom], [left, right]]
-  image = tf.pad(_as_float(example['image']), paddings + [[0, 0]])
+  image = tf.pad(as_float(example['image']), paddings + [[0, 0]])
   inside = tf.pad(tf.ones_like(example['label'], tf.bool)[..., None], paddings + [[0, 0]])
   image = tf.where(inside, image, tf.constant(MEAN_RGB, tf.float32))
   label = tf.pad(example['label'], paddings, constant_values=ignore_label)
   return {**example, 'image': image, 'label': label}
 
 
-def _centred_padding(size: tf.Tensor, target: int):
-  """(before, after) padding up to target, as Crop.__call__ splits it."""
-  pad = tf.maximum(target - size, 0)
-  return pad // 2, pad - pad // 2
-
-
 def _pad_centred(example: Example, height: int, width: int, ignore_label: int) -> Example:
   """Pads to at least (height, width) as semseg's Crop: int(pad / 2) before, the rest after."""
   shape = tf.shape(example['label'])
-  top, bottom = _centred_padding(shape[0], height)
-  left, right = _centred_padding(shape[1], width)
+  top, bottom = geometry.centred_padding(shape[0], height)
+  left, right = geometry.centred_padding(shape[1], width)
   return _pad(example, top, bottom, left, right, ignore_label)
 
 
-def _crop_offsets(seed: tf.Tensor, padded_shape: tf.Tensor, crop_size: Sequence[int]):
+def crop_offsets(seed: tf.Tensor, padded_shape: tf.Tensor, crop_size: Sequence[int]):
+  """Crop's random window position in an image already padded to at least crop_size.
+
+  Args:
+    seed: [2] int stateless seed.
+    padded_shape: int32 [2], (H, W) of the padded image.
+    crop_size: (crop_h, crop_w).
+
+  Returns:
+    [top, left] int32 scalars, uniform in [0, H - crop_h] and [0, W - crop_w].
+  """
   # Why: random.randint(0, h - crop_h) includes both ends.
-  seeds = _split(seed, 2)
+  seeds = split_seed(seed, 2)
   return [
     tf.random.stateless_uniform([], s, 0, size - crop + 1, dtype=tf.int32)
     for s, size, crop in zip(seeds, tf.unstack(padded_shape), crop_size, strict=True)
@@ -385,7 +380,7 @@ def random_crop(
   """
   crop_h, crop_w = crop_size
   example = _pad_centred(example, crop_h, crop_w, ignore_label)
-  top, left = _crop_offsets(seed, tf.shape(example['label']), crop_size)
+  top, left = crop_offsets(seed, tf.shape(example['label']), crop_size)
   image = tf.slice(example['image'], [top, left, 0], [crop_h, crop_w, 3])
   label = tf.slice(example['label'], [top, left], [crop_h, crop_w])
   return {**example, 'image': image, 'label': label}
@@ -393,28 +388,7 @@ def random_crop(
 
 def normalize(image: tf.Tensor) -> tf.Tensor:
   """(image - mean) / std per RGB channel on the 0..255 scale (Normalize); float32 [..., 3]."""
-  return _per_channel(image, lambda x, m, s: (_as_float(x) - m) / s, MEAN_RGB, STD_RGB)
-
-
-def long_side_size(height: tf.Tensor, width: tf.Tensor, long_size: tf.Tensor):
-  """The (new_h, new_w) of tool/test.py: the long side becomes long_size, aspect kept.
-
-  Args:
-    height: int scalar.
-    width: int scalar.
-    long_size: int scalar, round(scale * base_size) in the original.
-
-  Returns:
-    (new_h, new_w) int32 scalars; the short side is round(long_size / long * short), rounded
-    half to even like Python's round() and at least 1; a square image counts as wide (`if h > w`
-    is strict).
-  """
-  h = tf.cast(height, tf.float64)
-  w = tf.cast(width, tf.float64)
-  long = tf.cast(long_size, tf.float64)
-  new_h = tf.where(h > w, long, tf.maximum(tf.round(long / w * h), 1.0))
-  new_w = tf.where(h > w, tf.maximum(tf.round(long / h * w), 1.0), long)
-  return tf.cast(new_h, tf.int32), tf.cast(new_w, tf.int32)
+  return per_channel(image, lambda x, m, s: (as_float(x) - m) / s, MEAN_RGB, STD_RGB)
 
 
 def resize_long_side(image: tf.Tensor, long_size: tf.Tensor) -> tf.Tensor:
@@ -425,11 +399,11 @@ def resize_long_side(image: tf.Tensor, long_size: tf.Tensor) -> tf.Tensor:
     long_size: int scalar.
 
   Returns:
-    float32 [new_h, new_w, C] with the size from long_side_size.
+    float32 [new_h, new_w, C] with the size from geometry.long_side_size.
   """
   shape = tf.shape(image)
-  new_h, new_w = long_side_size(shape[0], shape[1], long_size)
-  return _resize_bilinear(_as_float(image), tf.stack([new_h, new_w]))
+  new_h, new_w = geometry.long_side_size(shape[0], shape[1], long_size)
+  return geometry.resize_bilinear(as_float(image), tf.stack([new_h, new_w]))
 
 
 def pad_to_size(

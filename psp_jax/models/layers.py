@@ -1,6 +1,5 @@
 """Convolution and BatchNorm layers with PyTorch's padding, initialisation and statistics."""
 
-import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -9,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
+
+from psp_jax.models import cpu_conv_grad
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -19,10 +20,6 @@ RESNET_KERNEL_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 # nn.Conv2d's own reset_parameters (kaiming_uniform_ with a=sqrt(5)): U(+-1/sqrt(fan_in)),
 # what the official PPM, cls and aux convs start from (pspnet.py never re-initialises them).
 TORCH_DEFAULT_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
-# Kernel sizes whose weight gradient is computed as matrix products (conv_weight_grad) when the
-# program runs on the CPU; XLA's CPU convolution emitter is slow at that gradient
-# (benchmarks/NOTES.md). Other platforms always keep XLA's own weight gradient.
-CPU_DOT_WEIGHT_GRAD_KERNELS: tuple[int, ...] = (1,)
 
 
 def torch_default_bias_init(fan_in: int) -> Initializer:
@@ -56,73 +53,6 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, pad: int
     rhs_dilation=(dilation, dilation),
     dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
   )
-
-
-def conv_weight_grad(
-  x: jax.Array, dy: jax.Array, kernel_size: int, stride: int, dilation: int, pad: int
-) -> jax.Array:
-  """Gradient of conv2d with respect to its kernel, as one matrix product per kernel tap.
-
-  dW[i, j] = sum over (b, h, w) of x_pad[b, h s + i d, w s + j d, :]^T dy[b, h, w, :]: a
-  [in, B H' W'] x [B H' W', out] product of a strided slice of the padded input.
-
-  Args:
-    x: [B, H, W, in], the convolution's input.
-    dy: [B, H', W', out], the cotangent of its output.
-    kernel_size, stride, dilation, pad: those of the convolution.
-
-  Returns:
-    [k, k, in, out], the kernel's cotangent (x's dtype).
-  """
-  k, s, d = kernel_size, stride, dilation
-  b, ho, wo, cout = dy.shape
-  cin = x.shape[-1]
-  if pad:
-    x = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-  dy = dy.reshape(-1, cout)
-  taps = []
-  for i in range(k):
-    for j in range(k):
-      start = (0, i * d, j * d, 0)
-      limit = (b, i * d + (ho - 1) * s + 1, j * d + (wo - 1) * s + 1, cin)
-      patch = jax.lax.slice(x, start, limit, (1, s, s, 1)).reshape(-1, cin)
-      taps.append(jax.lax.dot_general(patch, dy, (((0,), (0,)), ((), ()))))
-  return jnp.stack(taps).reshape(k, k, cin, cout)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def conv2d_cpu_dot_weight_grad(
-  x: jax.Array, kernel: jax.Array, stride: int, dilation: int, pad: int
-) -> jax.Array:
-  """conv2d whose kernel gradient on the CPU is conv_weight_grad (XLA's own elsewhere).
-
-  Same arguments, result and input gradient as conv2d; jax.lax.platform_dependent chooses
-  the kernel gradient when the program is lowered, so accelerators run exactly what
-  differentiating conv2d gives.
-  """
-  return conv2d(x, kernel, stride, dilation, pad)
-
-
-def _conv_fwd(x, kernel, stride, dilation, pad):
-  return conv2d(x, kernel, stride, dilation, pad), (x, kernel)
-
-
-def _conv_bwd(stride, dilation, pad, residuals, dy):
-  x, kernel = residuals
-  # linear_transpose, not vjp: no dead recomputation of the forward in the backward program.
-  (dx,) = jax.linear_transpose(lambda x: conv2d(x, kernel, stride, dilation, pad), x)(dy)
-
-  def xla(x, dy):
-    return jax.linear_transpose(lambda w: conv2d(x, w, stride, dilation, pad), kernel)(dy)[0]
-
-  def dots(x, dy):
-    dw = conv_weight_grad(x, dy, kernel.shape[0], stride, dilation, pad)
-    return dw.astype(kernel.dtype)
-
-  return dx, jax.lax.platform_dependent(x, dy, cpu=dots, default=xla)
-
-
-conv2d_cpu_dot_weight_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
 class Conv(nn.Module):
@@ -165,7 +95,7 @@ class Conv(nn.Module):
       fan_in = in_features * k * k
       bias = self.param('bias', torch_default_bias_init(fan_in), (self.features,), self.param_dtype)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    conv = conv2d_cpu_dot_weight_grad if k in CPU_DOT_WEIGHT_GRAD_KERNELS else conv2d
+    conv = cpu_conv_grad.conv2d_for(k, conv2d)
     y = conv(x, kernel, s, d, d * (k - 1) // 2)
     if bias is not None:
       y = y + bias
