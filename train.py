@@ -16,15 +16,11 @@ non-finite loss, ends the run with status 1 and one message saying what is wrong
 import os
 import sys
 
-# Before TensorFlow is imported anywhere (both are needed to quiet its start-up lines).
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from psp_jax import distributed  # noqa: E402
+from psp_jax import distributed, runtime
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and summaries.')
@@ -52,22 +48,19 @@ def main(argv: list[str]) -> None:
   if _CACHE_DIR.value:
     jax.config.update('jax_compilation_cache_dir', _CACHE_DIR.value)
 
-  # Imported here: they import the model and TensorFlow.
-  from psp_jax.data import builders, files  # noqa: PLC0415
-  from psp_jax.train import checkpoints as checkpointing  # noqa: PLC0415
-  from psp_jax.train import config as train_config  # noqa: PLC0415
-  from psp_jax.train import loop as train_lib  # noqa: PLC0415
-  from psp_jax.train import (
-    safeguards,  # noqa: PLC0415
-    summaries,  # noqa: PLC0415
-  )
+  runtime.setup()
+  # Imported only now: XLA reads XLA_FLAGS when a backend starts, which importing the model
+  # may do, and TensorFlow is imported after runtime.setup quieted it.
+  from psp_jax import experiment
+  from psp_jax.data import builders, files
+  from psp_jax.train import checkpoints, safeguards
+  from psp_jax.train import config as train_config
 
-  summaries.quiet_library_logs()
   try:
-    train_lib.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
+    experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
   except (
     train_config.ConfigError,
-    checkpointing.WorkdirError,
+    checkpoints.WorkdirError,
     safeguards.NonFiniteLossError,
     files.BadExampleError,
     builders.MissingDataError,

@@ -115,8 +115,8 @@ def run_one(variant: str, seed: int, config, run_dir: pathlib.Path) -> tuple[dic
     RuntimeError: run_dir holds a result of another config.
     KeyboardInterrupt: a signal stopped training (its checkpoint is saved).
   """
+  from psp_jax import experiment
   from psp_jax.inference import evaluation  # noqa: PLC0415 (imports TensorFlow)
-  from psp_jax.train import loop as train_lib  # noqa: PLC0415
 
   path = run_dir / RESULT_FILE
   if path.is_file():
@@ -129,7 +129,7 @@ def run_one(variant: str, seed: int, config, run_dir: pathlib.Path) -> tuple[dic
     return stored, True
   run_dir.mkdir(parents=True, exist_ok=True)
   started = time.perf_counter()
-  trained = train_lib.train_and_evaluate(config, str(run_dir))
+  trained = experiment.train_and_evaluate(config, str(run_dir))
   if trained['preempted']:
     raise KeyboardInterrupt(f'stopped at step {trained["step"]}; rerun to continue')
   train_seconds = time.perf_counter() - started

@@ -38,8 +38,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from psp_jax.data import synthetic  # noqa: E402
-from psp_jax.inference import segmenter  # noqa: E402
 from psp_jax.inference import plan as inference_plan  # noqa: E402
+from psp_jax.inference import segmenter  # noqa: E402
 
 FRACTIONS = (0.5, 0.9)
 

@@ -67,6 +67,7 @@ def main() -> None:
 
   sys.path.insert(0, os.path.dirname(HERE))
   from psp_jax import distributed  # noqa: PLC0415
+  from psp_jax.models import codec
 
   if distributed.cpu_only() and 'XLA_FLAGS' not in os.environ:
     os.environ['XLA_FLAGS'] = (
@@ -84,7 +85,7 @@ def main() -> None:
   if len(devices) < args.devices:
     raise SystemExit(f'{args.devices} devices wanted, {len(devices)} found.')
   mesh = distributed.create_mesh(devices)
-  model = train_state.build_model(dict(num_classes=150, depth=args.depth, dtype=args.dtype))
+  model = codec.build_model(dict(num_classes=150, depth=args.depth, dtype=args.dtype))
   config = ml_collections.ConfigDict(
     dict(base_lr=0.01, momentum=0.9, weight_decay=1e-4, power=0.9, head_lr_mult=10.0)
   )

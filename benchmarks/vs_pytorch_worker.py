@@ -163,6 +163,7 @@ class JaxSide:
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import traverse_util  # noqa: PLC0415
 
+    from psp_jax.models import codec  # noqa: PLC0415
     from psp_jax.train import optim  # noqa: PLC0415
     from psp_jax.train import state as train_state  # noqa: PLC0415
     from psp_jax.train import step as train_step  # noqa: PLC0415
@@ -171,7 +172,7 @@ class JaxSide:
     self.device = jax.devices()[0]
     dtype = jnp.dtype(spec.get('dtype', 'float32'))
     dropout = 0.0 if spec['kind'] == 'train' else 0.1
-    self.model = train_state.build_model({**spec['model'], 'dropout_rate': dropout, 'dtype': dtype})
+    self.model = codec.build_model({**spec['model'], 'dropout_rate': dropout, 'dtype': dtype})
     inputs = load_inputs(spec)
     images = jax.device_put(inputs['images'], self.device)
     if spec.get('flax_weights'):

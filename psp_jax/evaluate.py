@@ -11,12 +11,15 @@ official PyTorch .pth (converted on the fly). psp_jax.inference.evaluation does 
 
 from collections.abc import Sequence
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+from psp_jax import runtime
 
-from psp_jax.inference import evaluation
-from psp_jax.train import summaries
+runtime.quiet_tensorflow_env()  # A command line: before anything below imports TensorFlow.
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from psp_jax.inference import evaluation  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +36,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.checkpoint is None:
     raise app.UsageError('--config and --checkpoint are required')
-  summaries.quiet_library_logs()  # orbax logs a dozen INFO lines per restore
+  runtime.setup()
   results = evaluation.evaluate(FLAGS.config, FLAGS.checkpoint)
   if jax.process_index() == 0:
     print(evaluation.format_text(results))

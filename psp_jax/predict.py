@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from psp_jax import runtime
 from psp_jax.inference.segmenter import Segmenter, list_images, predict_files
-from psp_jax.train import summaries
 
 FLAGS = flags.FLAGS
 
@@ -49,7 +49,7 @@ def main(argv: Sequence[str]) -> None:
     ).items()
     if v is not None
   }
-  summaries.quiet_library_logs()  # orbax logs a dozen INFO lines per restore
+  runtime.setup(tensorflow=False)  # predict reads images with PIL: no tf.data
   files = list_images(FLAGS.input)
   seg = Segmenter.from_checkpoint(FLAGS.checkpoint, dataset=FLAGS.dataset, **overrides)
   root = pathlib.Path(FLAGS.input) if pathlib.Path(FLAGS.input).is_dir() else None

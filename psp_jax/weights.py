@@ -16,11 +16,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
 from psp_jax.interop import pth, semseg
+from psp_jax.models import codec
 from psp_jax.paths import as_path
 
 VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
@@ -54,8 +56,20 @@ def save_variables(
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / VARIABLES_DIR, tree)
   checkpointer.wait_until_finished()
-  config = {k: list(v) if isinstance(v, tuple) else v for k, v in model_config.items()}
-  (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + '\n')
+  write_model_config(path, model_config)
+
+
+def write_model_config(directory: epath.Path, model_config: Mapping[str, Any]) -> None:
+  """DIR/model_config.json: the model config as psp_jax.models.codec encodes it."""
+  text = json.dumps(codec.encode(model_config), indent=2, sort_keys=True) + '\n'
+  (directory / CONFIG_FILE).write_text(text)
+
+
+def _read_model_config(path: epath.Path) -> dict[str, Any]:
+  try:
+    return dict(json.loads(path.read_text()))
+  except (ValueError, TypeError) as e:
+    raise ValueError(f'{path} is not a model config (JSON of PSPNet arguments): {e}') from e
 
 
 def _as_numpy(tree: Any) -> Any:
@@ -66,8 +80,6 @@ def _as_numpy(tree: Any) -> Any:
 
 def _restore_numpy(path: epath.Path) -> dict[str, Any]:
   """params and batch_stats of an orbax pytree checkpoint as numpy (other items not read)."""
-  import jax  # noqa: PLC0415
-
   checkpointer = ocp.PyTreeCheckpointer()
   tree = checkpointer.metadata(path).item_metadata.tree
   missing = [c for c in COLLECTIONS if c not in tree]
@@ -93,7 +105,7 @@ def _read_step_dir(step_dir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]
   if config_dir.is_dir():
     config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
   elif (step_dir.parent.parent / CONFIG_FILE).is_file():
-    config = json.loads((step_dir.parent.parent / CONFIG_FILE).read_text())
+    config = _read_model_config(step_dir.parent.parent / CONFIG_FILE)
   else:
     raise FileNotFoundError(f'{step_dir} has no model_config item and its workdir no {CONFIG_FILE}')
   return variables, dict(config)
@@ -116,7 +128,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   if (path / VARIABLES_DIR).is_dir():
     if not (path / CONFIG_FILE).is_file():
       raise FileNotFoundError(f'{path} has {VARIABLES_DIR}/ but no {CONFIG_FILE}')
-    config = json.loads((path / CONFIG_FILE).read_text())
+    config = _read_model_config(path / CONFIG_FILE)
     return _restore_numpy(path / VARIABLES_DIR), config
   if (path / 'state').is_dir():
     return _read_step_dir(path)

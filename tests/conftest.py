@@ -3,14 +3,16 @@
 import os
 
 # Both must be set before TensorFlow or JAX is imported (XLA_FLAGS is read by both).
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 _flag = '--xla_force_host_platform_device_count=8'
 if _flag not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + _flag).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+from psp_jax import runtime  # noqa: E402
+
+runtime.setup()  # As every entry point does: TensorFlow quiet and off accelerators.
 
 
 @pytest.fixture(scope='session')

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from psp_jax.models import codec
 from psp_jax.train import config as train_config
-from psp_jax.train import state as train_state
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / 'benchmarks'):
@@ -56,7 +56,7 @@ def test_every_variant_is_a_valid_config_that_changes_only_its_row():
 @pytest.mark.parametrize('name', TABLE1)
 def test_variant_builds_the_pyramid_of_its_row(name):
   config = ablation.make_config(name, 0, 2, quick=True, data_dir=None)
-  model = train_state.build_model(train_config.model_kwargs(config, 'cpu'))
+  model = codec.build_model(codec.of_experiment(config, 'cpu'))
   shapes = jax.eval_shape(
     lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 41, 41, 3)), train=False)
   )
@@ -164,13 +164,13 @@ def test_quick_run_end_to_end_then_rerun_skips(tmp_path, monkeypatch, capsys):
   assert (tmp_path / 'rf.png').read_bytes()[:4] == b'\x89PNG'
 
   # A rerun reads every result and trains nothing.
+  from psp_jax import experiment
   from psp_jax.inference import evaluation
-  from psp_jax.train import loop as train_lib
 
   def refuse(*args, **kwargs):
     raise AssertionError('a finished run was run again')
 
-  monkeypatch.setattr(train_lib, 'train_and_evaluate', refuse)
+  monkeypatch.setattr(experiment, 'train_and_evaluate', refuse)
   monkeypatch.setattr(evaluation, 'evaluate', refuse)
   (workdir / 'ablation.md').unlink()
   ablation.main([*args[:2], '--compilation_cache_dir='])

@@ -63,10 +63,14 @@ def test_oracle_predictions_survive_the_pipeline(oracle_inference):
     np.testing.assert_array_equal(got, ex['pred'])
 
 
+def confusion_of(inference, examples):
+  return evaluation.evaluate_examples(inference, iter(examples), progress=False).confusion
+
+
 @pytest.mark.parametrize('protocol', ['official', 'mmseg'])
 def test_metrics_equal_numpy_reference(oracle_inference, protocol):
   examples = random_examples(2, 19)  # 19 = two full steps on 8 devices and a partial one.
-  confusion = evaluation.evaluate_examples(oracle_inference, iter(examples), progress=False)
+  confusion = confusion_of(oracle_inference, examples)
   sums = [intersection_and_union(ex['pred'], ex['label'], K) for ex in examples]
   inter, union, target = (np.sum(s, axis=0) for s in zip(*sums, strict=True))
   np.testing.assert_array_equal(np.diag(confusion), inter)
@@ -105,9 +109,11 @@ def test_reports_name_classes_and_protocol(tmp_path):
 def test_large_counts_do_not_overflow(oracle_inference, monkeypatch):
   # Force a move to the host after every step: totals must not change.
   examples = random_examples(3, 10)
-  expected = evaluation.evaluate_examples(oracle_inference, iter(examples), progress=False)
+  expected = evaluation.evaluate_examples(
+    oracle_inference, iter(examples), progress=False
+  ).confusion
   monkeypatch.setattr(evaluation, '_INT32_MAX', 1)
-  got = evaluation.evaluate_examples(oracle_inference, iter(examples), progress=False)
+  got = confusion_of(oracle_inference, examples)
   np.testing.assert_array_equal(got, expected)
   assert got.dtype == np.int64
 
@@ -125,7 +131,7 @@ inference = SlidingWindowInference(
   t.oracle, {}, num_classes=t.K, config=InferenceConfig(crop_size=(24, 24), base_size=40))
 pid = jax.process_index()
 examples = t.random_examples(10 + pid, 3 if pid == 0 else 7)  # Unequal numbers of steps.
-local = evaluation.evaluate_examples(inference, iter(examples), progress=False)
+local = evaluation.evaluate_examples(inference, iter(examples), progress=False).confusion
 total = evaluation.sum_over_hosts(local)
 np.save(sys.argv[4] + f'/{pid}.npy', np.stack([local, total]))
 """

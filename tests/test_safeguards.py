@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_train import tiny_config  # noqa: I001 (tests/ is on sys.path)
 
+from psp_jax import experiment
 from psp_jax.train import checkpoints as checkpointing
 from psp_jax.train import loop as train_lib
 from psp_jax.train import safeguards
@@ -106,7 +107,7 @@ def test_full_workdir_fails_before_anything_compiles(tmp_path, monkeypatch):
 
   monkeypatch.setattr(jax, 'jit', no_jit)
   with pytest.raises(checkpointing.WorkdirError, match=r'0\.0 MiB free.*checkpoint.*MiB'):
-    train_lib.train_and_evaluate(tiny_config(), str(workdir))
+    experiment.train_and_evaluate(tiny_config(), str(workdir))
   assert sorted(os.listdir(workdir)) == ['best', 'checkpoints', 'notes.txt']
   assert (workdir / 'notes.txt').read_text() == 'mine'
 

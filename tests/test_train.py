@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from psp_jax import distributed
-from psp_jax.train import config as train_config
+from psp_jax.models import codec
 from psp_jax.train import optim
 from psp_jax.train import state as train_state
 from psp_jax.train import step as train_step
@@ -54,7 +54,7 @@ def global_batch(seed: int = 0, batch: int = BATCH) -> dict[str, np.ndarray]:
 
 def make_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """The train step of the config, jitted for the mesh as train_lib does (not compiled yet)."""
-  model = train_state.build_model(train_config.model_kwargs(config, 'cpu'))
+  model = codec.build_model(codec.of_experiment(config, 'cpu'))
   tx, schedule = optim.create_optimizer(config.optim, config.num_train_steps)
   step = train_step.train_step_of_config(model, tx, schedule, config, mesh)
   shardings = jax.tree.map(lambda _: distributed.replicated(mesh), initial_abstract(config))
@@ -63,7 +63,7 @@ def make_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
 
 def initial_abstract(config: ml_collections.ConfigDict):
   """The TrainState structure of the config (jax.eval_shape: nothing is compiled)."""
-  model = train_state.build_model(train_config.model_kwargs(config, 'cpu'))
+  model = codec.build_model(codec.of_experiment(config, 'cpu'))
   tx, _ = optim.create_optimizer(config.optim, config.num_train_steps)
   init = train_state.init_fn(model, tx, (1, CROP, CROP, 3))
   return jax.eval_shape(init, jax.random.PRNGKey(config.seed))
@@ -97,7 +97,7 @@ def as_numpy(state) -> dict[str, np.ndarray]:
 def initial_state():
   """A fresh TrainState of tiny_config(), initialised into its 8-device shardings, on host."""
   config = tiny_config()
-  model = train_state.build_model(train_config.model_kwargs(config, 'cpu'))
+  model = codec.build_model(codec.of_experiment(config, 'cpu'))
   tx, _ = optim.create_optimizer(config.optim, config.num_train_steps)
   mesh = distributed.create_mesh()
   state, shardings = train_state.create_train_state(
@@ -302,14 +302,3 @@ def test_init_checkpoint_copies_the_weights_that_fit(initial_state, tmp_path):
       np.testing.assert_allclose(got[key], fresh[key] + 1.0, rtol=1e-6, err_msg=key)
   assert jax.tree.leaves(state.params)[0].sharding.is_fully_replicated
   assert int(state.step) == 0
-
-
-def test_validation_batches_are_padded_to_size_buckets():
-  from psp_jax.train import loop as train_lib
-
-  batch = {'image': np.ones((2, 5, 7, 3), np.float32), 'label': np.zeros((2, 5, 7), np.int32)}
-  padded = train_lib._pad_batch(batch, 4, 255)
-  assert padded['image'].shape == (2, 8, 8, 3) and padded['label'].shape == (2, 8, 8)
-  assert (padded['label'][:, 5:] == 255).all() and (padded['label'][:, :, 7:] == 255).all()
-  assert (padded['image'][:, 5:] == 0).all() and (padded['image'][:, :5, :7] == 1).all()
-  assert train_lib._pad_batch(batch, 1, 255) is batch

@@ -6,8 +6,9 @@ from absl import flags
 from ml_collections import config_flags
 from test_train import ROOT, load_config, tiny_config  # noqa: I001 (tests/ is on sys.path)
 
+from psp_jax import experiment
+from psp_jax.models import codec
 from psp_jax.train import config as train_config
-from psp_jax.train import loop as train_lib
 from psp_jax.train.config import ConfigError
 
 
@@ -132,14 +133,14 @@ def test_bad_config_fails_before_anything_compiles(tmp_path, monkeypatch):
   config = tiny_config()
   config.batch_size = 12
   with pytest.raises(ConfigError, match='config.batch_size'):
-    train_lib.train_and_evaluate(config, str(tmp_path / 'run'))
+    experiment.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
 
 def test_model_kwargs_resolve_auto_dtype_per_platform():
   config = tiny_config()
   config.model.dtype = 'auto'
-  assert train_config.model_kwargs(config, 'tpu')['dtype'] == 'bfloat16'
-  kwargs = train_config.model_kwargs(config, 'cpu')
+  assert codec.of_experiment(config, 'tpu')['dtype'] == 'bfloat16'
+  kwargs = codec.of_experiment(config, 'cpu')
   assert kwargs['dtype'] == 'float32' and kwargs['num_classes'] == config.data.num_classes
   assert kwargs['bins'] == [1, 2, 3, 6]  # JSON-ready

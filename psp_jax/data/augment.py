@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from psp_jax.data import geometry
 from psp_jax.data import transforms as T
 from psp_jax.data._tf import tf
+from psp_jax.data.normalization import STD_RGB
 
 ROTATE_P = 0.5  # RandRotate(p=0.5)
 BLUR_P = 0.5  # RandomGaussianBlur: `if random.random() < 0.5`
@@ -113,7 +114,7 @@ def train_augment(
   image = tf.cond(do_blur, blurred, sharp) if blur else sharp()
 
   paddings = [[r0 - win_top, win_top + crop_h - r1], [c0 - win_left, win_left + crop_w - c1]]
-  image = tf.pad(T.per_channel(image, tf.divide, T.STD_RGB), paddings + [[0, 0]])
+  image = tf.pad(T.per_channel(image, tf.divide, STD_RGB), paddings + [[0, 0]])
   label = tf.pad(label, paddings, constant_values=ignore_label)
   image, label = geometry.flip_if(do_flip, image, label)
   return {

@@ -64,3 +64,21 @@ CITYSCAPES_LABEL_NAMES: tuple[str, ...] = tuple(n for _, n, _ in _TABLES['citysc
 
 # VOC palette PNGs colour 255 (boundaries, ignored) cream; keep that entry for rendering them.
 VOC_PALETTE_256: np.ndarray = _voc_palette(256)
+
+
+def names(dataset: str | None, num_classes: int) -> tuple[str, ...]:
+  """The data set's class names, or 'class 0', 'class 1', ... for an unknown one."""
+  known = CLASS_NAMES.get(dataset)
+  if known is not None and len(known) == num_classes:
+    return known
+  return tuple(f'class {i}' for i in range(num_classes))
+
+
+def palette(dataset: str | None, num_classes: int) -> np.ndarray:
+  """uint8 [num_classes, 3] colours: the data set's palette, else the VOC colormap (then a
+  fixed random draw past 256), so an unknown data set looks the same everywhere."""
+  known = PALETTES.get(dataset)
+  if known is not None and len(known) == num_classes:
+    return known
+  extra = np.random.default_rng(0).integers(0, 256, (max(num_classes - 256, 0), 3))
+  return np.concatenate([VOC_PALETTE_256, extra.astype(np.uint8)])[:num_classes]

@@ -17,12 +17,16 @@ import os
 import sys
 import time
 
-import tensorflow_datasets as tfds
+from psp_jax import runtime
 
-from psp_jax.data import files
-from psp_jax.data.builders import BUILDERS, MissingDataError
-from psp_jax.data.builders import synthetic as synthetic_builder
-from psp_jax.data.builders.common import is_prepared
+runtime.quiet_tensorflow_env()  # A command line: before anything below imports TensorFlow.
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+from psp_jax.data import files  # noqa: E402
+from psp_jax.data.builders import BUILDERS, MissingDataError  # noqa: E402
+from psp_jax.data.builders import synthetic as synthetic_builder  # noqa: E402
+from psp_jax.data.builders.common import is_prepared  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,6 +88,7 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  runtime.setup()
   for key in ('manual_dir', 'data_dir'):
     if getattr(args, key):
       setattr(args, key, os.path.expanduser(getattr(args, key)))

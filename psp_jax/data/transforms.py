@@ -17,12 +17,10 @@ import numpy as np
 
 from psp_jax.data import geometry
 from psp_jax.data._tf import tf
+from psp_jax.data.normalization import MEAN_RGB, STD_RGB
 
 Example = dict[str, tf.Tensor]
 
-# tool/train.py: mean/std = [0.485, 0.456, 0.406] / [0.229, 0.224, 0.225] times value_scale 255.
-MEAN_RGB = tuple(v * 255 for v in (0.485, 0.456, 0.406))
-STD_RGB = tuple(v * 255 for v in (0.229, 0.224, 0.225))
 BLUR_SIZE = 5  # RandomGaussianBlur(radius=5): cv2.GaussianBlur(image, (5, 5), 0)
 
 

@@ -17,8 +17,8 @@ import json
 import math
 import os
 import pathlib
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -27,12 +27,29 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from psp_jax import metrics
+from psp_jax import metrics, runtime
+from psp_jax.data import classes, sources
+from psp_jax.inference import segmenter
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
-from psp_jax.train import config as train_config
+from psp_jax.models import codec
 
 # A device's int32 confusion counts are moved to the host before they could overflow.
 _INT32_MAX = 2**31 - 1
+
+
+class Totals(NamedTuple):
+  """What one pass over a host's examples adds up.
+
+  Attributes:
+    confusion: int64 [K, K], rows ground truth, columns prediction.
+    images: examples seen.
+    kept: the first examples asked for, each {'image' uint8 [H, W, 3], 'label' [H, W],
+      'pred' int32 [H, W]} (TensorBoard's panels).
+  """
+
+  confusion: np.ndarray
+  images: int
+  kept: list[dict[str, np.ndarray]]
 
 
 def evaluate_examples(
@@ -41,7 +58,9 @@ def evaluate_examples(
   *,
   total: int | None = None,
   progress: bool = True,
-) -> np.ndarray:
+  stop: Callable[[], bool] | None = None,
+  keep: int = 0,
+) -> Totals | None:
   """Confusion matrix of this host's examples.
 
   Images with one plan key (all of them in slide mode; one size bucket in whole mode) are
@@ -50,15 +69,20 @@ def evaluate_examples(
   Args:
     examples: dicts with 'image' uint8 [H, W, 3] and 'label' int [H, W] (255 = ignore).
     total: number of examples, for the progress bar.
+    progress: show a progress bar.
+    stop: polled between examples; when it returns True the pass is abandoned.
+    keep: how many examples to return with their predictions.
 
   Returns:
-    int64 [K, K] confusion matrix, rows ground truth, columns prediction.
+    The Totals, or None if `stop` cut the pass short.
   """
   k = inference.num_classes
   host_total = np.zeros((k, k), np.int64)
   confusion = inference.zero_confusion()
-  pending: dict[tuple, list[tuple[Any, np.ndarray]]] = {}
+  pending: dict[tuple, list[tuple[Any, dict[str, np.ndarray]]]] = {}
+  kept: list[dict[str, np.ndarray]] = []
   pixels = 0  # Upper bound of any device's counts since the last move to the host.
+  images = 0
 
   def run(group):
     nonlocal confusion, host_total, pixels
@@ -68,25 +92,33 @@ def evaluate_examples(
     if pixels + most > _INT32_MAX:
       host_total += np.asarray(confusion).astype(np.int64).sum(0)
       confusion, pixels = inference.zero_confusion(), 0
-    plans, labels = zip(*group, strict=True)
-    _, confusion = inference.run(plans, labels, confusion, outputs=None)
+    plans, labels = zip(*[(plan, ex['label']) for plan, ex in group], strict=True)
+    wanted = len(kept) < keep
+    preds, confusion = inference.run(plans, labels, confusion, outputs='labels' if wanted else None)
+    if wanted:
+      kept.extend(dict(ex, pred=pred) for (_, ex), pred in zip(group, preds, strict=True))
     pixels += most
 
   bar = tqdm(total=total, desc='evaluate', unit='img', disable=not progress)
   for example in examples:
+    if stop is not None and stop():
+      bar.close()
+      return None
     plan = inference.plan(example['image'])
     label = np.asarray(example['label'])
     if label.shape != (plan.height, plan.width):
       raise ValueError(f'label {label.shape} and image {example["image"].shape} sizes differ')
     group = pending.setdefault(plan.key, [])
-    group.append((plan, label))
+    group.append((plan, dict(image=np.asarray(example['image']), label=label)))
+    images += 1
     if len(group) == inference.batch_size:
       run(pending.pop(plan.key))
     bar.update(1)
   for group in pending.values():
     run(group)
   bar.close()
-  return host_total + np.asarray(confusion).astype(np.int64).sum(0)
+  confusion = host_total + np.asarray(confusion).astype(np.int64).sum(0)
+  return Totals(confusion, images, kept[:keep])
 
 
 def sum_over_hosts(confusion: np.ndarray) -> np.ndarray:
@@ -199,15 +231,10 @@ def _normalise(value: Any) -> Any:
   return list(value) if isinstance(value, tuple | list) else value
 
 
-def evaluate(
-  config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, *, progress: bool = True
-) -> dict[str, Any]:
-  """Loads the checkpoint, evaluates config.data.eval_split and returns summarize()."""
-  from psp_jax.data import classes, sources
-  from psp_jax.inference.segmenter import load_model
-
-  # The checkpoint fixes the architecture; the config may only change the compute dtype.
-  apply_fn, variables, model_config = load_model(checkpoint, dtype=config.model.dtype)
+def check_model_config(
+  config: ml_collections.ConfigDict, model_config: dict[str, Any], checkpoint: Any
+) -> None:
+  """Warns where config.model differs from the checkpoint (which wins); refuses other classes."""
   for key, value in model_config.items():
     wanted = config.model.get(key)
     if key != 'dtype' and wanted is not None and _normalise(wanted) != _normalise(value):
@@ -225,6 +252,43 @@ def evaluate(
       f'{checkpoint} predicts {model_config["num_classes"]} classes but '
       f'config.data.num_classes is {num_classes}: use the matching --config'
     )
+
+
+class Evaluation(NamedTuple):
+  """summarize()'s results of a split and this host's first examples with predictions."""
+
+  results: dict[str, Any]
+  examples: list[dict[str, np.ndarray]]
+
+
+def evaluate_model(
+  config: ml_collections.ConfigDict,
+  apply_fn: Callable[[Any, jax.Array], jax.Array],
+  variables: Any,
+  *,
+  progress: bool = True,
+  stop: Callable[[], bool] | None = None,
+  keep: int = 0,
+) -> Evaluation | None:
+  """Evaluates a model on config.data.eval_split as config.eval says (the one path).
+
+  psp_jax.evaluate (through `evaluate`) and in-training validation (`validator`) both run
+  this, so their numbers agree for the same weights and config.
+
+  Args:
+    config: the run config (data, eval, model.dtype).
+    apply_fn: (variables, images [B, H, W, 3]) -> logits [B, H, W, K].
+    variables: {'params', 'batch_stats'} (host or single-device arrays).
+    progress: show a progress bar (process 0 only).
+    stop: polled between images; True abandons the pass (single process only: several
+      must finish together).
+    keep: how many of this host's examples to return with predictions.
+
+  Returns:
+    The Evaluation, or None if `stop` cut it short.
+  """
+  runtime.setup_tensorflow()
+  num_classes = config.data.num_classes
   windows = max(1, config.eval.batch_size // jax.device_count())  # Per local device.
   inference_config = InferenceConfig.from_config(config, windows_per_step=windows)
   inference = SlidingWindowInference(
@@ -242,22 +306,66 @@ def evaluate(
   if config.eval.max_examples > 0:
     per_host = -(-config.eval.max_examples // jax.process_count())
     dataset, total = dataset.take(per_host), min(total, per_host)
-  seen = [0]
-
-  def counted(examples):
-    for example in examples:
-      seen[0] += 1
-      yield example
-
-  confusion = evaluate_examples(
+  totals = evaluate_examples(
     inference,
-    counted(dataset.as_numpy_iterator()),
+    dataset.as_numpy_iterator(),
     total=total,
     progress=progress and jax.process_index() == 0,
+    stop=stop,
+    keep=keep,
   )
-  confusion = sum_over_hosts(confusion)
-  images = int(sum_over_hosts(np.array([seen[0]], np.int64))[0])
-  names = classes.CLASS_NAMES.get(config.data.name) or [f'class {i}' for i in range(num_classes)]
+  if totals is None:
+    return None
+  confusion = sum_over_hosts(totals.confusion)
+  images = int(sum_over_hosts(np.array([totals.images], np.int64))[0])
+  names = classes.names(config.data.name, num_classes)
   setup = dict(data=config.data.name, split=split, images=images, **describe(inference_config))
-  setup['dtype'] = train_config.compute_dtype(config.model.dtype, jax.default_backend()).name
-  return summarize(confusion, names, protocol=config.eval.protocol, setup=setup)
+  setup['dtype'] = codec.compute_dtype(config.model.dtype, jax.default_backend()).name
+  results = summarize(confusion, names, protocol=config.eval.protocol, setup=setup)
+  return Evaluation(results, totals.kept)
+
+
+def evaluate(
+  config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, *, progress: bool = True
+) -> dict[str, Any]:
+  """Loads the checkpoint, evaluates config.data.eval_split and returns summarize()."""
+  # The checkpoint fixes the architecture; the config may only change the compute dtype.
+  apply_fn, variables, model_config = segmenter.load_model(checkpoint, dtype=config.model.dtype)
+  check_model_config(config, model_config, checkpoint)
+  return evaluate_model(config, apply_fn, variables, progress=progress).results
+
+
+def validator(
+  config: ml_collections.ConfigDict,
+) -> Callable[[Any, Callable[[], bool] | None], Evaluation | None]:
+  """In-training validation: evaluate_model in whole mode on the run's own variables.
+
+  What TensorBoard's val/* shows is what `python -m psp_jax.evaluate
+  --config.eval.mode=whole` prints for the checkpoint saved at that step.
+
+  Args:
+    config: the run config.
+
+  Returns:
+    validate(variables, stop) -> Evaluation or None (stopped), keeping
+    config.num_summary_images examples.
+  """
+  whole = ml_collections.ConfigDict(config.to_dict())
+  whole.eval.mode = 'whole'
+  models = []  # Built at the first validation, after the training loop checked the config.
+
+  # One function object for the whole run: the compiled inference steps are cached on it.
+  def apply_fn(variables, images):
+    return models[0].apply(variables, images, train=False)
+
+  def validate(variables, stop=None):
+    if not models:
+      models.append(codec.build_model(codec.of_experiment(config, jax.devices()[0].platform)))
+    # The training state is a global array (replicated over every process's devices); the
+    # inference runs on this process's devices only, from one local copy.
+    local = jax.tree.map(lambda x: x.addressable_data(0), variables)
+    return evaluate_model(
+      whole, apply_fn, local, progress=False, stop=stop, keep=config.num_summary_images
+    )
+
+  return validate

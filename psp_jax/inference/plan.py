@@ -16,9 +16,11 @@ import math
 import ml_collections
 import numpy as np
 
-# ImageNet statistics on the 0..255 scale, RGB (tool/test.py: mean = [0.485, ...] * 255).
-MEAN = np.array([0.485, 0.456, 0.406], np.float32) * 255
-STD = np.array([0.229, 0.224, 0.225], np.float32) * 255
+from psp_jax import sizes
+from psp_jax.data.normalization import MEAN_RGB, STD_RGB
+
+MEAN = np.array(MEAN_RGB, np.float32)  # psp_jax.data.normalization, as arrays
+STD = np.array(STD_RGB, np.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,7 @@ class InferenceConfig:
     if not self.scales or min(self.scales) <= 0:
       raise ValueError(f'scales must be positive, got {self.scales}')
     crop = self.crop_size
-    object.__setattr__(self, 'crop_size', (crop, crop) if isinstance(crop, int) else tuple(crop))
+    object.__setattr__(self, 'crop_size', sizes.pair(crop, 'crop_size'))
     object.__setattr__(self, 'scales', tuple(float(s) for s in self.scales))
 
   @classmethod

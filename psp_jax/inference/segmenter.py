@@ -22,8 +22,7 @@ from tqdm import tqdm
 from psp_jax import paths, visualize, weights
 from psp_jax.data import classes
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
-from psp_jax.models import PSPNet
-from psp_jax.train import config as train_config
+from psp_jax.models import codec
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
@@ -36,17 +35,6 @@ DATASET_DEFAULTS = {
 # A checkpoint that does not say which data set it was trained on is recognised by its
 # number of classes.
 DATASET_BY_CLASSES = {150: 'ade20k', 21: 'voc2012', 19: 'cityscapes'}
-
-
-def build_model(model_config: dict[str, Any]) -> PSPNet:
-  """PSPNet from a model-config dict (PSPNet keyword arguments; dtypes may be strings)."""
-  kwargs = dict(model_config)
-  for key in ('dtype', 'param_dtype'):
-    if isinstance(kwargs.get(key), str):  # 'auto': bfloat16 on TPU, else float32.
-      kwargs[key] = train_config.compute_dtype(kwargs[key], jax.default_backend())
-  if 'bins' in kwargs:
-    kwargs['bins'] = tuple(kwargs['bins'])
-  return PSPNet(**kwargs)
 
 
 def load_model(
@@ -66,7 +54,7 @@ def load_model(
   model_config = dict(model_config)
   if dtype is not None:
     model_config['dtype'] = dtype
-  model = build_model(model_config)
+  model = codec.build_model(model_config)
   return (lambda v, x: model.apply(v, x, train=False)), variables, dict(model_config)
 
 
@@ -111,18 +99,14 @@ class Segmenter:
     self.inference = SlidingWindowInference(
       apply_fn, variables, num_classes=num_classes, config=config, devices=devices
     )
-    known = self.dataset in classes.CLASS_NAMES
-    if known and len(classes.CLASS_NAMES[self.dataset]) != num_classes:
+    known = classes.CLASS_NAMES.get(self.dataset)
+    if known is not None and len(known) != num_classes:
       raise ValueError(
-        f'{self.dataset} has {len(classes.CLASS_NAMES[self.dataset])} classes, the model '
-        f'{num_classes}: pass the right `dataset`'
+        f'{self.dataset} has {len(known)} classes, the model {num_classes}: pass the right '
+        '`dataset`'
       )
-    self.class_names = (
-      tuple(classes.CLASS_NAMES[self.dataset])
-      if known
-      else tuple(f'class {i}' for i in range(num_classes))
-    )
-    self.palette = classes.PALETTES[self.dataset] if known else _generic_palette(num_classes)
+    self.class_names = classes.names(self.dataset, num_classes)
+    self.palette = classes.palette(self.dataset, num_classes)
 
   @classmethod
   def from_checkpoint(
@@ -206,12 +190,6 @@ class Segmenter:
     Image.fromarray(labels.astype(mode_dtype)).save(out / f'{name}.png')
     Image.fromarray(self.colorize(labels)).save(out / f'{name}_color.png')
     self.overlay(image, labels).save(out / f'{name}_overlay.png')
-
-
-def _generic_palette(num_classes: int) -> np.ndarray:
-  """Colours for data sets without an official palette: the VOC colormap, then random."""
-  extra = np.random.default_rng(0).integers(0, 256, (max(num_classes - 256, 0), 3))
-  return np.concatenate([classes.VOC_PALETTE_256, extra.astype(np.uint8)])[:num_classes]
 
 
 def list_images(path: str | os.PathLike) -> list[pathlib.Path]:

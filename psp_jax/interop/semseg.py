@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+from flax import traverse_util
 
 # Flax module name -> index in the official nn.Sequential (pspnet.py: layer0 is
 # conv1, bn1, relu, conv2, bn2, relu, conv3, bn3, relu, maxpool; cls/aux are conv, bn, relu,
@@ -190,7 +191,7 @@ def expected_torch_shapes(model_config: Mapping[str, Any]) -> dict[str, tuple[in
   included: TorchPSPNet built on the meta device, so nothing is allocated."""
   import torch  # noqa: PLC0415 (only conversion needs torch)
 
-  from psp_jax.interop import torch_pspnet  # noqa: PLC0415
+  from psp_jax.interop import torch_pspnet  # noqa: PLC0415 (it imports torch at the top)
 
   with torch.device('meta'):
     model = torch_pspnet.build(dict(model_config))
@@ -303,8 +304,6 @@ def to_torch_names(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
   Returns:
     {official key: array}, without num_batches_tracked.
   """
-  from flax import traverse_util  # noqa: PLC0415
-
   out, unknown = {}, []
   for collection in ('params', 'batch_stats'):
     flat = traverse_util.flatten_dict(dict(variables.get(collection, {})))
@@ -397,8 +396,6 @@ def load_backbone(variables: Mapping[str, Any], checkpoint: Mapping[str, Any]) -
   Raises:
     CheckpointMismatchError: the file's backbone differs from the model's (all keys listed).
   """
-  from flax import traverse_util  # noqa: PLC0415
-
   loaded, file_config = backbone_from_torch_state_dict(checkpoint)
   model_named = to_torch_names(
     {c: {'backbone': variables[c]['backbone']} for c in ('params', 'batch_stats')}

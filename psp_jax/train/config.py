@@ -4,76 +4,26 @@ Every message names the config key at fault and how to fix it, so a bad run stop
 second instead of after minutes of compilation.
 """
 
-import dataclasses
 import math
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 
-from psp_jax import metrics
+from psp_jax import metrics, sizes
+from psp_jax.models import codec
+from psp_jax.train import defaults
 
-# Keys of the sections this module owns (configs/default.py declares them all). config.data
-# belongs to the data pipeline (psp_jax.data), which checks its own keys.
-TOP_KEYS = frozenset(
-  {
-    'seed',
-    'model',
-    'data',
-    'optim',
-    'eval',
-    'batch_size',
-    'num_epochs',
-    'num_train_steps',
-    'log_every_steps',
-    'eval_every_steps',
-    'checkpoint_every_steps',
-    'keep_checkpoints',
-    'num_summary_images',
-    'init_checkpoint',
-  }
-)
-OPTIM_KEYS = frozenset(
-  {
-    'base_lr',
-    'momentum',
-    'weight_decay',
-    'power',
-    'head_lr_mult',
-    'warmup_steps',
-    'grad_accum_steps',
-    'aux_weight',
-    'loss_groups',
-    'skip_nonfinite_steps',
-  }
-)
-EVAL_KEYS = frozenset(
-  {
-    'mode',
-    'base_size',
-    'scales',
-    'flip',
-    'protocol',
-    'batch_size',
-    'max_examples',
-    'whole_multiple',
-    'tile_size',
-  }
-)
+# config.data belongs to the data pipeline (psp_jax.data), which checks its own keys; model
+# keys are PSPNet's constructor arguments (psp_jax.models.codec).
+_DEFAULTS = defaults.get_config()
+TOP_KEYS = frozenset(_DEFAULTS.keys())
+OPTIM_KEYS = frozenset(_DEFAULTS.optim.keys())
+EVAL_KEYS = frozenset(_DEFAULTS.eval.keys())
 DATA_REQUIRED = ('name', 'num_classes', 'ignore_label', 'crop_size', 'train_split', 'eval_split')
-DTYPES = ('auto', 'float32', 'bfloat16', 'float16')
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message names the key."""
-
-
-def _model_keys() -> frozenset[str]:
-  """PSPNet's constructor arguments that a config may set (num_classes comes from data)."""
-  from psp_jax.models import PSPNet  # noqa: PLC0415 (keeps this module light to import)
-
-  fields = {f.name for f in dataclasses.fields(PSPNet) if f.init}
-  return frozenset(fields - {'parent', 'name', 'num_classes'})
 
 
 def _unknown(section: Any, known: frozenset[str], prefix: str) -> None:
@@ -82,18 +32,16 @@ def _unknown(section: Any, known: frozenset[str], prefix: str) -> None:
     names = ', '.join(f'{prefix}{k}' for k in unknown)
     raise ConfigError(
       f'Unknown config key(s): {names}. Known {prefix or "top-level "}keys: {sorted(known)}. '
-      'Check the spelling (configs/default.py declares every key).'
+      'Check the spelling (psp_jax/train/defaults.py declares every key).'
     )
 
 
 def crop_pair(crop_size: Any) -> tuple[int, int]:
   """(height, width) of config.data.crop_size (an int or a pair)."""
-  if isinstance(crop_size, int):
-    return crop_size, crop_size
-  pair = tuple(int(c) for c in crop_size)
-  if len(pair) != 2:
-    raise ConfigError(f'config.data.crop_size must be an int or (height, width), got {crop_size}.')
-  return pair
+  try:
+    return sizes.pair(crop_size, 'config.data.crop_size')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def feature_size(size: int, output_stride: int) -> int:
@@ -119,14 +67,15 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   _unknown(config, TOP_KEYS, '')
   for section in ('model', 'data', 'optim', 'eval'):
     _check(section in config, section, 'missing section; start from configs/default.py.')
-  _unknown(config.model, _model_keys() | {'dtype'}, 'model.')
+  _unknown(config.model, codec.settable_keys() | {'dtype'}, 'model.')
   _unknown(config.optim, OPTIM_KEYS, 'optim.')
   _unknown(config.eval, EVAL_KEYS, 'eval.')
   for key in DATA_REQUIRED:
     _check(key in config.data, f'data.{key}', 'missing; configs/default.py sets it.')
 
   model, data, optim = config.model, config.data, config.optim
-  _check(model.get('dtype', 'auto') in DTYPES, 'model.dtype', f'must be one of {DTYPES}.')
+  dtypes = codec.DTYPES
+  _check(model.get('dtype', 'auto') in dtypes, 'model.dtype', f'must be one of {dtypes}.')
   _check(data.num_classes >= 1, 'data.num_classes', f'must be >= 1, got {data.num_classes}.')
   _check(
     not 0 <= data.ignore_label < data.num_classes,
@@ -204,28 +153,6 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     f'{config.eval.batch_size} is not a positive multiple of the {device_count} devices.',
   )
   _check(config.eval.get('whole_multiple', 1) >= 1, 'eval.whole_multiple', 'must be >= 1.')
-
-
-def compute_dtype(name: str, platform: str) -> jnp.dtype:
-  """The compute dtype of config.model.dtype; 'auto' is bfloat16 on TPU, else float32."""
-  if name == 'auto':
-    name = 'bfloat16' if platform == 'tpu' else 'float32'
-  return jnp.dtype(name)
-
-
-def model_kwargs(config: ml_collections.ConfigDict, platform: str) -> dict[str, Any]:
-  """JSON-serialisable PSPNet keyword arguments (num_classes included, dtype resolved).
-
-  This dict is what model_config.json holds: psp_jax.predict.build_model rebuilds the model
-  from it.
-  """
-  kwargs = config.model.to_dict()
-  kwargs['dtype'] = compute_dtype(kwargs.get('dtype', 'auto'), platform).name
-  kwargs['num_classes'] = int(config.data.num_classes)
-  for key, value in kwargs.items():
-    if isinstance(value, tuple):
-      kwargs[key] = list(value)
-  return kwargs
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

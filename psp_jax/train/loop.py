@@ -1,24 +1,27 @@
-"""The training job: train_and_evaluate(config, workdir), readable top to bottom.
+"""The training loop: train(config, workdir, validate=...), readable top to bottom.
 
 Steps: check the config; build the model, the optimiser and the mesh; initialise the
 TrainState into its shardings or restore the newest checkpoint of the workdir; then loop
-over global batches with one compiled train step, logging, validating (whole image) and
-checkpointing as the config says. Resuming continues at the same step, schedule and data
-position.
+over global batches with one compiled train step, logging, validating and checkpointing as
+the config says. Validation is the caller's function (psp_jax.experiment passes
+psp_jax.inference's whole-image evaluation). Resuming continues at the same step, schedule
+and data position.
 """
 
 import logging
-import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
+from flax import traverse_util
 from jax.sharding import Mesh
 
-from psp_jax import distributed, metrics
+from psp_jax import distributed, runtime, weights
+from psp_jax.data import classes, pipeline, sources
+from psp_jax.models import codec
 from psp_jax.train import checkpoints as checkpointing
 from psp_jax.train import config as train_config
 from psp_jax.train import optim, safeguards, summaries
@@ -26,91 +29,9 @@ from psp_jax.train import state as train_state_lib
 from psp_jax.train import step as train_step_lib
 from psp_jax.train.state import TrainState
 
-_MAX_DEVICE_PIXELS = 2**31 - 1  # int32 confusion counts are moved to the host before this.
-
-
-def _pad_batch(batch: dict[str, np.ndarray], multiple: int, ignore_label: int) -> dict:
-  """Pads images (with 0, the mean colour) and labels (ignore) at the bottom and right.
-
-  The size is the largest of the batch over all processes (every process must feed the
-  same global shape), rounded up to a multiple, so whole-image validation compiles once per
-  size bucket, not once per image size.
-  """
-  size = np.asarray(batch['label'].shape[1:3])
-  if jax.process_count() > 1:
-    size = np.max(multihost_utils.process_allgather(size), axis=0)
-  height, width = (-(-size // multiple) * multiple).tolist()
-  _, h, w = batch['label'].shape
-  if (h, w) == (height, width):
-    return batch
-  return dict(
-    batch,
-    image=np.pad(batch['image'], ((0, 0), (0, height - h), (0, width - w), (0, 0))),
-    label=np.pad(
-      batch['label'], ((0, 0), (0, height - h), (0, width - w)), constant_values=ignore_label
-    ),
-  )
-
-
-def evaluate(
-  eval_step: Any,
-  variables: dict[str, Any],
-  config: ml_collections.ConfigDict,
-  mesh: Mesh,
-  stop: Any = None,
-) -> tuple[dict[str, float], dict[str, np.ndarray] | None] | None:
-  """Whole-image, single-scale validation on config.data.eval_split.
-
-  A quick proxy during training; psp_jax.evaluate runs the official sliding-window protocol.
-
-  Args:
-    eval_step: compiled train_step.make_eval_step.
-    variables: {'params', 'batch_stats'}.
-    config: the run config (data, eval.batch_size / max_examples / protocol / whole_multiple).
-    mesh: the mesh.
-    stop: a function polled between batches; when it returns True validation is abandoned
-      (one process only: several must run the same batches).
-
-  Returns:
-    ({'mIoU', 'mAcc', 'allAcc'}, this process's first batch {'image', 'label', 'pred'} or
-    None if the split is empty), or None if stop cut it short.
-  """
-  from psp_jax.data import pipeline  # noqa: PLC0415 (TensorFlow is imported lazily)
-
-  pc, pi = jax.process_count(), jax.process_index()
-  dataset = pipeline.create_eval_dataset(
-    config.data, batch_size=config.eval.batch_size // pc, process_index=pi, process_count=pc
-  )
-  if config.eval.max_examples > 0:
-    dataset = dataset.take(math.ceil(config.eval.max_examples / config.eval.batch_size))
-  num_classes, ignore = config.data.num_classes, config.data.ignore_label
-  multiple = config.eval.get('whole_multiple', 1)
-  total = np.zeros((num_classes, num_classes), np.int64)
-  confusion, device_pixels, first = None, 0, None
-  for batch in pipeline.numpy_batches(dataset):
-    if stop is not None and stop():
-      return None
-    batch = _pad_batch(batch, multiple, ignore)
-    pixels = batch['label'].size * pc
-    if confusion is not None and device_pixels + pixels > _MAX_DEVICE_PIXELS:
-      total += np.asarray(confusion).astype(np.int64)
-      confusion, device_pixels = None, 0
-    inputs = {k: batch[k] for k in ('image', 'label', 'mask')}
-    batch_confusion, pred = eval_step(variables, distributed_batch(inputs, mesh))
-    confusion = batch_confusion if confusion is None else confusion + batch_confusion
-    device_pixels += pixels
-    if first is None:
-      first = dict(image=batch['image'], label=batch['label'], pred=distributed.local_rows(pred))
-  if confusion is not None:
-    total += np.asarray(confusion).astype(np.int64)
-  result = metrics.compute_metrics(total, protocol=config.eval.protocol)
-  return {k: result[k] for k in ('mIoU', 'mAcc', 'allAcc')}, first
-
 
 def distributed_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """This process's numpy batch as global arrays split on 'data' (pipeline.to_global)."""
-  from psp_jax.data import pipeline  # noqa: PLC0415
-
   return pipeline.to_global(batch, mesh, distributed.DATA_AXIS)
 
 
@@ -120,10 +41,6 @@ def load_init_checkpoint(state: TrainState, path: str) -> TrainState:
   Leaves are matched by their path in {'params', 'batch_stats'}; those whose shape differs
   (a classifier of another data set) or that the checkpoint lacks keep their fresh values.
   """
-  from flax import traverse_util  # noqa: PLC0415
-
-  from psp_jax import weights  # noqa: PLC0415 (written by the conversion tooling)
-
   loaded, _ = weights.load_variables(path)
   loaded = traverse_util.flatten_dict(dict(loaded))
   copied, skipped = 0, []
@@ -199,10 +116,20 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
   return state, jax.tree.map(lambda x: x.sharding, target), checkpoints
 
 
-def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None
+Validate = Callable[[Any, Callable[[], bool] | None], Any]
+
+
+def train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  validate: Validate,
+  stop_at_step: int | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes training) and validates as the config says.
+
+  psp_jax.experiment.train_and_evaluate calls this with the whole-image evaluation of
+  psp_jax.inference (this room does not import that one; the caller joins them).
 
   SIGTERM or SIGINT (preemption, `kill`, Ctrl-C) stops the run at the next step boundary
   with a checkpoint of that step: rerunning the same command continues from it.
@@ -210,6 +137,9 @@ def train_and_evaluate(
   Args:
     config: the run config (configs/default.py).
     workdir: where checkpoints, TensorBoard events and the resolved config go.
+    validate: (variables, stop) -> an Evaluation-like result with `.results` ({'mIoU',
+      'mAcc', 'allAcc', ...}) and `.examples` (dicts of 'image', 'label', 'pred'), or None
+      when `stop()` became True during it.
     stop_at_step: stop (with a checkpoint) after this step instead of the last one, as a
       preempted run would; the schedule still spans the whole run.
 
@@ -229,16 +159,15 @@ def train_and_evaluate(
   checkpointing.check_workdir(workdir)
   with safeguards.StopRequest() as stop:
     logging.info('SIGTERM or Ctrl-C saves a checkpoint after the current step and stops.')
-    return _train(config, workdir, stop_at_step, stop)
+    return _train(config, workdir, stop_at_step, stop, validate)
 
 
-def _train(config, workdir, stop_at_step, stop: safeguards.StopRequest) -> dict[str, Any]:
+def _train(config, workdir, stop_at_step, stop, validate: Validate) -> dict[str, Any]:
   """The body of train_and_evaluate, with the stop request installed."""
-  from psp_jax.data import pipeline, sources  # noqa: PLC0415 (TensorFlow is imported lazily)
-
+  runtime.setup_tensorflow()
   platform = jax.devices()[0].platform
-  model_config = train_config.model_kwargs(config, platform)
-  model = train_state_lib.build_model(model_config)
+  model_config = codec.of_experiment(config, platform)
+  model = codec.build_model(model_config, platform)
   num_train = None
   if config.num_train_steps <= 0:
     num_train = sources.num_examples(config.data, config.data.train_split)
@@ -267,9 +196,6 @@ def _train(config, workdir, stop_at_step, stop: safeguards.StopRequest) -> dict[
   p_train_step = train_step_lib.compile_train_step(
     safeguards.guard_nonfinite(step_fn), shardings, mesh
   )
-  p_eval_step = train_step_lib.compile_eval_step(
-    train_step_lib.make_eval_step(model, config.data.num_classes, config.data.ignore_label), mesh
-  )
   dropout_key = jax.device_put(
     jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), distributed.replicated(mesh)
   )
@@ -283,7 +209,7 @@ def _train(config, workdir, stop_at_step, stop: safeguards.StopRequest) -> dict[
       start_step=start_step,
     )
   )
-  palette = summaries.palette_of(config.data.name, config.data.num_classes)
+  palette = classes.palette(config.data.name, config.data.num_classes)
   nonfinite = safeguards.NonFiniteSteps(bool(config.optim.get('skip_nonfinite_steps', False)))
   eval_stop = (lambda: stop.requested) if pc == 1 else None
 
@@ -326,12 +252,12 @@ def _train(config, workdir, stop_at_step, stop: safeguards.StopRequest) -> dict[
         started = time.perf_counter()
         # The last validation runs whole (a rerun would not repeat it).
         cut = eval_stop if done < end_step else None
-        result = evaluate(p_eval_step, state.variables, config, mesh, stop=cut)
+        result = validate(state.variables, cut)
         if result is None:  # A signal arrived during validation: save and stop now.
           preempted, save_now = True, True
         else:
-          val_scalars, first = result
-          _write_validation(writer, done, val_scalars, first, palette, config)
+          val_scalars = {k: result.results[k] for k in ('mIoU', 'mAcc', 'allAcc')}
+          _write_validation(writer, done, val_scalars, result.examples, palette, config)
           best = checkpoints.save_if_best(state, model_config, val_scalars)
           progress.write(
             f'step {done}: val mIoU {val_scalars["mIoU"]:.4f} mAcc {val_scalars["mAcc"]:.4f} '
@@ -366,16 +292,9 @@ def _train(config, workdir, stop_at_step, stop: safeguards.StopRequest) -> dict[
   )
 
 
-def _write_validation(writer, step, val_scalars, first, palette, config) -> None:
+def _write_validation(writer, step, val_scalars, examples, palette, config) -> None:
   """TensorBoard scalars and example panels of one validation."""
   writer.write_scalars(step, summaries.scalars_of(val_scalars, 'val'))
-  if first is not None and config.num_summary_images > 0:
-    panels = summaries.example_panels(
-      first['image'],
-      first['label'],
-      first['pred'],
-      palette,
-      ignore_label=config.data.ignore_label,
-      count=config.num_summary_images,
-    )
+  if examples and config.num_summary_images > 0:
+    panels = summaries.example_panels(examples, palette, ignore_label=config.data.ignore_label)
     writer.write_images(step, {'val/input_truth_prediction': panels})

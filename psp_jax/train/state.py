@@ -34,17 +34,6 @@ class TrainState:
     return {'params': self.params, 'batch_stats': self.batch_stats}
 
 
-def build_model(model_kwargs: dict[str, Any]) -> PSPNet:
-  """PSPNet from JSON-style keyword arguments (dtype as a string, bins as a list)."""
-  kwargs = dict(model_kwargs)
-  for key in ('dtype', 'param_dtype'):
-    if isinstance(kwargs.get(key), str):
-      kwargs[key] = jnp.dtype(kwargs[key])
-  if 'bins' in kwargs:
-    kwargs['bins'] = tuple(kwargs['bins'])
-  return PSPNet(**kwargs)
-
-
 def init_fn(model: PSPNet, tx: optax.GradientTransformation, image_shape: tuple[int, ...]):
   """A function of a PRNG key that builds a fresh TrainState (to be jitted).
 

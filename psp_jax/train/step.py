@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from psp_jax import distributed, metrics
+from psp_jax import distributed
 from psp_jax.models import PSPNet
 from psp_jax.train import losses
 from psp_jax.train.state import TrainState
@@ -157,36 +157,3 @@ def compile_train_step(
     out_shardings=(state_shardings, replicated),
     donate_argnums=(0,),
   )
-
-
-def make_eval_step(
-  model: PSPNet, num_classes: int, ignore_label: int = 255
-) -> Callable[[dict[str, Any], Batch], tuple[jax.Array, jax.Array]]:
-  """Whole-image evaluation of a batch: confusion matrix and predictions.
-
-  Args:
-    model: the network.
-    num_classes: K.
-    ignore_label: label left out of the counts.
-
-  Returns:
-    eval_step(variables, batch) -> (int32 [K, K] confusion, int32 [B, H, W] predictions);
-    batch {'image' [B, H, W, 3], 'label' [B, H, W], 'mask' bool [B]} (mask False marks
-    padding examples, which count nothing).
-  """
-
-  def eval_step(variables: dict[str, Any], batch: Batch):
-    logits = model.apply(variables, batch['image'], train=False)
-    pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    confusion = metrics.confusion_matrix(
-      pred, batch['label'], num_classes, ignore_label, mask=batch['mask'][:, None, None]
-    )
-    return confusion, pred
-
-  return eval_step
-
-
-def compile_eval_step(eval_step: Callable[..., Any], mesh: Mesh) -> Callable[..., Any]:
-  """jax.jit of eval_step: variables replicated, batch and predictions split on 'data'."""
-  replicated, sharded = distributed.replicated(mesh), distributed.batch_sharded(mesh)
-  return jax.jit(eval_step, in_shardings=(replicated, sharded), out_shardings=(replicated, sharded))

@@ -3,36 +3,17 @@
 Only process 0 writes files; the other processes log nothing and show no bar.
 """
 
-import json
-import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers  # noqa: I001 (after psp_jax.data._tf on purpose)
+from clu import metric_writers
 from tqdm import tqdm
 
 from psp_jax import paths, visualize, weights
-from psp_jax.data._tf import tf  # noqa: F401 (quiet and off accelerators before clu imports it)
-from psp_jax.inference import plan as inference_plan
-
-_CHATTY = ('/orbax/', '/tensorflow_datasets/', '/clu/')
-
-
-class _QuietLibraries(logging.Filter):
-  """Drops the INFO lines of orbax, TFDS and clu (a dozen per checkpoint); keeps warnings."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(s in record.pathname for s in _CHATTY)
-
-
-def quiet_library_logs() -> None:
-  """Installs _QuietLibraries on every handler of the root logger (absl's included)."""
-  for handler in logging.getLogger().handlers:
-    handler.addFilter(_QuietLibraries())
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -45,7 +26,7 @@ def create_writer(workdir: str) -> metric_writers.MetricWriter:
 def write_config(workdir: str, config: ml_collections.ConfigDict, model_config: dict) -> None:
   """Writes config.json (the resolved run config) and model_config.json (PSPNet kwargs).
 
-  model_config.json is what psp_jax.weights / psp_jax.predict rebuild the model from.
+  model_config.json is what psp_jax.weights.load_variables rebuilds the model from.
   """
   if jax.process_index() > 0:
     return
@@ -54,53 +35,33 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, model_config: 
   (path / weights.RUN_CONFIG_FILE).write_text(
     config.to_json_best_effort(indent=2, sort_keys=True) + '\n'
   )
-  (path / weights.CONFIG_FILE).write_text(json.dumps(model_config, indent=2, sort_keys=True) + '\n')
-
-
-def palette_of(dataset: str, num_classes: int) -> np.ndarray:
-  """The data set's palette (psp_jax.data.classes.PALETTES), or a fixed random one."""
-  from psp_jax.data import classes  # noqa: PLC0415 (classes pulls in the data package)
-
-  palette = classes.PALETTES.get(dataset)
-  if palette is not None and len(palette) >= num_classes:
-    return np.asarray(palette, np.uint8)
-  return np.random.default_rng(0).integers(0, 256, (num_classes, 3)).astype(np.uint8)
-
-
-def denormalize(images: np.ndarray) -> np.ndarray:
-  """Normalised float images [N, H, W, 3] back to uint8 RGB."""
-  images = np.asarray(images) * inference_plan.STD + inference_plan.MEAN
-  return np.clip(np.rint(images), 0, 255).astype(np.uint8)
+  weights.write_model_config(path, model_config)
 
 
 def example_panels(
-  images: np.ndarray,
-  labels: np.ndarray,
-  preds: np.ndarray,
-  palette: np.ndarray,
-  *,
-  ignore_label: int = 255,
-  count: int = 4,
+  examples: Sequence[Mapping[str, np.ndarray]], palette: np.ndarray, *, ignore_label: int = 255
 ) -> np.ndarray:
   """Rows of input | ground truth | prediction, coloured with the data set's palette.
 
   Args:
-    images: float32 [N, H, W, 3], normalised.
-    labels: int [N, H, W] (ignore_label drawn black).
-    preds: int [N, H, W].
+    examples: {'image' uint8 [H, W, 3], 'label' int [H, W] (ignore_label drawn black),
+      'pred' int [H, W]} each, of any sizes.
     palette: uint8 [K, 3].
     ignore_label: label drawn black.
-    count: number of examples to draw (at most N).
 
   Returns:
-    uint8 [n, H, 3 * W + gaps, 3].
+    uint8 [N, H, 3 * W + gaps, 3], rows padded black to the largest.
   """
   rows = []
-  for image, label, pred in zip(images[:count], labels[:count], preds[:count], strict=True):
+  for ex in examples:
+    label = ex['label']
     truth = visualize.colorize(label, palette, ignore_label=ignore_label)
-    guess = visualize.colorize(np.where(label == ignore_label, ignore_label, pred), palette)
-    rows.append(visualize.side_by_side([denormalize(image), truth, guess]))
-  return np.stack(rows)
+    guess = visualize.colorize(np.where(label == ignore_label, ignore_label, ex['pred']), palette)
+    rows.append(visualize.side_by_side([ex['image'], truth, guess]))
+  height, width = max(r.shape[0] for r in rows), max(r.shape[1] for r in rows)
+  return np.stack(
+    [np.pad(r, ((0, height - r.shape[0]), (0, width - r.shape[1]), (0, 0))) for r in rows]
+  )
 
 
 class Progress:
