@@ -34,8 +34,9 @@ import sys
 import tempfile
 import time
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+from psp_jax import runtime  # noqa: E402
+
+runtime.quiet_tensorflow_env()  # Before anything below imports TensorFlow.
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -287,13 +288,12 @@ def main(argv: list[str] | None = None) -> None:
   import jax  # noqa: PLC0415
 
   from psp_jax import distributed  # noqa: PLC0415
-  from psp_jax.train import summaries  # noqa: PLC0415
 
   distributed.set_cpu_xla_flags()
   if args.compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', args.compilation_cache_dir)
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s: %(message)s')
-  summaries.quiet_library_logs()
+  runtime.setup()
   runs = len(args.variants) * len(args.seeds)
   print(
     f'{runs} runs: {len(args.variants)} variants x seeds {list(args.seeds)}, '

@@ -20,11 +20,15 @@ import sys
 import tempfile
 import time
 
-import ml_collections
-import numpy as np
+from psp_jax import runtime
 
-from psp_jax.data import augment, pipeline
-from psp_jax.data._tf import tf
+runtime.setup()  # TensorFlow quiet and off accelerators, before it is imported below.
+
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from psp_jax.data import augment, pipeline  # noqa: E402
 
 # The op-by-op chain is a test helper, not part of the package; row 2 times it.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -133,7 +137,7 @@ def main() -> None:
       num_classes=11,
       synthetic=synthetic_options,
     )
-    options = pipeline._options(False, args.threads)
+    options = pipeline.options(False, args.threads)
 
     def mapped(fn):
       """source -> repeat -> map(fn(example, per-example seed)) -> batch -> prefetch."""
@@ -142,7 +146,7 @@ def main() -> None:
       ds = ds.batch(args.batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
       return ds.with_options(options)
 
-    kwargs = pipeline._augment_kwargs(config)
+    kwargs = pipeline.augment_kwargs(config)
     plain = {**kwargs, 'scale_range': None, 'rotate_range': None, 'blur': False, 'flip': False}
     rows = [
       ('decode + crop only (no augmentation)', mapped(

@@ -24,11 +24,12 @@ network whose radii come close to those draws on the whole scene.
 
 import argparse
 import functools
-import os
 import pathlib
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from psp_jax import runtime  # noqa: E402
+
+runtime.quiet_tensorflow_env()  # Before anything below imports TensorFlow.
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -2,9 +2,10 @@
 
 from collections.abc import Sequence
 
+import tensorflow as tf
+
 from psp_jax.data import augment
 from psp_jax.data import transforms as T
-from psp_jax.data._tf import tf
 
 
 def augment_reference(

@@ -4,9 +4,9 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from psp_jax.data import pipeline
-from psp_jax.data._tf import tf
 
 NUM = 10  # examples in the in-memory split
 CROP = 33
@@ -136,58 +136,6 @@ def test_train_rejects_bad_config():
     pipeline.build_train_dataset(source().repeat(), data_config(), batch_size=2, seed=0)
 
 
-@pytest.mark.parametrize('process_count', [1, 2, 3])
-@pytest.mark.parametrize('pad_to', [None, (48, 64)])
-def test_eval_padding_and_mask_cover_every_example_once(process_count, pad_to):
-  batch_size = 2
-  steps = -(-NUM // (process_count * batch_size))
-  seen = []
-  for index in range(process_count):
-    dataset = pipeline.build_eval_dataset(
-      source(process_index=index, process_count=process_count),
-      num_examples=NUM,
-      batch_size=batch_size,
-      process_count=process_count,
-      pad_to=pad_to,
-    )
-    batches = list(dataset.as_numpy_iterator())
-    assert len(batches) == steps  # the same number of steps on every process
-    for batch in batches:
-      assert batch['image'].shape[0] == batch_size and batch['mask'].dtype == bool
-      if pad_to is not None:
-        assert batch['image'].shape[1:3] == pad_to
-      real = batch['mask']
-      seen += example_ids(batch['image'][real])
-      for k in np.flatnonzero(real):
-        h, w = batch['height'][k], batch['width'][k]
-        i = example_ids(batch['image'][k : k + 1])[0]
-        assert (h, w) == (36 + 5 * (i % 3), 40 + 7 * (i % 4))
-        assert (batch['label'][k, :h, :w] == i % 7).all()
-        assert (batch['label'][k, h:] == 255).all() and (batch['label'][k, :, w:] == 255).all()
-        assert (batch['image'][k, h:] == 0).all() and (batch['image'][k, :, w:] == 0).all()
-      assert (batch['label'][~real] == 255).all() and (batch['image'][~real] == 0).all()
-  assert sorted(seen) == list(range(NUM))
-
-
-def test_eval_unknown_source_length_pads_the_same():
-  dataset = pipeline.build_eval_dataset(
-    source(process_index=1, process_count=3).filter(lambda example: True),
-    num_examples=NUM,
-    batch_size=2,
-    process_count=3,
-  )
-  masks = [batch['mask'] for batch in dataset.as_numpy_iterator()]
-  np.testing.assert_array_equal(np.concatenate(masks), [True, True, True, False])
-
-
-def test_eval_errors_are_clear():
-  with pytest.raises(ValueError, match='more than its 4 evaluation slots'):
-    pipeline.build_eval_dataset(source(), num_examples=7, batch_size=2, process_count=2)
-  dataset = pipeline.build_eval_dataset(source(), num_examples=NUM, batch_size=2, pad_to=40)
-  with pytest.raises(tf.errors.InvalidArgumentError, match='larger than the pad size'):
-    list(dataset.as_numpy_iterator())
-
-
 @pytest.fixture(scope='module')
 def synthetic_config(tmp_path_factory):
   """The project's synthetic TFDS source: 6 train and 5 validation 65x65 scenes."""
@@ -211,21 +159,6 @@ def test_synthetic_source_train_batches_and_resume(synthetic_config):
     assert np.abs(batch['image']).max() < 3.0  # normalised
   assert_same_batches(through[3:], batches(1, 3, 2))  # 3 examples a process: epoch 2, offset 0
   assert not np.array_equal(batches(0, 0, 1)[0]['image'], through[0]['image'])
-
-
-def test_synthetic_source_eval_covers_the_split(synthetic_config):
-  real = 0
-  for index in range(2):
-    dataset = pipeline.create_eval_dataset(
-      synthetic_config, batch_size=2, process_index=index, process_count=2, pad_to=65
-    )
-    batches = list(dataset.as_numpy_iterator())
-    assert len(batches) == 2  # ceil(5 / 2 / 2) on both processes
-    for batch in batches:
-      assert batch['image'].shape == (2, 65, 65, 3)
-      real += int(batch['mask'].sum())
-      assert (batch['height'][batch['mask']] == 65).all()
-  assert real == 5
 
 
 def test_to_global_shards_the_batch_over_the_mesh():

@@ -11,19 +11,27 @@ from PIL import Image
 from psp_jax.data import prepare
 
 
+def run_prepare(argv: list[str]) -> int:
+  """prepare.main's exit status: returned when it succeeds, raised (SystemExit) when not."""
+  try:
+    return prepare.main(argv)
+  except SystemExit as e:
+    return e.code
+
+
 def test_prepares_synthetic_then_reuses_it(tmp_path, capsys):
   args = ['synthetic', '--data_dir', str(tmp_path), '--num_train', '5', '--num_val', '2']
-  assert prepare.main([*args, '--image_size', '21']) == 0
+  assert run_prepare([*args, '--image_size', '21']) == 0
   out = capsys.readouterr().out
   assert "{'train': 5, 'validation': 2}" in out and 'Done in' in out
-  assert prepare.main([*args, '--image_size', '21']) == 0
+  assert run_prepare([*args, '--image_size', '21']) == 0
   assert 'Already prepared' in capsys.readouterr().out
 
 
 def test_prepares_ade20k_from_a_manual_dir(tmp_path, capsys):
   datagen.write_ade20k(tmp_path / 'manual', (3, 2), as_zip=True)
   argv = ['ade20k', '--manual_dir', str(tmp_path / 'manual'), '--data_dir', str(tmp_path / 'd')]
-  assert prepare.main(argv) == 0
+  assert run_prepare(argv) == 0
   out = capsys.readouterr().out
   assert 'found 3 train, 2 validation image/label pairs' in out
   assert "{'train': 3, 'validation': 2}" in out
@@ -32,10 +40,10 @@ def test_prepares_ade20k_from_a_manual_dir(tmp_path, capsys):
 def test_missing_files_are_named(tmp_path, capsys):
   (tmp_path / 'empty').mkdir()
   argv = ['cityscapes', '--manual_dir', str(tmp_path / 'empty'), '--data_dir', str(tmp_path)]
-  assert prepare.main(argv) == 1
+  assert run_prepare(argv) == 1
   err = capsys.readouterr().err
   assert 'leftImg8bit_trainvaltest.zip' in err and 'gtFine/{train,val}/<city>' in err
-  assert prepare.main(['voc2012', '--data_dir', str(tmp_path)]) == 1
+  assert run_prepare(['voc2012', '--data_dir', str(tmp_path)]) == 1
   assert 'voc2012 needs --manual_dir DIR, where DIR holds' in capsys.readouterr().err
 
 
@@ -45,11 +53,11 @@ def test_bad_file_is_named_and_can_be_skipped(tmp_path, capsys):
   shape = np.asarray(Image.open(label)).shape
   datagen.save(label, np.full(shape, 40, np.uint8))  # 40 is no label id.
   argv = ['cityscapes', '--manual_dir', str(tmp_path / 'manual'), '--data_dir', str(tmp_path)]
-  assert prepare.main(argv) == 1
+  assert run_prepare(argv) == 1
   err = capsys.readouterr().err
   assert f'{label}: unexpected label values [40]; expected values in 0..33' in err
   assert '--skip_bad_examples' in err
-  assert prepare.main([*argv, '--skip_bad_examples']) == 0
+  assert run_prepare([*argv, '--skip_bad_examples']) == 0
   assert "{'train': 3, 'validation': 1}" in capsys.readouterr().out
 
 

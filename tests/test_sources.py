@@ -2,16 +2,17 @@
 
 import io
 import logging
+import re
 
 import datagen
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from psp_jax.data import classes, files, sources
-from psp_jax.data._tf import tf
+from psp_jax.data import classes, files, pipeline, sources
 from psp_jax.data.builders import Ade20k, Cityscapes, MissingDataError, Voc2012
 
 # The 19 evaluated Cityscapes label ids, in train-id order (cityscapesScripts labels.py).
@@ -144,6 +145,20 @@ def test_list_source_and_sharding(tmp_path):
   assert sorted(s for part in parts for s in part) == sorted(expected['train'])
 
 
+def test_list_paths_with_spaces_take_a_tab(tmp_path):
+  expected = datagen.write_list(tmp_path, 'train', 2, num_classes=5)
+  spaced = tmp_path / 'my data'
+  (tmp_path / 'data').rename(spaced)
+  lines = [f'my data/img/train_{i:03d}.jpg\tmy data/gt/train_{i:03d}.png' for i in range(2)]
+  (tmp_path / 'list' / 'train.txt').write_text('\n'.join(lines) + '\n')
+  config = data_config('list', root=str(tmp_path), train_list='list/train.txt', num_classes=5)
+  got = collect(sources.get_source(config, 'train'))
+  assert sorted(got) == sorted(expected['train'])
+  (tmp_path / 'list' / 'train.txt').write_text(lines[0].replace('\t', ' ') + '\n')
+  with pytest.raises(ValueError, match=r'train.txt:1: expected .* a TAB between them'):
+    sources.get_source(config, 'train')
+
+
 def test_folder_source(tmp_path):
   expected = datagen.write_folder(tmp_path, 'val', 5, num_classes=4)
   config = data_config('folder', root=str(tmp_path), num_classes=4)
@@ -221,8 +236,8 @@ def test_label_of_another_size_names_the_file(tmp_path, caplog):
   assert 'train_002.png: label is 7x5' in str(error.value)
   assert 'train_002.jpg is 28x18' in str(error.value)
   config.skip_bad_examples = True
-  with caplog.at_level(logging.WARNING):
-    assert len(list(sources.get_source(config, 'train').as_numpy_iterator())) == 3
+  with caplog.at_level(logging.WARNING):  # numpy_batches logs the skips.
+    assert len(list(pipeline.numpy_batches(sources.get_source(config, 'train')))) == 3
   assert 'Skipped bad example 1 of list train' in caplog.text
 
 
@@ -298,8 +313,6 @@ def test_missing_files_path_is_reported(tmp_path):
 
 
 def test_corrupt_label_png_is_named_or_skipped_and_counted(tmp_path, caplog):
-  from psp_jax.data import pipeline
-
   datagen.write_list(tmp_path, 'train', 4, num_classes=3)
   bad = tmp_path / 'data' / 'gt' / 'train_001.png'
   bad.write_bytes(bad.read_bytes()[:60])  # Truncated PNG.
@@ -321,8 +334,8 @@ def test_out_of_range_labels_are_skipped_and_counted(tmp_path, caplog):
   label = tmp_path / 'labels' / 'train' / 'a' / 'img_001.png'
   datagen.save(label, np.full((17, 26), 7, np.uint8))  # Class 7 of 4 (255 would be fine).
   config = data_config('folder', root=str(tmp_path), num_classes=4, skip_bad_examples=True)
-  with caplog.at_level(logging.WARNING):
-    assert len(list(sources.get_source(config, 'train').as_numpy_iterator())) == 2
+  with caplog.at_level(logging.WARNING):  # numpy_batches logs the skips.
+    assert len(list(pipeline.numpy_batches(sources.get_source(config, 'train')))) == 2
   assert f'Skipped bad example 1 of folder train: {label}: unexpected label values [7]' in (
     caplog.text
   )
@@ -360,3 +373,30 @@ def test_gray_rgba_and_16_bit_image_files_are_read_as_rgb(tmp_path):
   got = collect(sources.get_source(config, 'train'))
   for shape in shapes:
     np.testing.assert_array_equal(got[shape]['image'], converted[shape])
+
+
+@pytest.mark.parametrize('skip', [False, True], ids=['stop', 'skip'])
+def test_file_sources_run_no_python_inside_tf_data(tmp_path, skip):
+  # A Python call inside tf.data can deadlock the iterator's destructor (it holds the GIL).
+  datagen.write_folder(tmp_path, 'train', 2, num_classes=4)
+  ds = sources.get_source(
+    data_config('folder', root=str(tmp_path), skip_bad_examples=skip), 'train'
+  )
+  policy = tf.data.experimental.ExternalStatePolicy.WARN  # The skip counter is a variable.
+  graph = tf.compat.v1.GraphDef.FromString(
+    ds._as_serialized_graph(external_state_policy=policy).numpy()
+  )
+  ops = {n.op for n in graph.node} | {n.op for f in graph.library.function for n in f.node_def}
+  python_ops = {op for op in ops if op.startswith(('PyFunc', 'EagerPyFunc'))}
+  assert 'ParallelMapDatasetV2' in ops and not python_ops
+
+
+def test_pgm_and_ppm_images_are_refused_by_name(tmp_path):
+  datagen.write_folder(tmp_path, 'train', 2, num_classes=4)
+  pgm = tmp_path / 'images' / 'train' / 'img_009.pgm'
+  Image.fromarray(np.zeros((4, 6), np.uint8)).save(pgm)
+  config = data_config('folder', root=str(tmp_path), num_classes=4)
+  with pytest.raises(
+    MissingDataError, match=f'1 PGM/PPM images .* cannot be read .*{re.escape(str(pgm))}'
+  ):
+    sources.num_examples(config, 'train')

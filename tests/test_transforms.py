@@ -4,11 +4,11 @@ import math
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from augment_reference import augment_reference  # noqa: I001 (tests/ is on sys.path)
 
 from psp_jax.data import augment, geometry, normalization
 from psp_jax.data import transforms as T
-from psp_jax.data._tf import tf
 
 MEAN = np.array(normalization.MEAN_RGB, np.float32)
 STD = np.array(normalization.STD_RGB, np.float32)

@@ -9,9 +9,10 @@ is up to 4x less work.
 
 from collections.abc import Sequence
 
+import tensorflow as tf
+
 from psp_jax.data import geometry
 from psp_jax.data import transforms as T
-from psp_jax.data._tf import tf
 from psp_jax.data.normalization import STD_RGB
 
 ROTATE_P = 0.5  # RandRotate(p=0.5)

@@ -2,7 +2,9 @@
 
 Images become uint8 [H, W, 3] RGB whatever their mode; labels become class indices (palette
 PNGs are read as indices, never as colours), mapped through a 256-entry lookup table that
-marks invalid raw values, so a bad file fails with its name and its bad values.
+marks invalid raw values, so a bad file fails with its name and its bad values. The TFDS
+builders decode here, with PIL, once when they prepare; the list/folder sources read every
+pass, inside tf.data, so decode.py applies the same rules with TensorFlow ops.
 """
 
 import io
@@ -14,11 +16,15 @@ from collections.abc import Mapping
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm')  # util/dataset.py's list
+from psp_jax import errors
+
+# util/dataset.py's list less .ppm and .pgm, which TensorFlow cannot decode (decode.py).
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp')
+NETPBM_EXTENSIONS = ('.ppm', '.pgm')
 INVALID = -1  # Lookup-table entry of a raw label value that must not occur.
 
 
-class BadExampleError(ValueError):
+class BadExampleError(errors.UserError, ValueError):
   """An image or label file that cannot be used (unreadable, wrong size, bad values)."""
 
 
@@ -119,13 +125,13 @@ def map_label(raw: np.ndarray, table: np.ndarray, name: str) -> np.ndarray:
   if raw.size and (raw.min() < 0 or raw.max() > 255):
     bad = np.unique(raw[(raw < 0) | (raw > 255)])
     raise BadExampleError(
-      f'{name}: label values {_listed(bad)} do not fit in 8 bits; expected {_describe(table)}.'
+      f'{name}: label values {_listed(bad)} do not fit in 8 bits; expected {describe_table(table)}.'
     )
   mapped = table[raw]
   if (mapped == INVALID).any():
     bad = np.unique(raw[mapped == INVALID])
     raise BadExampleError(
-      f'{name}: unexpected label values {_listed(bad)}; expected {_describe(table)}.'
+      f'{name}: unexpected label values {_listed(bad)}; expected {describe_table(table)}.'
     )
   return mapped.astype(np.uint8)
 
@@ -135,7 +141,15 @@ def _listed(values: np.ndarray, limit: int = 10) -> str:
   return f'[{shown}{", ..." if len(values) > limit else ""}]'
 
 
-def _describe(table: np.ndarray) -> str:
+def describe_table(table: np.ndarray) -> str:
+  """The raw values a label_table accepts, in words.
+
+  Args:
+    table: int16 [256] from label_table.
+
+  Returns:
+    e.g. 'values in 0..10, 255'.
+  """
   valid = np.flatnonzero(table != INVALID)
   runs, start = [], None
   for i, v in enumerate(valid):

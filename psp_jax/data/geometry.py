@@ -6,8 +6,7 @@ formula of hszhao/semseg (util/transform.py, tool/test.py). Images are [H, W, C]
 """
 
 import numpy as np
-
-from psp_jax.data._tf import tf
+import tensorflow as tf
 
 
 def resize_bilinear(image: tf.Tensor, size: tf.Tensor) -> tf.Tensor:

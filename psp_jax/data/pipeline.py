@@ -1,31 +1,23 @@
-"""tf.data input pipelines: augmented training batches, mask-padded evaluation batches.
+"""tf.data input pipelines: augmented training batches, and their numpy and global forms.
 
 Each process builds its own pipeline over its part of the data (get_source shards by
 process) and turns its batches into global jax.Arrays with `to_global`.
 """
 
 import logging
-import math
 import os
-import re
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
 
-from psp_jax.data import augment, files, sources, transforms
-from psp_jax.data._tf import tf
+from psp_jax import errors, sizes
+from psp_jax.data import augment, decode, sources, transforms
 
 _MAX_EPOCHS = 2**62  # "forever": the training stream repeats until the caller stops reading
-
-
-def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-  pair = (value, value) if isinstance(value, int) else tuple(int(v) for v in value)
-  if len(pair) != 2 or min(pair) < 1:
-    raise ValueError(f'data.{name} must be a positive int or (height, width), got {value!r}.')
-  return pair
 
 
 def _range(value: Sequence[float] | None, name: str) -> tuple[float, float] | None:
@@ -33,20 +25,24 @@ def _range(value: Sequence[float] | None, name: str) -> tuple[float, float] | No
     return None
   low, high = (float(v) for v in value)
   if not low < high:
-    raise ValueError(f'data.{name} must be (min, max) with min < max, got {tuple(value)!r}.')
+    raise errors.InvalidInputError(
+      f'data.{name} must be (min, max) with min < max, got {tuple(value)!r}.'
+    )
   return low, high
 
 
-def _augment_kwargs(data_config: Any) -> dict[str, Any]:
+def augment_kwargs(data_config: Any) -> dict[str, Any]:
   """augment.train_augment keyword arguments from config.data, validated."""
   scale_range = _range(data_config.scale_range, 'scale_range')
   if scale_range is not None and scale_range[0] <= 0:
-    raise ValueError(f'data.scale_range must be positive, got {scale_range!r}.')
+    raise errors.InvalidInputError(f'data.scale_range must be positive, got {scale_range!r}.')
   ignore_label = int(data_config.ignore_label)
   if not 0 <= ignore_label <= 255:
-    raise ValueError(f'data.ignore_label must fit the uint8 labels (0..255), got {ignore_label}.')
+    raise errors.InvalidInputError(
+      f'data.ignore_label must fit the uint8 labels (0..255), got {ignore_label}.'
+    )
   return dict(
-    crop_size=_pair(data_config.crop_size, 'crop_size'),
+    crop_size=sizes.pair(data_config.crop_size, 'config.data.crop_size'),
     scale_range=scale_range,
     rotate_range=_range(data_config.rotate_range, 'rotate_range'),
     blur=bool(data_config.blur),
@@ -56,7 +52,7 @@ def _augment_kwargs(data_config: Any) -> dict[str, Any]:
   )
 
 
-def _options(deterministic: bool, num_threads: int | None) -> tf.data.Options:
+def options(deterministic: bool, num_threads: int | None) -> tf.data.Options:
   """tf.data options: own thread pool, one thread per op (parallelism comes from map)."""
   options = tf.data.Options()
   options.deterministic = deterministic
@@ -122,7 +118,7 @@ def build_train_dataset(
   """
   if batch_size < 1 or start_step < 0:
     raise ValueError(f'Need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}.')
-  kwargs = _augment_kwargs(data_config)
+  kwargs = augment_kwargs(data_config)
   buffer = int(data_config.shuffle_buffer)
   base_key = tf.constant([seed, process_index], tf.int64)
   fold_in = tf.random.experimental.stateless_fold_in
@@ -161,7 +157,7 @@ def build_train_dataset(
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_options(bool(data_config.deterministic), num_threads))
+  return ds.with_options(options(bool(data_config.deterministic), num_threads))
 
 
 def create_train_dataset(
@@ -205,140 +201,13 @@ def create_train_dataset(
   )
 
 
-def build_eval_dataset(
-  source: tf.data.Dataset,
-  *,
-  num_examples: int,
-  batch_size: int,
-  process_count: int = 1,
-  pad_to: int | Sequence[int] | None = None,
-  ignore_label: int = 255,
-  num_threads: int | None = None,
-) -> tf.data.Dataset:
-  """One pass of mask-padded evaluation batches from one process's share of a split.
-
-  Every process yields ceil(num_examples / process_count / batch_size) batches, so all run
-  the same number of steps; the slots after this process's real examples hold padding
-  examples with mask False. Images are normalised and padded at the bottom / right (mean
-  colour, i.e. 0 after normalising; labels ignore_label), so each real image sits at
-  [:height, :width].
-
-  Args:
-    source: this process's examples {'image': uint8 [H, W, 3], 'label': uint8 [H, W]}.
-    num_examples: examples in the whole split (over all processes).
-    batch_size: examples per batch on this process.
-    process_count: number of processes sharing the split.
-    pad_to: (height, width) or int to pad every image to; None pads each batch to its
-      largest image (shapes then vary between batches).
-    ignore_label: label padding value.
-    num_threads: tf.data thread-pool size (default: the number of cores).
-
-  Returns:
-    A dataset of {'image': float32 [b, h, w, 3], 'label': int32 [b, h, w], 'mask': bool [b],
-    'height': int32 [b], 'width': int32 [b]} with b = batch_size.
-  """
-  if batch_size < 1 or process_count < 1 or num_examples < 0:
-    raise ValueError(
-      f'Need batch_size, process_count >= 1 and num_examples >= 0, got {batch_size}, '
-      f'{process_count}, {num_examples}.'
-    )
-  capacity = math.ceil(num_examples / (process_count * batch_size)) * batch_size
-  host_examples = _cardinality(source)
-  if host_examples is not None and host_examples > capacity:
-    raise ValueError(
-      f'This process has {host_examples} of {num_examples} examples, more than its '
-      f'{capacity} evaluation slots: the source does not split the data evenly over '
-      f'{process_count} processes.'
-    )
-  size = None if pad_to is None else _pair(pad_to, 'pad_to')
-  ignore = tf.constant(ignore_label, tf.int32)
-
-  def prepare(example):
-    example = _checked(example)
-    shape = tf.shape(example['label'])
-    if size is not None:
-      example = transforms.pad_to_size(example, *size, ignore_label=ignore_label)
-    return {
-      'image': transforms.normalize(example['image']),
-      'label': tf.cast(example['label'], tf.int32),
-      'mask': tf.constant(True),
-      'height': shape[0],
-      'width': shape[1],
-    }
-
-  blank_size = size or (1, 1)
-  blank = tf.data.Dataset.from_tensors(
-    {
-      'image': tf.zeros([*blank_size, 3], tf.float32),
-      'label': tf.fill(blank_size, ignore),
-      'mask': tf.constant(False),
-      'height': tf.constant(0, tf.int32),
-      'width': tf.constant(0, tf.int32),
-    }
-  )
-  ds = source.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  if host_examples is not None:
-    ds = ds.concatenate(blank.repeat(capacity - host_examples))
-  else:
-    ds = ds.concatenate(blank.repeat()).take(capacity)
-  if size is None:
-    padding_values = {
-      'image': 0.0,
-      'label': ignore,
-      'mask': False,
-      'height': 0,
-      'width': 0,
-    }
-    ds = ds.padded_batch(batch_size, padding_values=padding_values, drop_remainder=True)
-  else:
-    ds = ds.batch(batch_size, drop_remainder=True)
-  ds = ds.prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_options(True, num_threads))
-
-
-def create_eval_dataset(
-  data_config: Any,
-  *,
-  batch_size: int,
-  process_index: int = 0,
-  process_count: int = 1,
-  pad_to: int | Sequence[int] | None = None,
-  num_threads: int | None = None,
-) -> tf.data.Dataset:
-  """One pass over config.data's eval split for one process, mask-padded.
-
-  Args:
-    data_config: config.data.
-    batch_size: examples per batch on this process.
-    process_index: this process (jax.process_index()).
-    process_count: number of processes (jax.process_count()).
-    pad_to: (height, width) or int every image is padded to, or None (per-batch maximum).
-    num_threads: tf.data thread-pool size (default: the number of cores).
-
-  Returns:
-    See build_eval_dataset.
-  """
-  split = data_config.eval_split
-  source = sources.get_source(
-    data_config, split, process_index=process_index, process_count=process_count
-  )
-  return build_eval_dataset(
-    source,
-    num_examples=sources.num_examples(data_config, split),
-    batch_size=batch_size,
-    process_count=process_count,
-    pad_to=pad_to,
-    ignore_label=int(data_config.ignore_label),
-    num_threads=num_threads,
-  )
-
-
 def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
   """dataset.as_numpy_iterator(), with a bad data file reported as itself.
 
-  A BadExampleError raised while reading a file inside tf.data reaches the caller as a
-  TensorFlow OpError whose text holds the whole Python traceback; this re-raises it as a
-  files.BadExampleError with just its message (the file's name and what is wrong).
+  A bad list/folder file stops tf.data with a TensorFlow error that carries its message;
+  decode.reported() re-raises it as a files.BadExampleError with just that message (the
+  file's name and what is wrong), and logs the examples skipped so far
+  (config.data.skip_bad_examples).
 
   Args:
     dataset: a tf.data pipeline.
@@ -349,14 +218,10 @@ def numpy_batches(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
   iterator = dataset.as_numpy_iterator()
   while True:
     try:
-      batch = next(iterator)
+      with decode.reported():
+        batch = next(iterator)
     except StopIteration:
       return
-    except tf.errors.OpError as e:
-      match = re.search(r'BadExampleError: ([^\n]*)', str(e))
-      if match is None:
-        raise
-      raise files.BadExampleError(match.group(1)) from None
     yield batch
 
 

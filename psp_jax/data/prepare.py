@@ -17,13 +17,12 @@ import os
 import sys
 import time
 
-from psp_jax import runtime
+from psp_jax import errors, runtime
 
 runtime.quiet_tensorflow_env()  # A command line: before anything below imports TensorFlow.
 
 import tensorflow_datasets as tfds  # noqa: E402
 
-from psp_jax.data import files  # noqa: E402
 from psp_jax.data.builders import BUILDERS, MissingDataError  # noqa: E402
 from psp_jax.data.builders import synthetic as synthetic_builder  # noqa: E402
 from psp_jax.data.builders.common import is_prepared  # noqa: E402
@@ -86,6 +85,7 @@ def prepare(args: argparse.Namespace) -> dict[str, int]:
   return counts
 
 
+@errors.report
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   runtime.setup()
@@ -94,11 +94,7 @@ def main(argv: list[str] | None = None) -> int:
       setattr(args, key, os.path.expanduser(getattr(args, key)))
   logging.basicConfig(level=logging.INFO, format='%(levelname)s %(message)s')
   start = time.perf_counter()
-  try:
-    prepare(args)
-  except (MissingDataError, files.BadExampleError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+  prepare(args)  # A missing or bad file is a UserError: one message, status 1.
   print(f'Done in {time.perf_counter() - start:.1f} s.')
   return 0
 

@@ -8,11 +8,13 @@ config.data.name picks the source:
                                config.data.root (train_list / val_list), read as they are;
   folder                       root/images/<split>/**/*.{jpg,png,...} with labels
                                root/labels/<split>/**/<same stem>.png, read as they are.
-Labels come out mapped (255 = ignore). Bad files stop list/folder sources with the file's
-name, or are skipped and counted with config.data.skip_bad_examples; the TFDS builders
-check every file once, when prepared (their --skip_bad_examples flag). Each of
-process_count processes gets a disjoint part of the split (contiguous for TFDS, every
-process_count-th file for list/folder), and together they see every example once.
+Labels come out mapped (255 = ignore). list/folder files are decoded by TensorFlow ops
+(decode.py); a bad one stops the source with the file's name (pipeline.numpy_batches raises
+it as files.BadExampleError), or is skipped and counted with config.data.skip_bad_examples
+(numpy_batches logs it); the TFDS builders check every file once, when prepared (their
+--skip_bad_examples flag). Each of process_count processes gets a disjoint part of the split
+(contiguous for TFDS, every process_count-th file for list/folder), and together they see
+every example once.
 """
 
 import contextlib
@@ -22,11 +24,11 @@ import os
 import pathlib
 from typing import Any
 
-import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from psp_jax.data import files, synthetic
-from psp_jax.data._tf import tf
+from psp_jax import errors
+from psp_jax.data import decode, files, synthetic
 from psp_jax.data.builders import BUILDERS, MissingDataError
 from psp_jax.data.builders import synthetic as synthetic_builder
 from psp_jax.data.builders.common import is_prepared
@@ -49,7 +51,7 @@ def prepare_command(name: str) -> str:
 def _check_classes(data_config: Any, expected: int) -> None:
   got = _option(data_config, 'num_classes')
   if got is not None and int(got) != expected:
-    raise ValueError(
+    raise errors.InvalidInputError(
       f'config.data.num_classes is {got} but {data_config.name} has {expected} classes: set '
       f"--config.data.num_classes={expected} (or use the data set's config)."
     )
@@ -57,7 +59,7 @@ def _check_classes(data_config: Any, expected: int) -> None:
 
 def _check_process(process_index: int, process_count: int) -> None:
   if process_count < 1 or not 0 <= process_index < process_count:
-    raise ValueError(
+    raise errors.InvalidInputError(
       f'Need 0 <= process_index < process_count, got {process_index}, {process_count}.'
     )
 
@@ -83,7 +85,7 @@ def synthetic_options(data_config: Any) -> dict[str, int]:
   defaults = {'image_size': 129, 'num_train': 2000, 'num_val': 200, 'seed': 0}
   unknown = set(options) - set(defaults)
   if unknown:
-    raise ValueError(
+    raise errors.InvalidInputError(
       f'Unknown config.data.synthetic keys {sorted(unknown)}; known: {sorted(defaults)}.'
     )
   values = {k: options.get(k) for k in defaults}
@@ -125,7 +127,7 @@ def _tfds_split(builder: tfds.core.DatasetBuilder, split: str) -> str:
   split = _SPLIT_ALIASES.get(split, split)
   base = split.split('[')[0]
   if base not in builder.info.splits:
-    raise ValueError(
+    raise errors.InvalidInputError(
       f'{builder.name} has no split {base!r}; prepared splits: {sorted(builder.info.splits)}.'
     )
   return split
@@ -168,10 +170,14 @@ def _list_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
   elif split in ('validation', 'val', 'test', _option(data_config, 'eval_split', 'validation')):
     key = 'val_list'
   else:
-    raise ValueError(f'list source: split {split!r} is neither the train nor the eval split.')
+    raise errors.InvalidInputError(
+      f'list source: split {split!r} is neither the train nor the eval split.'
+    )
   list_file, root = _option(data_config, key), _option(data_config, 'root', '')
   if list_file is None:
-    raise ValueError(f'list source: config.data.{key} is not set (needed for split {split!r}).')
+    raise errors.InvalidInputError(
+      f'list source: config.data.{key} is not set (needed for split {split!r}).'
+    )
   path = pathlib.Path(list_file)
   if not path.is_file() and root and (pathlib.Path(root) / list_file).is_file():
     path = pathlib.Path(root) / list_file
@@ -182,11 +188,16 @@ def _list_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
     )
   pairs = []
   for number, line in enumerate(path.read_text().splitlines(), 1):
-    parts = line.split()
-    if not parts:
+    # The official format separates the two paths with white space; a TAB separates paths
+    # that contain spaces.
+    parts = [p.strip() for p in line.split('\t')] if '\t' in line else line.split()
+    if not any(parts):
       continue
-    if len(parts) != 2:
-      raise ValueError(f'{path}:{number}: expected `image_path label_path`, got {line!r}.')
+    if len(parts) != 2 or not all(parts):
+      raise errors.InvalidInputError(
+        f'{path}:{number}: expected `image_path label_path`, got {line!r}. Paths that contain '
+        'spaces go with a TAB between them: `images/a b.jpg<TAB>labels/a b.png`.'
+      )
     pairs.append((os.path.join(root, parts[0]), os.path.join(root, parts[1])))
   if not pairs:
     raise MissingDataError(f'list source: {path} (config.data.{key}) lists no examples.')
@@ -197,7 +208,7 @@ def _folder_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
   """(image, label) paths of root/images/<split>/ and root/labels/<split>/, by stem."""
   root = _option(data_config, 'root')
   if root is None:
-    raise ValueError('folder source: config.data.root is not set.')
+    raise errors.InvalidInputError('folder source: config.data.root is not set.')
   root = pathlib.Path(root)
   names = _FOLDER_SPLITS.get(_SPLIT_ALIASES.get(split, split), (split,))
   found = next((n for n in names if (root / 'images' / n).is_dir()), None)
@@ -210,14 +221,21 @@ def _folder_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
   image_dir, label_dir = root / 'images' / found, root / 'labels' / found
   if not label_dir.is_dir():
     raise MissingDataError(f'folder source: {label_dir} does not exist (labels for {image_dir}).')
+  paths = sorted(image_dir.rglob('*'))
   images = {
     p.relative_to(image_dir).with_suffix('').as_posix(): p
-    for p in sorted(image_dir.rglob('*'))
+    for p in paths
     if p.suffix.lower() in files.IMAGE_EXTENSIONS
   }
   labels = {
     p.relative_to(label_dir).with_suffix('').as_posix(): p for p in sorted(label_dir.rglob('*.png'))
   }
+  netpbm = [p for p in paths if p.suffix.lower() in files.NETPBM_EXTENSIONS]
+  if netpbm:
+    raise MissingDataError(
+      f'folder source: {len(netpbm)} PGM/PPM images in {image_dir} cannot be read (TensorFlow '
+      f'has no decoder for them), e.g. {", ".join(map(str, netpbm[:5]))}: save them as PNG.'
+    )
   if not images:
     raise MissingDataError(
       f'folder source: {image_dir} holds no images ({", ".join(files.IMAGE_EXTENSIONS)}).'
@@ -257,47 +275,27 @@ def _file_source(
 ) -> tf.data.Dataset:
   pairs = _file_pairs(data_config, split)[process_index::process_count]
   if _option(data_config, 'num_classes') is None:
-    raise ValueError(f'{data_config.name} source: config.data.num_classes is not set.')
+    raise errors.InvalidInputError(
+      f'{data_config.name} source: config.data.num_classes is not set.'
+    )
   num_classes = int(data_config.num_classes)
   ignore = int(_option(data_config, 'ignore_label', 255))
   table = files.label_table(num_classes=num_classes)
   table[255] = files.INVALID
   table[ignore] = ignore
-  skip = bool(_option(data_config, 'skip_bad_examples', False))
-  skipped = files.SkipCounter(f'{data_config.name} {split}')
 
-  def load(image_path: bytes, label_path: bytes):
-    image_name, label_name = image_path.decode(), label_path.decode()
-    try:
-      image, label = files.decode_pair(
-        pathlib.Path(image_name).read_bytes(),
-        pathlib.Path(label_name).read_bytes(),
-        table,
-        image_name=image_name,
-        label_name=label_name,
-      )
-    except (files.BadExampleError, OSError) as e:
-      if not skip:
-        raise files.BadExampleError(f'{e} (set config.data.skip_bad_examples to skip it)') from e
-      skipped.skip(e)
-      return np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1), np.uint8), False
-    return image, label, True
-
+  # TensorFlow ops only (decode.py): a Python call inside tf.data can deadlock the iterator's
+  # destructor, which holds the GIL while it waits for the call.
+  @tf.autograph.experimental.do_not_convert
   def read(image_path, label_path):
-    image, label, ok = tf.numpy_function(
-      load, [image_path, label_path], [tf.uint8, tf.uint8, tf.bool], stateful=False
-    )
-    image.set_shape([None, None, 3])
-    label.set_shape([None, None])
-    return {'image': image, 'label': label, 'ok': ok}
+    return decode.read_pair(image_path, label_path, table)
 
   ds = tf.data.Dataset.from_tensor_slices(tuple(map(list, zip(*pairs, strict=True))))
   if shuffle_seed is not None:
     ds = ds.shuffle(len(pairs), seed=shuffle_seed, reshuffle_each_iteration=True)
   ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
-  if skip:
-    ds = ds.filter(lambda e: e['ok'])
-  return ds.map(lambda e: {'image': e['image'], 'label': e['label']})
+  skip = bool(_option(data_config, 'skip_bad_examples', False))
+  return decode.drop_or_raise(ds, skip=skip, what=f'{data_config.name} {split}')
 
 
 # --- Public API. ----------------------------------------------------------------------------
@@ -328,7 +326,9 @@ def get_source(
   _check_process(process_index, process_count)
   reader = _SOURCES.get(data_config.name)
   if reader is None:
-    raise ValueError(f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.')
+    raise errors.InvalidInputError(
+      f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.'
+    )
   return reader(data_config, split, process_index, process_count, shuffle_seed)
 
 
@@ -345,7 +345,9 @@ def num_examples(data_config: Any, split: str) -> int:
   if data_config.name in ('list', 'folder'):
     return len(_file_pairs(data_config, split))
   if data_config.name not in _SOURCES:
-    raise ValueError(f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.')
+    raise errors.InvalidInputError(
+      f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.'
+    )
   builder = _builder(data_config)
   return builder.info.splits[_tfds_split(builder, split)].num_examples
 

@@ -14,9 +14,9 @@ return float32 images, and padding with the mean colour therefore normalises to 
 from collections.abc import Sequence
 
 import numpy as np
+import tensorflow as tf
 
 from psp_jax.data import geometry
-from psp_jax.data._tf import tf
 from psp_jax.data.normalization import MEAN_RGB, STD_RGB
 
 Example = dict[str, tf.Tensor]

@@ -22,12 +22,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from psp_jax import errors
 from psp_jax.data import files
 
 _ZIPS = threading.local()  # Per-thread open zip archives: ZipFile reads are not thread-safe.
 
 
-class MissingDataError(FileNotFoundError):
+class MissingDataError(errors.UserError, FileNotFoundError):
   """The manual directory lacks the files a builder expects; says which and how to fix it."""
 
 

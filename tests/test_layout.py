@@ -1,0 +1,192 @@
+"""The package's layout: imports run one way, no cycle, no private names across modules.
+
+  command lines (train.py, psp_jax.{evaluate,predict,convert,preflight,experiment}, data.prepare)
+    -> psp_jax.train/, psp_jax.inference/   (never each other)
+      -> psp_jax.weights -> psp_jax.interop/ -> psp_jax.models/
+      -> psp_jax.data/                        (never models/, train/, inference/)
+      -> shared leaves: psp_jax.{paths, metrics, visualize, distributed, runtime, sizes,
+         errors} (models/ imports none of them: it stands alone)
+
+Function-local imports count like top-level ones: laziness does not change the dependency.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / 'psp_jax'
+MAX_LINES = 450
+COMMANDS = {'psp_jax.evaluate', 'psp_jax.predict', 'psp_jax.convert', 'psp_jax.preflight'}
+COMMANDS |= {'psp_jax.experiment'}  # the training job: joins train/ and inference/
+SHARED = {'psp_jax.paths', 'psp_jax.metrics', 'psp_jax.visualize', 'psp_jax.distributed'}
+SHARED |= {'psp_jax.runtime', 'psp_jax.sizes', 'psp_jax.errors'}
+# room -> the rooms and modules it may import (besides itself and the shared leaves).
+ALLOWED = {
+  'psp_jax.models': set(),
+  'psp_jax.interop': {'psp_jax.models'},
+  'psp_jax.weights': {'psp_jax.interop', 'psp_jax.models'},
+  'psp_jax.data': set(),
+  'psp_jax.train': {'psp_jax.models', 'psp_jax.data', 'psp_jax.weights', 'psp_jax.interop'},
+  'psp_jax.inference': {'psp_jax.models', 'psp_jax.data', 'psp_jax.weights', 'psp_jax.interop'},
+}
+SHARED_ALLOWED = {'psp_jax.paths': set(), 'psp_jax.metrics': set(), 'psp_jax.visualize': set()}
+SHARED_ALLOWED |= {'psp_jax.distributed': set(), 'psp_jax.runtime': set(), 'psp_jax.sizes': set()}
+SHARED_ALLOWED |= {'psp_jax.errors': set()}
+
+
+def module_name(path: pathlib.Path) -> str:
+  parts = path.relative_to(ROOT).with_suffix('').parts
+  return '.'.join(parts[:-1] if parts[-1] == '__init__' else parts)
+
+
+def package_modules() -> dict[str, pathlib.Path]:
+  return {module_name(p): p for p in sorted(PACKAGE.rglob('*.py'))}
+
+
+MODULES = package_modules()
+
+
+def resolve(name: str) -> str | None:
+  """The psp_jax module an imported dotted name lives in (None outside the package)."""
+  while name:
+    if name in MODULES:
+      return name
+    name = name.rpartition('.')[0]
+  return None
+
+
+def imports_of(path: pathlib.Path) -> dict[str, set[str]]:
+  """{imported psp_jax module: local names bound to it or taken from it}, anywhere in a file."""
+  found: dict[str, set[str]] = {}
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      for alias in node.names:
+        if (target := resolve(alias.name)) is not None:
+          found.setdefault(target, set())
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for alias in node.names:
+        # `from psp_jax.x import y`: y is a module of its own, or a name of psp_jax.x.
+        submodule = f'{node.module}.{alias.name}'
+        target = resolve(submodule if submodule in MODULES else node.module)
+        if target is not None:
+          found.setdefault(target, set()).add(alias.name)
+  return found
+
+
+def room_of(module: str) -> str:
+  """The room (psp_jax.train, ...), shared module or command a module belongs to."""
+  for room in ALLOWED:
+    if module == room or module.startswith(room + '.'):
+      return room
+  return module
+
+
+GRAPH = {name: set(imports_of(path)) - {name} for name, path in MODULES.items()}
+
+
+def test_no_import_cycle():
+  state: dict[str, int] = {}  # 1 visiting, 2 done
+  stack: list[str] = []
+
+  def visit(node: str) -> None:
+    state[node] = 1
+    stack.append(node)
+    for nxt in sorted(GRAPH.get(node, ())):
+      if state.get(nxt) == 1:
+        cycle = stack[stack.index(nxt) :] + [nxt]
+        pytest.fail('import cycle: ' + ' -> '.join(cycle))
+      if nxt not in state:
+        visit(nxt)
+    stack.pop()
+    state[node] = 2
+
+  for module in sorted(GRAPH):
+    if module not in state:
+      visit(module)
+
+
+@pytest.mark.parametrize('module', sorted(MODULES))
+def test_imports_run_one_way(module):
+  if module in COMMANDS or module == 'psp_jax.data.prepare' or module == 'psp_jax':
+    return  # Command lines may import any room.
+  room = room_of(module)
+  allowed = ALLOWED.get(room, SHARED_ALLOWED.get(room))
+  assert allowed is not None, f'{module} is in no room: add it to tests/test_layout.py'
+  shared = set() if room == 'psp_jax.models' else SHARED  # models/ stands alone.
+  wrong = sorted(
+    target
+    for target in GRAPH[module]
+    if room_of(target) != room
+    and target not in shared
+    and room_of(target) not in allowed
+    and target != 'psp_jax'
+  )
+  assert not wrong, f'{module} ({room}) must not import {wrong}'
+
+
+def python_files_outside_tests() -> list[pathlib.Path]:
+  files = list(PACKAGE.rglob('*.py')) + [ROOT / 'train.py']
+  for folder in ('benchmarks', 'tools', 'configs'):
+    files += (ROOT / folder).rglob('*.py')
+  return sorted(files)
+
+
+def private_uses(path: pathlib.Path) -> list[str]:
+  """'module._name' for every private name of another psp_jax module this file uses."""
+  tree = ast.parse(path.read_text())
+  own = module_name(path) if path.is_relative_to(PACKAGE) else None
+  bound: dict[str, str] = {}  # local name -> psp_jax module
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for alias in node.names:
+        submodule = f'{node.module}.{alias.name}'
+        if submodule in MODULES:
+          bound[alias.asname or alias.name] = submodule
+          if alias.name.startswith('_'):
+            out.append(submodule)
+        elif resolve(node.module) not in (None, own) and alias.name.startswith('_'):
+          out.append(f'{node.module}.{alias.name}')
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if resolve(alias.name) and any(p.startswith('_') for p in alias.name.split('.')):
+          out.append(alias.name)
+  for node in ast.walk(tree):
+    if (
+      isinstance(node, ast.Attribute)
+      and isinstance(node.value, ast.Name)
+      and node.value.id in bound
+      and bound[node.value.id] != own
+      and node.attr.startswith('_')
+      and not node.attr.startswith('__')
+    ):
+      out.append(f'{bound[node.value.id]}.{node.attr}')
+  return sorted(set(out))
+
+
+@pytest.mark.parametrize(
+  'path', python_files_outside_tests(), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_no_private_names_of_other_modules(path):
+  assert not private_uses(path), f'{path.relative_to(ROOT)} uses private names'
+
+
+@pytest.mark.parametrize(
+  'path', sorted(PACKAGE.rglob('*.py')), ids=lambda p: str(p.relative_to(ROOT))
+)
+def test_modules_stay_small(path):
+  lines = len(path.read_text().splitlines())
+  assert lines <= MAX_LINES, f'{path.relative_to(ROOT)} has {lines} lines: split it by topic'
+
+
+def test_the_checks_catch_what_they_should(tmp_path):
+  """The walkers themselves: a private use and a forbidden import are seen."""
+  sample = PACKAGE / 'data' / 'pipeline.py'
+  assert 'psp_jax.data.sources' in imports_of(sample)
+  fake = tmp_path / 'fake.py'
+  fake.write_text('from psp_jax.data import transforms as T\nT._hidden(1)\n')
+  assert private_uses(fake) == ['psp_jax.data.transforms._hidden']
+  assert room_of('psp_jax.train.loop') == 'psp_jax.train'
+  assert 'psp_jax.inference' not in ALLOWED['psp_jax.train']
