@@ -14,13 +14,12 @@ non-finite loss, ends the run with status 1 and one message saying what is wrong
 """
 
 import os
-import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from psp_jax import distributed, runtime
+from psp_jax import distributed, errors, runtime
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and summaries.')
@@ -38,9 +37,10 @@ _CACHE_DIR = flags.DEFINE_string(
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+@errors.report
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    raise errors.UsageError(f'unexpected arguments: {argv[1:]}')
   # XLA reads its flags when JAX starts a backend: this must come before anything runs.
   if distributed.set_cpu_xla_flags():
     logging.info('CPU run: XLA_FLAGS=%s', os.environ['XLA_FLAGS'])
@@ -52,30 +52,12 @@ def main(argv: list[str]) -> None:
   # Imported only now: XLA reads XLA_FLAGS when a backend starts, which importing the model
   # may do, and TensorFlow is imported after runtime.setup quieted it.
   from psp_jax import experiment
-  from psp_jax.data import builders, files
-  from psp_jax.train import checkpoints, safeguards
-  from psp_jax.train import config as train_config
 
-  try:
-    experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
-  except (
-    train_config.ConfigError,
-    checkpoints.WorkdirError,
-    safeguards.NonFiniteLossError,
-    files.BadExampleError,
-    builders.MissingDataError,
-  ) as e:
-    # Errors that say what is wrong: their message, without a traceback, and status 1.
-    # train_and_evaluate has already closed the checkpoints and the summary writer. The exit
-    # skips destructors: a tf.data iterator stopped by a bad file (list/folder sources read
-    # files in a parallel tf.numpy_function) deadlocks when it is destroyed while one of
-    # those calls waits for the GIL, which the destroying thread holds (seen in CI).
-    logging.error('%s: %s', type(e).__name__, e)
-    logging.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+  # A bad config, workdir, data file or checkpoint, or a non-finite loss, is a UserError:
+  # errors.report prints its message (no traceback) and exits 1; train_and_evaluate has
+  # closed the checkpoints and the summary writer by then.
+  experiment.train_and_evaluate(_CONFIG.value, _WORKDIR.value, stop_at_step=_STOP_AT_STEP.value)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -7,11 +7,11 @@ The naming table and the checks are in psp_jax.interop.semseg; files in psp_jax.
 """
 
 import argparse
-import sys
 
-from psp_jax import weights
+from psp_jax import errors, weights
 
 
+@errors.report
 def main(argv: list[str] | None = None) -> None:
   """Command line: .pth -> orbax checkpoint dir, or checkpoint dir -> .pth."""
   parser = argparse.ArgumentParser(prog='python -m psp_jax.convert', description=__doc__)
@@ -22,14 +22,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--num-classes', type=int, help='fail unless this many classes')
   parser.add_argument('--force', action='store_true', help='overwrite dst')
   args = parser.parse_args(argv)
-  try:
-    expect = {k: v for k, v in (('depth', args.depth), ('num_classes', args.num_classes)) if v}
-    if args.bins:
-      expect['bins'] = list(args.bins)
-    weights.convert(args.src, args.dst, expect=expect, force=args.force)
-  except (OSError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(1)
+  expect = {k: v for k, v in (('depth', args.depth), ('num_classes', args.num_classes)) if v}
+  if args.bins:
+    expect['bins'] = list(args.bins)
+  weights.convert(args.src, args.dst, expect=expect, force=args.force)
 
 
 if __name__ == '__main__':

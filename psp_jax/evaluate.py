@@ -11,7 +11,7 @@ official PyTorch .pth (converted on the fly). psp_jax.inference.evaluation does 
 
 from collections.abc import Sequence
 
-from psp_jax import runtime
+from psp_jax import errors, paths, runtime
 
 runtime.quiet_tensorflow_env()  # A command line: before anything below imports TensorFlow.
 
@@ -29,13 +29,22 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.')
   flags.DEFINE_string('checkpoint', None, 'Training workdir, converted checkpoint dir or .pth.')
   flags.DEFINE_string('output_dir', None, 'Where to write results.{txt,md,json}.')
+  flags.DEFINE_bool('overwrite', False, 'Replace results already in --output_dir.')
 
 
+@errors.report
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise errors.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.config is None or FLAGS.checkpoint is None:
-    raise app.UsageError('--config and --checkpoint are required')
+    raise errors.UsageError('--config and --checkpoint are required')
+  if FLAGS.output_dir:  # Refused now, not after the evaluation's minutes.
+    paths.check_output_dir(
+      FLAGS.output_dir,
+      flag='--output_dir',
+      files=evaluation.RESULT_FILES,
+      overwrite=FLAGS.overwrite,
+    )
   runtime.setup()
   results = evaluation.evaluate(FLAGS.config, FLAGS.checkpoint)
   if jax.process_index() == 0:
@@ -47,4 +56,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

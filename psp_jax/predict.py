@@ -12,8 +12,14 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from psp_jax import runtime
-from psp_jax.inference.segmenter import Segmenter, list_images, predict_files
+from psp_jax import errors, paths, runtime
+from psp_jax.inference.segmenter import (
+  OUTPUT_SUFFIXES,
+  Segmenter,
+  list_images,
+  output_name,
+  predict_files,
+)
 
 FLAGS = flags.FLAGS
 
@@ -31,13 +37,16 @@ def define_flags() -> None:
   flags.DEFINE_bool('flip', None, 'Average with the horizontal flip (default on, as official).')
   flags.DEFINE_integer('base_size', None, 'Long side at scale 1.0 (default: the data set).')
   flags.DEFINE_integer('crop_size', None, 'Window side (default: the data set).')
+  flags.DEFINE_bool('overwrite', False, 'Replace PNGs already in --output.')
 
 
+@errors.report
 def main(argv: Sequence[str]) -> None:
-  del argv
+  if len(argv) > 1:
+    raise errors.UsageError(f'unexpected arguments: {argv[1:]}')
   for name in ('checkpoint', 'input', 'output'):
     if getattr(FLAGS, name) is None:
-      raise app.UsageError(f'--{name} is required')
+      raise errors.UsageError(f'--{name} is required')
   overrides = {
     k: v
     for k, v in dict(
@@ -51,12 +60,14 @@ def main(argv: Sequence[str]) -> None:
   }
   runtime.setup(tensorflow=False)  # predict reads images with PIL: no tf.data
   files = list_images(FLAGS.input)
-  seg = Segmenter.from_checkpoint(FLAGS.checkpoint, dataset=FLAGS.dataset, **overrides)
   root = pathlib.Path(FLAGS.input) if pathlib.Path(FLAGS.input).is_dir() else None
+  outputs = [output_name(f, root) + suffix for f in files for suffix in OUTPUT_SUFFIXES]
+  paths.check_output_dir(FLAGS.output, flag='--output', files=outputs, overwrite=FLAGS.overwrite)
+  seg = Segmenter.from_checkpoint(FLAGS.checkpoint, dataset=FLAGS.dataset, **overrides)
   predict_files(seg, files, FLAGS.output, root=root)
   print(f'wrote {3 * len(files)} PNGs for {len(files)} images to {FLAGS.output}')
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -9,11 +9,18 @@ load_variables also reads a training workdir (its best checkpoint by validation 
 the newest; see psp_jax.train.checkpoints), one step directory of it, and PyTorch files: official
 PSPNet checkpoints and ImageNet ResNet backbones, converted on the fly (psp_jax.convert).
 Paths may be local or remote (gs://bucket/..., through etils.epath as orbax reads them).
+
+A checkpoint is read whole or not at all: a truncated, garbled or missing file raises
+DamagedCheckpointError (orbax reads every array of the tree and never fills a missing one
+with zeros). In a training workdir a damaged checkpoint is skipped for the next good one.
 """
 
+import contextlib
 import json
+import logging
 import os
-from collections.abc import Mapping
+import sys
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -21,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from psp_jax import errors
 from psp_jax.interop import pth, semseg
 from psp_jax.models import codec
 from psp_jax.paths import as_path
@@ -30,6 +38,66 @@ VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
 RUN_CONFIG_FILE = 'config.json'
 TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.train.checkpoints.BEST_DIR, LATEST_DIR
 COLLECTIONS = ('params', 'batch_stats')
+REASON_CHARS = 240  # of an error's first line in a message: tensorstore's run to kilobytes
+_ASYNCIO_LOOP = os.path.join('asyncio', 'base_events.py')
+
+
+class DamagedCheckpointError(errors.UnreadableFileError):
+  """A checkpoint whose files cannot be read whole (truncated, garbled or deleted)."""
+
+
+def quiet_abandoned_reads() -> None:
+  """Keeps the reads orbax abandons after a failed one from printing tracebacks.
+
+  A restore that fails returns at its first bad array and closes its event loop while
+  tensorstore threads finish the other reads: each then calls back into the closed loop,
+  its coroutine is closed mid-read and its task's error is never retrieved, and Python and
+  asyncio print all three (a page of tensorstore spec each) after the one-line warning. This
+  drops exactly those, from the first failed read on; anything else is printed as before.
+  """
+  previous = sys.unraisablehook
+  if not getattr(previous, 'drops_abandoned_reads', False):
+
+    def hook(unraisable: Any) -> None:
+      if not _abandoned_read(unraisable):
+        previous(unraisable)
+
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+  asyncio_log = logging.getLogger('asyncio')
+  if _abandoned_task not in asyncio_log.filters:
+    asyncio_log.addFilter(_abandoned_task)
+
+
+def _abandoned_task(record: logging.LogRecord) -> bool:
+  """False (drop it) for asyncio's report of a tensorstore read error nobody awaited."""
+  error = record.exc_info[1] if record.exc_info else None
+  unretrieved = str(record.msg).startswith('Task exception was never retrieved')
+  return not (unretrieved and '[tensorstore_spec=' in str(error))
+
+
+def _abandoned_read(unraisable: Any) -> bool:
+  """Whether an unraisable exception is an abandoned orbax read's (quiet_abandoned_reads)."""
+  error, tb = unraisable.exc_value, unraisable.exc_traceback
+  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
+    # Raised in asyncio itself, called from no Python frame: tensorstore's callback thread.
+    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(_ASYNCIO_LOOP)
+  code = getattr(unraisable.object, 'cr_code', None)  # A coroutine, closed...
+  in_orbax = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+  return in_orbax and isinstance(getattr(error, '__context__', None), GeneratorExit)  # ...early.
+
+
+def reason(error: BaseException) -> str:
+  """'Type: first line' of the innermost cause of error, cut to REASON_CHARS characters.
+
+  Orbax wraps tensorstore's error (which says what is wrong with which file) in a generic
+  one whose text is a page of tensorstore spec, so the innermost cause is the useful one.
+  """
+  while error.__cause__ is not None:
+    error = error.__cause__
+  lines = str(error).strip().splitlines()
+  text = type(error).__name__ + (f': {lines[0]}' if lines else '')
+  return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 3] + '...'
 
 
 def save_variables(
@@ -49,7 +117,9 @@ def save_variables(
   path = as_path(path)
   if path.exists() and any(path.iterdir()):
     if not force:
-      raise FileExistsError(f'{path} exists and is not empty (pass force=True / --force).')
+      raise errors.OutputExistsError(
+        f'{path} exists and is not empty (pass force=True / --force to replace it).'
+      )
     path.rmtree()
   path.mkdir(parents=True, exist_ok=True)
   tree = {c: _as_numpy(variables[c]) for c in COLLECTIONS}
@@ -69,7 +139,9 @@ def _read_model_config(path: epath.Path) -> dict[str, Any]:
   try:
     return dict(json.loads(path.read_text()))
   except (ValueError, TypeError) as e:
-    raise ValueError(f'{path} is not a model config (JSON of PSPNet arguments): {e}') from e
+    raise errors.InvalidInputError(
+      f'{path} is not a model config (JSON of PSPNet arguments): {e}'
+    ) from e
 
 
 def _as_numpy(tree: Any) -> Any:
@@ -80,16 +152,39 @@ def _as_numpy(tree: Any) -> Any:
 
 def _restore_numpy(path: epath.Path) -> dict[str, Any]:
   """params and batch_stats of an orbax pytree checkpoint as numpy (other items not read)."""
-  checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
-  missing = [c for c in COLLECTIONS if c not in tree]
-  if missing:
-    raise ValueError(f'{path} holds {sorted(tree)}, not {missing}: not a model checkpoint.')
-  item = {c: tree[c] for c in COLLECTIONS}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-  return checkpointer.restore(
-    path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True)
-  )
+  # The handler, not a Checkpointer: that one warns that a step's state/ has no step
+  # metadata file (it never has), and turns unreadable tree metadata into None.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    with _reading(path):
+      tree = handler.metadata(path).tree
+    missing = [c for c in COLLECTIONS if c not in tree]
+    if missing:
+      raise errors.InvalidInputError(
+        f'{path} holds {sorted(tree)}, not {missing}: not a model checkpoint.'
+      )
+    item = {c: tree[c] for c in COLLECTIONS}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+    with _reading(path):
+      return handler.restore(
+        path,
+        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+      )
+  finally:
+    handler.close()
+
+
+@contextlib.contextmanager
+def _reading(path: epath.Path) -> Iterator[None]:
+  """Turns any error while reading path's files into one DamagedCheckpointError naming it."""
+  try:
+    yield
+  except Exception as e:  # orbax raises a bare Exception for an unreadable array.
+    quiet_abandoned_reads()
+    raise DamagedCheckpointError(
+      f'{path} cannot be read ({reason(e)}): a file of it is truncated, garbled or missing. '
+      'Copy or convert it again, or choose another checkpoint.'
+    ) from e
 
 
 def _steps(directory: epath.Path) -> list[int]:
@@ -103,11 +198,14 @@ def _read_step_dir(step_dir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]
   variables = _restore_numpy(step_dir / 'state')
   config_dir = step_dir / 'model_config'
   if config_dir.is_dir():
-    config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
+    with _reading(config_dir):
+      config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
   elif (step_dir.parent.parent / CONFIG_FILE).is_file():
     config = _read_model_config(step_dir.parent.parent / CONFIG_FILE)
   else:
-    raise FileNotFoundError(f'{step_dir} has no model_config item and its workdir no {CONFIG_FILE}')
+    raise errors.NotFoundError(
+      f'{step_dir} has no model_config item and its workdir no {CONFIG_FILE}'
+    )
   return variables, dict(config)
 
 
@@ -116,30 +214,53 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
 
   Args:
     path: see the module docstring. A training workdir gives its best checkpoint (by
-      validation mIoU) if it has one, else the newest.
+      validation mIoU) if it has one, else the newest; a damaged one is skipped for the
+      next (older best steps, then checkpoints/<step> newest first), with one warning that
+      names what was skipped and what is used.
   Returns:
     ({'params', 'batch_stats'} of numpy arrays, PSPNet kwargs).
+  Raises:
+    DamagedCheckpointError: a weights or step directory that cannot be read whole, or a
+      workdir none of whose checkpoints can (the message lists each and why).
+    errors.NotFoundError: path is no checkpoint at all (a FileNotFoundError).
   """
   path = as_path(path)
   if path.is_file():
     return pth.load_torch_file(path)
   if not path.is_dir():
-    raise FileNotFoundError(f'no such checkpoint file or directory: {path}')
+    raise errors.NotFoundError(f'no such checkpoint file or directory: {path}')
   if (path / VARIABLES_DIR).is_dir():
     if not (path / CONFIG_FILE).is_file():
-      raise FileNotFoundError(f'{path} has {VARIABLES_DIR}/ but no {CONFIG_FILE}')
+      raise errors.NotFoundError(f'{path} has {VARIABLES_DIR}/ but no {CONFIG_FILE}')
     config = _read_model_config(path / CONFIG_FILE)
     return _restore_numpy(path / VARIABLES_DIR), config
-  if (path / 'state').is_dir():
+  if (path / 'state').is_dir():  # The user named this step: no fallback.
     return _read_step_dir(path)
-  for sub in TRAIN_DIRS:
-    steps = _steps(path / sub)
-    if steps:
-      return _read_step_dir(path / sub / str(steps[-1]))
-  raise FileNotFoundError(
-    f'{path} is not a checkpoint: expected {VARIABLES_DIR}/ + {CONFIG_FILE} (psp_jax.convert), '
-    'a training workdir (best/<step> or checkpoints/<step>), a step directory (state/), or a '
-    '.pth file.'
+  candidates = [path / sub / str(step) for sub in TRAIN_DIRS for step in _steps(path / sub)[::-1]]
+  if not candidates:
+    raise errors.NotFoundError(
+      f'{path} is not a checkpoint: expected {VARIABLES_DIR}/ + {CONFIG_FILE} (psp_jax.convert), '
+      'a training workdir (best/<step> or checkpoints/<step>), a step directory (state/), or a '
+      '.pth file.'
+    )
+  skipped = []
+  for step_dir in candidates:
+    name = f'{step_dir.parent.name}/{step_dir.name}'
+    try:
+      found = _read_step_dir(step_dir)
+    # DamagedCheckpointError (an OSError), or a step without its model_config (OSError) or
+    # whose state is no model's (ValueError).
+    except (OSError, ValueError) as e:
+      skipped.append(f'{name} ({reason(e)})')
+      continue
+    if skipped:
+      logging.warning(
+        'Damaged checkpoint(s) in %s skipped: %s; using %s instead.', path, '; '.join(skipped), name
+      )
+    return found
+  raise DamagedCheckpointError(
+    f'No checkpoint in {path} can be read; tried {"; ".join(skipped)}. Copy the workdir again '
+    'from where it was written, or train again.'
   )
 
 
@@ -158,11 +279,13 @@ def convert(
   """
   src, dst = as_path(src), as_path(dst)
   if not src.exists():
-    raise FileNotFoundError(f'no such file or directory: {src}')
+    raise errors.NotFoundError(f'no such file or directory: {src}')
   if src.is_file():
     variables, config = pth.load_torch_file(src, expect or None)
     if 'cls' not in variables['params']:
-      raise ValueError(f'{src} is an ImageNet backbone, not a PSPNet: nothing to convert.')
+      raise errors.InvalidInputError(
+        f'{src} is an ImageNet backbone, not a PSPNet: nothing to convert.'
+      )
     save_variables(dst, variables, config, force=force)
     return
   variables, config = load_variables(src)
@@ -170,5 +293,5 @@ def convert(
     if key in config and config[key] != value:
       raise semseg.CheckpointMismatchError(f'{src} has {key}={config[key]}, not {value}.')
   if dst.exists() and not force:
-    raise FileExistsError(f'{dst} exists (pass --force to overwrite).')
+    raise errors.OutputExistsError(f'{dst} exists (pass --force to overwrite it).')
   pth.write_torch_file(dst, variables, config)

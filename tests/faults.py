@@ -7,6 +7,9 @@ The faults are chosen by environment variables, read here only (train.py knows n
   FAULT_HANG_SAVE_AT_STEP=N  the save of checkpoint N writes every file, then hangs just
                            before orbax renames it into place, after touching the file
                            FAULT_MARKER; a test then kills the process with SIGKILL.
+
+`damage(tree_dir, how)` damages a written checkpoint as a disk, a copy or a user can
+(tests/test_checkpoint_damage.py).
 """
 
 import os
@@ -53,6 +56,41 @@ def hang_save(step: int, marker: str) -> None:
     return await finalize(self)
 
   atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_hang
+
+
+DAMAGES = ('truncated', 'garbled', 'deleted')
+
+
+def damage(tree_dir: pathlib.Path, how: str) -> pathlib.Path:
+  """Damages one file of an orbax tree (a step's state/, a weights dir's variables/).
+
+  Args:
+    tree_dir: the tree's directory.
+    how: one of DAMAGES:
+
+      truncated: the largest file (array data) cut to half, as an interrupted copy leaves it;
+      garbled: 16 bytes of the OCDBT manifest flipped (bit rot). It is checksummed; array
+        data is not, so flipped bytes there can go unnoticed (orbax stores no checksum);
+      deleted: the largest file removed, so its arrays have no data at all.
+
+  Returns:
+    The damaged file's path.
+  """
+  files = [p for p in tree_dir.rglob('*') if p.is_file()]
+  largest = max(files, key=lambda p: p.stat().st_size)
+  if how == 'truncated':
+    largest.write_bytes(largest.read_bytes()[: largest.stat().st_size // 2])
+    return largest
+  if how == 'deleted':
+    largest.unlink()
+    return largest
+  assert how == 'garbled', how
+  manifest = tree_dir / 'manifest.ocdbt'
+  data = bytearray(manifest.read_bytes())
+  middle = len(data) // 2
+  data[middle : middle + 16] = bytes(b ^ 0x5A for b in data[middle : middle + 16])
+  manifest.write_bytes(bytes(data))
+  return manifest
 
 
 def main() -> None:

@@ -238,6 +238,18 @@ def test_a_signal_saves_the_current_step_and_the_rerun_continues(
     assert_same_state(workdir / 'checkpoints' / '6', straight_run[0] / 'checkpoints' / '6')
 
 
+def test_ctrl_c_twice_quits_at_once_without_a_traceback(shared, tmp_path):
+  proc, log = start(shared, tmp_path / 'run')
+  wait_for(proc, lambda: 'SIGTERM or Ctrl-C saves' in log.read_text(), 'stop handler')
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  assert proc.wait(timeout=600) == 130, log.read_text()[-4000:]
+  text = log.read_text()
+  assert 'Traceback' not in text, text[-4000:]
+  assert 'Interrupted: second SIGINT: stopping without a checkpoint.' in text
+
+
 def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shared, straight_run, tmp_path):
   workdir, marker = tmp_path / 'run', tmp_path / 'saving'
   env = user_env(FAULT_HANG_SAVE_AT_STEP='6', FAULT_MARKER=str(marker))
@@ -316,7 +328,7 @@ def test_bad_data_file_is_named_or_skipped_and_counted(shared, tmp_path):
   proc = train(shared, tmp_path / 'fail', '--stop_at_step=2', **data)
   log = proc.stdout + proc.stderr
   assert proc.returncode == 1, log[-4000:]
-  assert f'BadExampleError: {bad}: cannot read the image' in log, log[-4000:]
+  assert f'error: {bad}: cannot read the image' in log, log[-4000:]
   assert 'skip_bad_examples' in log and 'Traceback' not in log
   log = check(
     train(shared, tmp_path / 'skip', '--stop_at_step=2', data__skip_bad_examples=True, **data)
@@ -329,5 +341,5 @@ def test_unwritable_workdir_fails_at_once_with_a_message(shared, tmp_path):
   proc = train(shared, tmp_path / 'file' / 'run', cwd=tmp_path)
   log = proc.stdout + proc.stderr
   assert proc.returncode == 1 and 'Traceback' not in log
-  assert f'WorkdirError: Cannot write to --workdir {tmp_path / "file" / "run"}' in log, log
+  assert f'error: Cannot write to --workdir {tmp_path / "file" / "run"}' in log, log
   assert (tmp_path / 'file').read_text() == 'not a directory'

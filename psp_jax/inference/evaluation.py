@@ -27,8 +27,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from psp_jax import metrics, runtime
-from psp_jax.data import classes, sources
+from psp_jax import errors, metrics, runtime
+from psp_jax.data import classes, pipeline, sources
 from psp_jax.inference import segmenter
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
 from psp_jax.models import codec
@@ -107,7 +107,9 @@ def evaluate_examples(
     plan = inference.plan(example['image'])
     label = np.asarray(example['label'])
     if label.shape != (plan.height, plan.width):
-      raise ValueError(f'label {label.shape} and image {example["image"].shape} sizes differ')
+      raise errors.InvalidInputError(
+        f'label {label.shape} and image {example["image"].shape} sizes differ'
+      )
     group = pending.setdefault(plan.key, [])
     group.append((plan, dict(image=np.asarray(example['image']), label=label)))
     images += 1
@@ -218,13 +220,17 @@ def format_markdown(results: dict[str, Any]) -> str:
   return '\n'.join(lines) + '\n'
 
 
+RESULT_FILES = ('results.txt', 'results.md', 'results.json')  # what write_results writes
+
+
 def write_results(results: dict[str, Any], output_dir: str | os.PathLike) -> None:
   """results.txt, results.md and results.json in output_dir."""
   out = pathlib.Path(output_dir)
   out.mkdir(parents=True, exist_ok=True)
-  (out / 'results.txt').write_text(format_text(results) + '\n')
-  (out / 'results.md').write_text(format_markdown(results))
-  (out / 'results.json').write_text(json.dumps(results, indent=2) + '\n')
+  text, markdown, data = RESULT_FILES
+  (out / text).write_text(format_text(results) + '\n')
+  (out / markdown).write_text(format_markdown(results))
+  (out / data).write_text(json.dumps(results, indent=2) + '\n')
 
 
 def _normalise(value: Any) -> Any:
@@ -248,7 +254,7 @@ def check_model_config(
       )
   num_classes = config.data.num_classes
   if int(model_config['num_classes']) != num_classes:
-    raise ValueError(
+    raise errors.InvalidInputError(
       f'{checkpoint} predicts {model_config["num_classes"]} classes but '
       f'config.data.num_classes is {num_classes}: use the matching --config'
     )
@@ -308,7 +314,7 @@ def evaluate_model(
     dataset, total = dataset.take(per_host), min(total, per_host)
   totals = evaluate_examples(
     inference,
-    dataset.as_numpy_iterator(),
+    pipeline.numpy_batches(dataset),  # A bad file: files.BadExampleError, named.
     total=total,
     progress=progress and jax.process_index() == 0,
     stop=stop,

@@ -19,12 +19,11 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from psp_jax import paths, visualize, weights
+from psp_jax import errors, paths, visualize, weights
 from psp_jax.data import classes
+from psp_jax.data.files import IMAGE_EXTENSIONS
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
 from psp_jax.models import codec
-
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp')
 
 # Test geometry of the official configs (config/*/*.yaml: base_size, test_h / test_w).
 DATASET_DEFAULTS = {
@@ -47,7 +46,7 @@ def load_model(
   """
   variables, model_config = weights.load_variables(checkpoint)
   if 'cls' not in variables['params'] or 'num_classes' not in model_config:
-    raise ValueError(
+    raise errors.InvalidInputError(
       f'{checkpoint} holds an ImageNet backbone, not a PSPNet: train or convert a full '
       'model first (python train.py ... --config.init_checkpoint=...)'
     )
@@ -66,7 +65,7 @@ def run_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict | Non
   try:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
   except (ValueError, TypeError) as e:
-    raise ValueError(f'{path} is not a run config written by train.py: {e}') from e
+    raise errors.InvalidInputError(f'{path} is not a run config written by train.py: {e}') from e
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
@@ -75,7 +74,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     with Image.open(path) as img:
       return np.asarray(ImageOps.exif_transpose(img).convert('RGB'))
   except OSError as e:
-    raise OSError(f'cannot read image {path}: {e}') from e
+    raise errors.InvalidInputError(f'cannot read image {path}: {e}') from e
 
 
 class Segmenter:
@@ -101,7 +100,7 @@ class Segmenter:
     )
     known = classes.CLASS_NAMES.get(self.dataset)
     if known is not None and len(known) != num_classes:
-      raise ValueError(
+      raise errors.InvalidInputError(
         f'{self.dataset} has {len(known)} classes, the model {num_classes}: pass the right '
         '`dataset`'
       )
@@ -198,11 +197,19 @@ def list_images(path: str | os.PathLike) -> list[pathlib.Path]:
   if path.is_file():
     return [path]
   if not path.is_dir():
-    raise FileNotFoundError(f'--input {path}: no such file or folder')
-  files = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_SUFFIXES)
-  if not files:
-    raise FileNotFoundError(f'--input {path}: no images ({", ".join(IMAGE_SUFFIXES)}) in it')
-  return files
+    raise errors.NotFoundError(f'--input {path}: no such file or folder')
+  images = sorted(p for p in path.rglob('*') if p.suffix.lower() in IMAGE_EXTENSIONS)
+  if not images:
+    raise errors.NotFoundError(f'--input {path}: no images ({", ".join(IMAGE_EXTENSIONS)}) in it')
+  return images
+
+
+OUTPUT_SUFFIXES = ('.png', '_color.png', '_overlay.png')  # What Segmenter.save writes.
+
+
+def output_name(path: pathlib.Path, root: pathlib.Path | None) -> str:
+  """The output name of an input image: its path relative to a folder input, else its stem."""
+  return str(path.relative_to(root).with_suffix('')) if root else path.stem
 
 
 def predict_files(
@@ -223,6 +230,5 @@ def predict_files(
       chunk = files[start : start + step]
       images = [read_image(p) for p in chunk]
       for path, image, labels in zip(chunk, images, seg.predict_batch(images), strict=True):
-        name = str(path.relative_to(root).with_suffix('')) if root else path.stem
-        seg.save(image, labels, output_dir, name)
+        seg.save(image, labels, output_dir, output_name(path, root))
       bar.update(len(chunk))

@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from psp_jax import errors
 from psp_jax.interop import semseg
 from psp_jax.paths import as_path
 
@@ -30,12 +31,12 @@ def load_torch_file(
     raise ImportError(f'reading {path} needs PyTorch (pip install torch, CPU build)') from e
   path = as_path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'no such checkpoint file: {path}')
+    raise errors.NotFoundError(f'no such checkpoint file: {path}')
   try:
     with path.open('rb') as f:
       checkpoint = torch.load(f, map_location='cpu', weights_only=True)
   except Exception as e:
-    raise OSError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
+    raise errors.UnreadableFileError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
   if not isinstance(checkpoint, Mapping):
     raise semseg.CheckpointMismatchError(
       f'{path} holds a {type(checkpoint).__name__}, not a state_dict.'

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from psp_jax import errors
+
 # Flax module name -> index in the official nn.Sequential (pspnet.py: layer0 is
 # conv1, bn1, relu, conv2, bn2, relu, conv3, bn3, relu, maxpool; cls/aux are conv, bn, relu,
 # dropout, conv; PPM branches are pool, conv, bn, relu; downsample is conv, bn).
@@ -51,7 +53,7 @@ BACKBONE_STEM = {'conv1': 'layer0.0', 'bn1': 'layer0.1', 'conv2': 'layer0.3', 'b
 BACKBONE_STEM.update({'conv3': 'layer0.6', 'bn3': 'layer0.7'})
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(errors.UserError, ValueError):
   """A checkpoint whose keys or shapes do not fit the model; the message lists them all."""
 
 

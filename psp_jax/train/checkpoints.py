@@ -9,27 +9,41 @@ Layout of a workdir (every checkpoint is self-describing):
 
 Restoring `state` without a target gives nested dicts, so a reader that only wants the
 weights takes ['params'] and ['batch_stats'] (psp_jax.weights does).
+
+A checkpoint damaged after it was written (a file truncated, garbled or deleted) is moved
+aside to `checkpoints/<step>.damaged` when resuming, and the next older one is used; see
+Checkpoints.restore_newest.
 """
 
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from psp_jax import paths
+from psp_jax import errors, paths, weights
 from psp_jax.train.state import TrainState
 
 ITEMS = ('state', 'model_config')
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
 BEST_METRIC = 'mIoU'
 TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint still being written
+# Appended to a damaged step's directory: orbax takes only integer names for steps, so it
+# neither lists nor deletes the moved one.
+DAMAGED_SUFFIX = '.damaged'
 
 
-class WorkdirError(OSError):
+class WorkdirError(errors.UserError, OSError):
   """A workdir that cannot hold the run (not writable, too little space, another model)."""
+
+
+class DamagedRunError(weights.DamagedCheckpointError, WorkdirError):
+  """A run that cannot resume: no checkpoint of it can be read, or one cannot be moved aside."""
 
 
 def check_workdir(workdir: str) -> None:
@@ -95,6 +109,35 @@ def unfinished(directory: str) -> list[str]:
   return sorted(n for n in os.listdir(directory) if TMP_MARKER in n)
 
 
+def damaged(directory: str | os.PathLike) -> list[str]:
+  """Names of the step directories under directory that were moved aside as damaged."""
+  directory = paths.as_path(directory)
+  if not directory.is_dir():
+    return []
+  return sorted(p.name for p in directory.iterdir() if DAMAGED_SUFFIX in p.name)
+
+
+def _anywhere(failed: bool) -> bool:
+  """Whether a read failed in this process or any other: all must skip the same step."""
+  if jax.process_count() == 1:
+    return failed
+  return bool(np.any(multihost_utils.process_allgather(np.int32(failed))))
+
+
+def _tree_differences(saved: Any, target: TrainState) -> list[str]:
+  """'path: checkpoint SHAPE, config SHAPE' for the first arrays that differ (dtypes may)."""
+
+  def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = ocp.tree.to_flat_dict(tree, sep='/')
+    return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, 'shape')}
+
+  # keep_empty_nodes: an optax EmptyState in a chain keeps the indices of the states after it.
+  have, want = shapes(saved), shapes(ocp.tree.serialize_tree(target, keep_empty_nodes=True))
+  keys = sorted(k for k in have.keys() | want.keys() if have.get(k) != want.get(k))
+  shown = [f'{k}: checkpoint {have.get(k, "none")}, config {want.get(k, "none")}' for k in keys]
+  return shown[:3] + ([f'{len(keys) - 3} more'] if len(keys) > 3 else [])
+
+
 class Checkpoints:
   """The last `keep` TrainStates of a run and its best weights by validation mIoU.
 
@@ -150,6 +193,108 @@ class Checkpoints:
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )
     return restored['state']
+
+  def restore_newest(
+    self,
+    target: TrainState,
+    check_config: Callable[[int, dict[str, Any]], None] = lambda step, config: None,
+  ) -> TrainState | None:
+    """The newest TrainState that reads whole; damaged checkpoints are moved aside.
+
+    Newest first, a checkpoint's model_config is read and given to check_config, then its
+    state. One that cannot be read (any error of orbax, tensorstore or the file system: a
+    file truncated, garbled or deleted) is renamed `<step>.damaged`, never deleted, with one
+    warning, and the next older one is tried. A restore that succeeds has read every array
+    of target (orbax reads each leaf and fails on missing data rather than filling it).
+
+    Args:
+      target: TrainState of jax.ShapeDtypeStruct with shardings (train_state.abstract_state).
+      check_config: (step, model_config) -> None, raising to refuse the checkpoint (another
+        model) before its state is read.
+
+    Returns:
+      The restored TrainState, or None when the run has no checkpoint, damaged or not.
+
+    Raises:
+      WorkdirError: a readable state whose arrays are not target's (another optimiser or
+        TrainState); nothing is moved, as for another model.
+      DamagedRunError: every checkpoint is damaged (starting over would overwrite the run),
+        or a damaged one cannot be moved aside.
+    """
+    for step in self.latest.all_steps()[::-1]:
+      saved = self._read_or_move_aside(step, self._saved, step)
+      if saved is None:
+        continue
+      config, saved_tree = saved
+      check_config(step, config)
+      differences = _tree_differences(saved_tree, target)
+      if differences:
+        raise WorkdirError(
+          f'{self.latest.directory / str(step)} holds a TrainState of other arrays than this '
+          f'config makes ({"; ".join(differences)}): use the config that wrote it, or a new '
+          '--workdir. The checkpoint was left as it is.'
+        )
+      state = self._read_or_move_aside(step, self.restore, target, step)
+      if state is not None:
+        return state
+    moved = damaged(self.latest.directory)
+    if moved:
+      raise DamagedRunError(
+        f'No checkpoint in {self.latest.directory} can be read: {", ".join(moved)} were moved '
+        'aside as damaged. Starting over would overwrite this run: to do that, use a new '
+        '--workdir, or move its checkpoints/ and best/ away; to retry one, rename it back to its '
+        'step number.'
+      )
+    return None
+
+  def _saved(self, step: int) -> tuple[dict[str, Any], Any]:
+    """(model_config, array metadata tree of the state) of a checkpoint: small files only."""
+    config = self.model_config(step)
+    # The handler, not a Checkpointer: that one warns about a step metadata file `state/`
+    # never has.
+    handler = ocp.PyTreeCheckpointHandler()
+    try:
+      return config, handler.metadata(self.latest.directory / str(step) / 'state').tree
+    finally:
+      handler.close()
+
+  def _read_or_move_aside(self, step: int, read: Callable[..., Any], *args: Any) -> Any:
+    """read(*args), or None once the step is moved aside because the read failed anywhere."""
+    try:
+      value, error = read(*args), None
+    except Exception as e:  # orbax raises a bare Exception for an unreadable array.
+      weights.quiet_abandoned_reads()
+      value, error = None, e
+    if _anywhere(error is not None):
+      self._move_aside(step, error)
+      return None
+    return value
+
+  def _move_aside(self, step: int, error: BaseException | None) -> None:
+    """Renames checkpoints/<step> to a free <step>.damaged name and forgets the step."""
+    source = self.latest.directory / str(step)
+    aside, n = source.parent / f'{step}{DAMAGED_SUFFIX}', 1
+    while aside.exists():  # Damaged before, at the same step: keep both.
+      n += 1
+      aside = source.parent / f'{step}{DAMAGED_SUFFIX}.{n}'
+    why = 'unreadable on another process' if error is None else weights.reason(error)
+    if jax.process_index() == 0:  # One rename of the shared directory.
+      try:
+        source.rename(aside)
+      except OSError as e:
+        raise DamagedRunError(
+          f'Checkpoint {source} cannot be read ({why}) nor moved aside ({e}): move it away '
+          'yourself and rerun to resume from the one before it.'
+        ) from e
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f'psp_jax: moved checkpoint {step} aside')
+    self.latest.reload()  # The manager lists its steps once, when it is created.
+    logging.warning(
+      'Checkpoint step %d cannot be read (%s): moved to %s; trying the one before it.',
+      step,
+      why,
+      aside,
+    )
 
   def model_config(self, step: int | None = None) -> dict[str, Any]:
     """The model_config saved with a checkpoint."""

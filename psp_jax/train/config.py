@@ -9,7 +9,7 @@ from typing import Any
 
 import ml_collections
 
-from psp_jax import metrics, sizes
+from psp_jax import errors, metrics, sizes
 from psp_jax.models import codec
 from psp_jax.train import defaults
 
@@ -22,7 +22,7 @@ EVAL_KEYS = frozenset(_DEFAULTS.eval.keys())
 DATA_REQUIRED = ('name', 'num_classes', 'ignore_label', 'crop_size', 'train_split', 'eval_split')
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
   """A config value that cannot work; the message names the key."""
 
 

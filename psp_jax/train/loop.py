@@ -19,7 +19,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from psp_jax import distributed, runtime, weights
+from psp_jax import distributed, errors, runtime, weights
 from psp_jax.data import classes, pipeline, sources
 from psp_jax.models import codec
 from psp_jax.train import checkpoints as checkpointing
@@ -63,7 +63,9 @@ def load_init_checkpoint(state: TrainState, path: str) -> TrainState:
     params=replace(state.params, 'params'), batch_stats=replace(state.batch_stats, 'batch_stats')
   )
   if not copied:
-    raise ValueError(f'config.init_checkpoint={path} has no weight that fits this model.')
+    raise errors.InvalidInputError(
+      f'config.init_checkpoint={path} has no weight that fits this model.'
+    )
   logging.info('Initialised %d arrays from %s; kept fresh: %s', copied, path, skipped or 'none')
   return state
 
@@ -81,38 +83,42 @@ def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
 def _initial_state(config, workdir, model, tx, mesh, model_config):
   """(state, shardings, checkpoints): restored from the workdir, or fresh.
 
-  Everything that can refuse the workdir (another model's checkpoints, too little space)
-  is checked before anything is compiled or written.
+  Everything that can refuse the workdir (another model's checkpoints, too little space,
+  only damaged checkpoints) is checked before anything is compiled; the only write before
+  that moves a damaged checkpoint aside (Checkpoints.restore_newest), to resume from the
+  one before it.
   """
   crop = train_config.crop_pair(config.data.crop_size)
   image_shape = (1, *crop, 3)  # Parameters do not depend on the batch or image size.
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
   checkpoints = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
-  try:
-    step = checkpoints.latest_step()
+
+  def same_model(step: int, saved: dict[str, Any]) -> None:
     # The compute dtype may change between runs (e.g. resumed on TPU): the weights do not.
-    differences = [] if step is None else _differences(checkpoints.model_config(step), model_config)
+    differences = _differences(saved, model_config)
     if differences:
       raise checkpointing.WorkdirError(
         f'{workdir} holds checkpoints of another model ({"; ".join(differences)}): use a new '
         '--workdir, or the config that wrote it. Nothing in it was changed.'
       )
+
+  try:
     target = train_state_lib.abstract_state(model, tx, init_key, image_shape, mesh)
     checkpointing.check_free_space(
       workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
     )
+    state = checkpoints.restore_newest(target, same_model)
   except BaseException:
     checkpoints.close()
     raise
-  if step is None:
+  if state is None:
     started = time.perf_counter()
     state, shardings = train_state_lib.create_train_state(model, tx, init_key, image_shape, mesh)
     logging.info('Initialised the model in %.1f s.', time.perf_counter() - started)
     if config.get('init_checkpoint'):
       state = load_init_checkpoint(state, config.init_checkpoint)
     return state, shardings, checkpoints
-  state = checkpoints.restore(target, step)
-  logging.info('Resumed from %s at step %d.', workdir, step)
+  logging.info('Resumed from %s at step %d.', workdir, int(jax.device_get(state.step)))
   return state, jax.tree.map(lambda x: x.sharding, target), checkpoints
 
 

@@ -19,10 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from psp_jax import errors
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
   """A train step's loss or gradient norm was NaN or infinite."""
 
 

@@ -1,0 +1,164 @@
+"""Every command line refuses a mistake with one short message, no traceback, and writes nothing.
+
+Each case runs the real command as a subprocess, as a user would, and checks the exit
+status, that stderr is a few lines naming the thing at fault, and that files written before
+are byte for byte unchanged. PSP_JAX_TRACEBACK=1 brings the traceback back.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_convert import random_variables  # noqa: I001 (tests/ is on sys.path)
+from test_train import ROOT
+
+from psp_jax import weights
+from psp_jax.models import PSPNet
+
+MODEL = dict(num_classes=11, depth=18, width=4, head_channels=8, aux_channels=8)
+
+
+def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+  environ = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'PSP_JAX_TRACEBACK')}
+  return subprocess.run(
+    [sys.executable, *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=environ | env,
+    timeout=600,
+  )
+
+
+def refused(proc: subprocess.CompletedProcess, status: int, *words: str) -> str:
+  """Asserts one short message on stderr, no traceback; returns it."""
+  err = proc.stderr.strip()
+  assert proc.returncode == status, (proc.returncode, err[-3000:])
+  assert 'Traceback' not in err, err[-3000:]
+  lines = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1, err[-3000:]
+  for word in words:
+    assert word in lines[0], (word, lines[0])
+  return lines[0]
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+  """An 11-class weights directory (random weights: the refusals come before any use)."""
+  path = tmp_path_factory.mktemp('cli') / 'weights'
+  weights.save_variables(path, random_variables(PSPNet(**MODEL), seed=1), MODEL)
+  return path
+
+
+def snapshot(folder) -> dict[str, bytes]:
+  return {str(p): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_misspelt_config_key_names_the_closest(tmp_path):
+  proc = run(
+    'train.py',
+    '--config=configs/synthetic.py',
+    f'--workdir={tmp_path / "run"}',
+    '--config.optim.base_lrr=0.1',
+  )
+  refused(proc, 2, '--config.optim.base_lrr', "'base_lr'")
+  assert not (tmp_path / 'run').exists()
+  proc = run(
+    '-m',
+    'psp_jax.evaluate',
+    '--config=configs/synthetic.py',
+    '--checkpoint=x',
+    '--config.eval.flipp=False',
+  )
+  refused(proc, 2, '--config.eval.flipp', "'flip'")
+
+
+def test_unknown_flag_and_missing_flags(tmp_path):
+  refused(run('train.py', '--bogus'), 2, 'bogus')
+  refused(run('-m', 'psp_jax.predict', '--checkpoint=x'), 2, '--input')
+
+
+def test_predict_input_missing_or_not_an_image(tmp_path, checkpoint):
+  out = tmp_path / 'out'
+  refused(
+    run(
+      '-m',
+      'psp_jax.predict',
+      f'--checkpoint={checkpoint}',
+      f'--input={tmp_path / "nowhere.png"}',
+      f'--output={out}',
+    ),
+    1,
+    'nowhere.png',
+  )
+  text = tmp_path / 'notes.png'
+  text.write_text('not an image')
+  proc = run(
+    '-m', 'psp_jax.predict', f'--checkpoint={checkpoint}', f'--input={text}', f'--output={out}'
+  )
+  refused(proc, 1, 'notes.png')
+  # With the switch, the traceback is there for a bug report.
+  proc = run(
+    '-m',
+    'psp_jax.predict',
+    f'--checkpoint={checkpoint}',
+    f'--input={text}',
+    f'--output={out}',
+    PSP_JAX_TRACEBACK='1',
+  )
+  assert proc.returncode == 1 and 'Traceback' in proc.stderr
+
+
+def test_output_path_that_is_a_file_is_refused_before_work(tmp_path, checkpoint):
+  image = tmp_path / 'in.png'
+  Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(image)
+  occupied = tmp_path / 'results'
+  occupied.write_text('my notes')
+  proc = run(
+    '-m',
+    'psp_jax.predict',
+    f'--checkpoint={checkpoint}',
+    f'--input={image}',
+    f'--output={occupied}',
+  )
+  refused(proc, 1, str(occupied), 'is a file')
+  proc = run(
+    '-m',
+    'psp_jax.evaluate',
+    '--config=configs/synthetic.py',
+    f'--checkpoint={checkpoint}',
+    f'--output_dir={occupied}',
+  )
+  refused(proc, 1, str(occupied), 'is a file')
+  assert occupied.read_text() == 'my notes'
+
+
+def test_existing_results_are_not_overwritten(tmp_path, checkpoint):
+  image = tmp_path / 'in.png'
+  Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(image)
+  out = tmp_path / 'out'
+  out.mkdir()
+  (out / 'in_color.png').write_bytes(b'earlier result')
+  (out / 'results.json').write_text('{"mIoU": 0.5}')
+  before = snapshot(out)
+  proc = run(
+    '-m', 'psp_jax.predict', f'--checkpoint={checkpoint}', f'--input={image}', f'--output={out}'
+  )
+  refused(proc, 1, 'in_color.png', '--overwrite')
+  proc = run(
+    '-m',
+    'psp_jax.evaluate',
+    '--config=configs/synthetic.py',
+    f'--checkpoint={checkpoint}',
+    f'--output_dir={out}',
+  )
+  refused(proc, 1, 'results.json', '--overwrite')
+  assert snapshot(out) == before
+
+
+def test_checkpoint_of_another_data_set(checkpoint):
+  proc = run('-m', 'psp_jax.evaluate', '--config=configs/voc2012.py', f'--checkpoint={checkpoint}')
+  refused(proc, 1, 'predicts 11 classes', 'num_classes is 21')
