@@ -162,3 +162,20 @@ def test_existing_results_are_not_overwritten(tmp_path, checkpoint):
 def test_checkpoint_of_another_data_set(checkpoint):
   proc = run('-m', 'psp_jax.evaluate', '--config=configs/voc2012.py', f'--checkpoint={checkpoint}')
   refused(proc, 1, 'predicts 11 classes', 'num_classes is 21')
+
+
+def test_list_file_with_spaces_says_how_to_write_the_line(tmp_path):
+  (tmp_path / 'list.txt').write_text('images/a b.jpg labels/a b.png\n')
+  proc = run(
+    'train.py',
+    '--config=configs/synthetic.py',
+    f'--workdir={tmp_path / "run"}',
+    '--config.data.name=list',
+    f'--config.data.root={tmp_path}',
+    '--config.data.train_list=list.txt',
+    '--config.data.val_list=list.txt',
+    '--config.num_train_steps=1',
+    '--config.model.depth=18',
+    '--config.model.width=4',
+  )
+  refused(proc, 1, 'list.txt:1', 'TAB')
