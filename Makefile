@@ -3,11 +3,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/synthetic
+# The TPU pre-flight's own venv: with libtpu (jax[tpu]) installed, JAX probes for a TPU at
+# start-up and psp_jax.distributed.cpu_only() skips the CPU XLA flags, so it stays out of .venv.
+TPU_VENV ?= .venv-tpu
+TPU_PY := $(TPU_VENV)/bin/python
+CONFIG ?= configs/ade20k.py
+TOPOLOGY ?= v5e:2x4
 # Quiet TensorFlow's start-up lines (both variables are needed; see docs).
 export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 
-.PHONY: setup train test test-newest lint format clean
+.PHONY: setup train test test-fast test-newest lint format clean preflight-setup preflight
 
 setup: $(VENV)/.installed
 
@@ -23,8 +29,26 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(PY) train.py --config configs/synthetic.py --workdir $(WORKDIR)
 
-test: setup lint
+test: setup preflight-setup lint
 	$(PY) -m pytest -n 2 --dist loadgroup
+
+# The suite without the `slow` tests (full-size networks, whole training runs), for iteration.
+test-fast: setup preflight-setup lint
+	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+
+# Only the project's core dependencies and jax[tpu] (no data/torch/dev extras): the cheapest
+# install that compiles the train and eval steps for TPU (tests/test_preflight.py runs it).
+preflight-setup: $(TPU_VENV)/.installed
+
+$(TPU_VENV)/.installed: pyproject.toml
+	test -x $(TPU_PY) || $(PYTHON) -m venv $(TPU_VENV)
+	$(TPU_PY) -m pip install --quiet -e '.[tpu]'
+	touch $@
+
+# Does CONFIG fit a TOPOLOGY slice, and how fast at best? e.g.
+#   make preflight CONFIG=configs/ade20k.py TOPOLOGY=v5e:2x4 ARGS='--config.batch_size=32'
+preflight: preflight-setup
+	$(TPU_PY) -m psp_jax.preflight --config $(CONFIG) --topology $(TOPOLOGY) $(ARGS)
 
 # The core tests (no torch) on Python 3.12 with the newest jax/flax/optax/orbax, in .venv312.
 test-newest:
@@ -39,4 +63,4 @@ format: setup
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TPU_VENV) .pytest_cache .ruff_cache

@@ -213,3 +213,99 @@ def test_launcher_constants_match_the_config_and_the_notebook():
   notebook = read_notebook()
   parameters = notebook.cells[parameters_index(notebook)].source
   assert f"REPO_URL = '{tpu_launch.REPO_URL}'" in parameters
+
+
+@pytest.mark.parametrize(
+  ('accelerator', 'topology'),
+  [
+    ('v5litepod-8', 'v5e:2x4'),
+    ('v5litepod-16', 'v5e:4x4'),
+    ('v4-8', 'v4:2x2x1'),
+    ('v4-32', 'v4:2x2x4'),
+    ('v5p-8', 'v5p:2x2x1'),
+    ('v6e-8', 'v6e:2x4'),
+  ],
+)
+def test_accelerator_topology(accelerator, topology):
+  assert tpu_launch.topology_of(accelerator) == topology
+
+
+def preflight_flags(args: list[str]) -> dict:
+  """The preflight arguments as psp_jax.preflight's own flags parse them (a fresh process)."""
+  code = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+from absl import flags
+from psp_jax import preflight
+preflight.define_flags()
+sys.argv = ['preflight', *{args!r}]
+flags.FLAGS(sys.argv)
+config = flags.FLAGS.config
+print(json.dumps(dict(topology=flags.FLAGS.topology, batch_size=config.batch_size,
+  eval_batch_size=config.eval.batch_size, depth=config.model.depth)))
+"""
+  proc = subprocess.run(
+    [sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_preflight_command_parses_against_the_preflight(capsys, monkeypatch):
+  """The preflight runs here, before create, with the train step's config and overrides."""
+  argv = [*POD, '--set=model.depth=101', 'preflight', 'create']
+  out = dry_run(argv, capsys, monkeypatch)
+  assert re.findall(r'^# (\w+)$', out, flags=re.M) == ['preflight', 'create']
+  (preflight, _) = tpu_launch.plan(argv)
+  assert preflight.argv[:3] == (tpu_launch.PREFLIGHT_PYTHON, '-m', 'psp_jax.preflight')
+  assert preflight.cwd == ROOT and preflight.script is None
+  parsed = preflight_flags(list(preflight.argv[3:]))
+  assert parsed == dict(topology='v4:2x2x4', batch_size=16, eval_batch_size=16, depth=101)
+
+
+class FakeRun:
+  """subprocess.run for main(): records each command, exits as `codes` says per step."""
+
+  def __init__(self, codes: dict[str, int]):
+    self.codes, self.calls = codes, []
+
+  def __call__(self, argv, cwd=None):
+    step = 'preflight' if 'psp_jax.preflight' in argv else argv[4]  # gcloud compute tpus tpu-vm X
+    self.calls.append((step, argv, cwd))
+    return subprocess.CompletedProcess(argv, self.codes.get(step, 0))
+
+
+def test_a_slice_that_fits_is_created(capsys, monkeypatch):
+  fake = FakeRun({'preflight': 0})
+  monkeypatch.setattr(subprocess, 'run', fake)
+  assert tpu_launch.main([*SINGLE, 'preflight', 'create']) == 0
+  assert [step for step, _, _ in fake.calls] == ['preflight', 'create']
+  assert fake.calls[0][2] == ROOT and '--topology=v5e:2x4' in fake.calls[0][1]
+  assert '--accelerator-type=v5litepod-8' in fake.calls[1][1]
+
+
+def test_a_slice_the_config_does_not_fit_is_refused(capsys, monkeypatch):
+  fake = FakeRun({'preflight': 1})
+  monkeypatch.setattr(subprocess, 'run', fake)
+  assert tpu_launch.main([*SINGLE, '--set=batch_size=512', 'preflight', 'create']) == 1
+  assert [step for step, _, _ in fake.calls] == ['preflight']  # Nothing was created.
+  err = capsys.readouterr().err
+  assert 'configs/ade20k.py on v5litepod-8: the config was refused' in err
+  assert 'no later step' in err
+
+
+def test_a_crashed_preflight_stops_the_launch_without_a_verdict(capsys, monkeypatch):
+  fake = FakeRun({'preflight': -11})  # libtpu's SIGSEGV.
+  monkeypatch.setattr(subprocess, 'run', fake)
+  assert tpu_launch.main([*SINGLE, '--accelerator=v6e-8', 'preflight', 'create']) == 1
+  assert [step for step, _, _ in fake.calls] == ['preflight']
+  assert 'crashed (signal 11) and gave no verdict' in capsys.readouterr().err
+
+
+def test_preflight_without_its_venv_says_how_to_make_it(capsys, monkeypatch):
+  def missing(argv, cwd=None):
+    raise FileNotFoundError(argv[0])
+
+  monkeypatch.setattr(subprocess, 'run', missing)
+  assert tpu_launch.main([*SINGLE, 'preflight', 'create']) == 2
+  assert 'make preflight-setup' in capsys.readouterr().err

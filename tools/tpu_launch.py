@@ -1,14 +1,17 @@
 """Cloud TPU launcher: the gcloud commands of docs/tpu.md, printed (--dry-run) or run.
 
   python tools/tpu_launch.py --tpu=psp-v5e --zone=us-west4-a --bucket=gs://my-bucket \\
-      --dry-run create install prepare train
+      --dry-run preflight create install prepare train
 
 Each step is one command on this machine; the steps on the TPU VM go through
 `gcloud compute tpus tpu-vm ssh` (on every worker of a pod slice with --worker=all).
+`preflight` compiles the training for the slice here, with libtpu in .venv-tpu (`make
+preflight-setup`), and stops the later steps when the config does not fit its chips.
 Standard library only: it runs wherever gcloud does.
 """
 
 import argparse
+import pathlib
 import re
 import shlex
 import subprocess
@@ -23,6 +26,30 @@ RUNTIME_VERSIONS = {
   'v6e': 'v2-alpha-tpuv6e',
 }
 REPO_URL = 'https://github.com/psp-jax/psp-jax.git'
+ROOT = pathlib.Path(__file__).resolve().parents[1]  # The preflight runs in this checkout.
+# The pre-flight's venv (Makefile: preflight-setup), relative to ROOT.
+PREFLIGHT_PYTHON = '.venv-tpu/bin/python'
+# Slice shapes of the Cloud TPU types, by chips (cloud.google.com/tpu/docs/v5e, v6e, v4, v5p).
+_SHAPES_2D = {
+  1: '1x1',
+  4: '2x2',
+  8: '2x4',
+  16: '4x4',
+  32: '4x8',
+  64: '8x8',
+  128: '8x16',
+  256: '16x16',
+}
+_SHAPES_3D = {
+  4: '2x2x1',
+  8: '2x2x2',
+  16: '2x2x4',
+  32: '2x4x4',
+  64: '4x4x4',
+  128: '4x4x8',
+  256: '4x8x8',
+}
+_GENERATIONS = {'v4': 'v4', 'v5litepod': 'v5e', 'v5p': 'v5p', 'v6e': 'v6e'}
 ADE20K_URL = 'http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip'
 # On every worker (the images ship Python 3.10; uv brings a 3.12 for the project).
 REPO, VENV = '$HOME/psp-jax', '$HOME/psp-venv'
@@ -32,6 +59,7 @@ OFFICIAL_BATCH = 16  # configs/ade20k.py: batch_size (global).
 OFFICIAL_EVAL_BATCH = 8  # and eval.batch_size.
 STEPS = (
   'bucket',
+  'preflight',
   'create',
   'install',
   'prepare',
@@ -71,13 +99,31 @@ def slice_of(accelerator: str) -> Slice:
   return Slice(devices=chips, hosts=hosts)
 
 
+def topology_of(accelerator: str) -> str:
+  """The libtpu topology name of an accelerator type, e.g. v5litepod-8 -> 'v5e:2x4'.
+
+  Raises:
+    ValueError: a type without a known slice shape.
+  """
+  chips = slice_of(accelerator).devices
+  family = accelerator.split('-')[0]
+  shapes = _SHAPES_3D if family in ('v4', 'v5p') else _SHAPES_2D
+  if chips not in shapes:
+    raise ValueError(f'--accelerator {accelerator}: no slice shape known for {chips} chips')
+  return f'{_GENERATIONS[family]}:{shapes[chips]}'
+
+
 @dataclass(frozen=True)
 class Command:
-  """One step: a command run here (for ssh steps, `script` runs on the TPU VM)."""
+  """One step: a command run here (for ssh steps, `script` runs on the TPU VM).
+
+  `cwd` is where a local command runs (the preflight: this checkout), None for gcloud.
+  """
 
   step: str
   argv: tuple[str, ...]
   script: str | None = None
+  cwd: pathlib.Path | None = None
 
   def render(self) -> str:
     """The command as a shell line; the remote script stays readable, one line each."""
@@ -158,17 +204,22 @@ class Plan:
     argv = self._gcloud('ssh', self.args.tpu, f'--zone={self.args.zone}', f'--worker={worker}')
     return Command(step, (*argv, *extra), '\n'.join(lines))
 
-  def config_flags(self, step: str) -> list[str]:
-    """--config.KEY=VALUE of every run: the data in the bucket, then --set.
+  def config_flags(self, step: str, data: bool = True) -> list[str]:
+    """--config.KEY=VALUE of every run: the data in the bucket (if `data`), then --set.
 
     Validation batches must split over the devices too: beyond 8 devices (the config's
     eval.batch_size) each device takes one image.
     """
-    values = {'data.data_dir': self.data_dir(step)}
+    values = {'data.data_dir': self.data_dir(step)} if data else {}
     if OFFICIAL_EVAL_BATCH % self.slice.devices:
       values['eval.batch_size'] = self.slice.devices
     values.update(self.overrides)
     return [f'--config.{k}={v}' for k, v in values.items()]
+
+  def preflight_argv(self) -> list[str]:
+    """psp_jax.preflight's arguments: the training's config and overrides, the slice."""
+    argv = [f'--config={self.args.config}', f'--topology={topology_of(self.args.accelerator)}']
+    return argv + self.config_flags('preflight', data=False)
 
   def train_argv(self) -> list[str]:
     """train.py's arguments (after `python train.py`), as the train step runs them."""
@@ -195,6 +246,9 @@ class Plan:
       argv = ('gcloud', 'storage', 'buckets', 'create', self._bucket(name), f'--location={region}')
       project = (f'--project={args.project}',) if args.project else ()
       return [Command(name, argv + project)]
+    if name == 'preflight':
+      argv = (PREFLIGHT_PYTHON, '-m', 'psp_jax.preflight', *self.preflight_argv())
+      return [Command(name, argv, cwd=ROOT)]
     if name == 'create':
       argv = self._gcloud('create', args.tpu, f'--zone={args.zone}')
       argv += (f'--accelerator-type={args.accelerator}', f'--version={self.version}')
@@ -316,7 +370,25 @@ def main(argv: list[str] | None = None) -> int:
     print(command.render(), flush=True)
     if args.dry_run:
       continue
-    result = subprocess.run(command.run_argv())
+    try:
+      result = subprocess.run(command.run_argv(), cwd=command.cwd)
+    except FileNotFoundError:
+      hint = ': run `make preflight-setup` first' if command.step == 'preflight' else ''
+      print(f'error: step {command.step}: {command.argv[0]} not found{hint}', file=sys.stderr)
+      return 2
+    if result.returncode and command.step == 'preflight':
+      # A negative code is a signal: libtpu crashed while compiling, which says nothing
+      # about the fit (seen for v6e with libtpu 0.0.42.1; benchmarks/results).
+      verdict = (
+        f'the pre-flight crashed (signal {-result.returncode}) and gave no verdict'
+        if result.returncode < 0
+        else 'the config was refused (the message above)'
+      )
+      print(
+        f'error: {args.config} on {args.accelerator}: {verdict}; no later step was run.',
+        file=sys.stderr,
+      )
+      return result.returncode if result.returncode > 0 else 1
     if result.returncode:
       print(f'error: step {command.step} failed (exit code {result.returncode})', file=sys.stderr)
       return result.returncode

@@ -1,0 +1,239 @@
+"""Command line: does a config's training fit a Cloud TPU slice, and how fast at best? (No TPU.)
+
+  .venv-tpu/bin/python -m psp_jax.preflight --config configs/ade20k.py --topology v5e:2x4 \\
+      [--config.KEY=VALUE ...] [--max_batch] [--noeval] [--json PATH]
+
+compiles, with libtpu for the described slice, the train step exactly as train.py runs it
+and the window step of psp_jax.evaluate, and prints per chip the memory XLA assigns against
+the chip's HBM, the FLOPs and bytes of a step, its collectives, and a roofline bound on the
+step and run time. Exit status 1, with one message, when the step does not fit a chip;
+2 for a bad topology or config. `make preflight-setup` creates .venv-tpu (jax[tpu]).
+"""
+
+import os
+import sys
+
+# The pre-flight only compiles: JAX runs on the CPU, and never probes for (or takes) a TPU
+# that libtpu, installed in .venv-tpu, would otherwise look for at backend start.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import importlib.metadata  # noqa: E402
+import json  # noqa: E402
+from typing import Any  # noqa: E402
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from psp_jax.inference import plan as plan_lib  # noqa: E402
+from psp_jax.inference import sliding_window  # noqa: E402
+from psp_jax.models import codec  # noqa: E402
+from psp_jax.train import aot  # noqa: E402
+from psp_jax.train import config as train_config  # noqa: E402
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Command-line flags; defined only when run as a program, so importing stays clean."""
+  config_flags.DEFINE_config_file('config', None, 'Training config file.')
+  flags.DEFINE_string('topology', 'v5e:2x4', f'TPU slice: {aot.TOPOLOGY_FORMS}.')
+  flags.DEFINE_boolean('max_batch', False, 'Also find the largest global batch that fits.')
+  flags.DEFINE_boolean('eval', True, "Also compile psp_jax.evaluate's window step.")
+  flags.DEFINE_string('json', None, 'Write the report as JSON to this file.')
+
+
+def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> aot.Program:
+  """psp_jax.evaluate's window step (sliding_window.scale_canvases) at its largest scale.
+
+  As SlidingWindowInference runs it: one image per device of one host (each host evaluates
+  its own images), config.eval.batch_size / chips windows a forward pass, the variables
+  replicated. The canvas is plan_image's for a square base_size image at the largest of
+  config.eval.scales: the largest any image gives in 'whole' mode, every image's in 'slide'.
+
+  Returns:
+    Program with args (variables, canvas float32 [n, Ch, Cw, 3], offsets int32 [n, G, 2],
+    count int32 [n]), n the host's chips.
+  """
+  devices = [d for d in topology.mesh.devices.flat if d.process_index == 0]
+  mesh = Mesh(np.asarray(devices), ('data',), axis_types=(AxisType.Auto,))
+  windows = max(1, config.eval.batch_size // topology.mesh.size)
+  scale = max(config.eval.scales)
+  inference = plan_lib.InferenceConfig.from_config(
+    config, windows_per_step=windows, scales=(scale,)
+  )
+  size = config.eval.base_size
+  (first,) = plan_lib.plan_image(np.zeros((size, size, 3), np.uint8), inference).scales
+  model_config = codec.of_experiment(config, 'tpu')
+  model = codec.build_model(model_config, 'tpu')
+  image = jax.ShapeDtypeStruct((1, *first.crop, 3), np.float32)
+  shapes = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), image)
+  replicated = NamedSharding(mesh, PartitionSpec())
+  sharded = NamedSharding(mesh, PartitionSpec('data'))
+  variables = jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
+  )
+  n = mesh.size
+  args = (
+    variables,
+    jax.ShapeDtypeStruct((n, *first.canvas.shape), np.float32, sharding=sharded),
+    jax.ShapeDtypeStruct((n, *first.offsets.shape), np.int32, sharding=sharded),
+    jax.ShapeDtypeStruct((n,), np.int32, sharding=sharded),
+  )
+  kwargs = dict(
+    apply_fn=lambda v, x: model.apply(v, x, train=False),
+    mesh=mesh,
+    num_classes=config.data.num_classes,
+    crop=first.crop,
+    flip=inference.flip,
+    per_step=windows,
+  )
+  height, width = first.canvas.shape[:2]
+  what = (
+    f'eval step ({inference.mode}, scale {scale}: canvas {height}x{width}, '
+    f'{len(first.offsets)} windows of {first.crop[0]}x{first.crop[1]}, {windows} a pass'
+    f'{", flip" if inference.flip else ""}, {model_config["dtype"]})'
+  )
+  remedy = (
+    f'a smaller --config.eval.batch_size (now {config.eval.batch_size}: '
+    f'{windows} windows a pass), --config.model.dtype=bfloat16 (now {config.model.dtype})'
+    + (', or --config.eval.mode=slide' if inference.mode == 'whole' else '')
+  )
+  return aot.Program(what, sliding_window.scale_canvases, args, kwargs, n, remedy)
+
+
+def versions() -> dict[str, str]:
+  """jax, jaxlib and libtpu versions: what the figures were compiled with."""
+  out = {'jax': jax.__version__}
+  for name in ('jaxlib', 'libtpu'):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      out[name] = 'not installed'
+  return out
+
+
+def _gib(n: float) -> str:
+  return f'{n / aot.GiB:.3f}'
+
+
+def format_memory(report: dict[str, Any]) -> list[str]:
+  """The per-chip memory lines of a compile_report."""
+  mem, hbm = report['memory'], report['hbm_bytes']
+  names = (
+    ('argument', 'arguments'),
+    ('output', 'outputs'),
+    ('alias', 'aliased (donated)'),
+    ('temp', 'temporaries'),
+    ('generated_code', 'generated code'),
+  )
+  lines = ['  per chip                GiB']
+  lines += [f'  {label:<22}{_gib(mem[key]):>7}' for key, label in names]
+  free = report['headroom_bytes']
+  lines.append(
+    f'  {"total live":<22}{_gib(mem["total"]):>7} of {hbm / aot.GiB:.2f} GiB HBM: '
+    f'{free / aot.GiB:.2f} GiB headroom ({100 * free / hbm:.0f}%)'
+  )
+  return lines
+
+
+def recipe(config: ml_collections.ConfigDict, steps: int) -> str:
+  """Where the run's step count comes from, e.g. '126,300 steps (100 epochs x 1,263 ...)'."""
+  if config.num_train_steps > 0:
+    return f'{steps:,} steps (num_train_steps)'
+  images = aot.SPLIT_SIZES[config.data.name][0]
+  per_epoch = train_config.steps_per_epoch(images, config.batch_size)
+  return (
+    f'{steps:,} steps ({config.num_epochs} epochs x {per_epoch:,} steps of {config.batch_size} '
+    f"of {config.data.name}'s {images:,} training images)"
+  )
+
+
+def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> list[str]:
+  """The train step's lines: memory, cost, collectives, roofline and the bound on `run`."""
+  chip = topology.chip
+  lines = [f'{report["what"]}: compiled in {report["compile_s"]:.0f} s', *format_memory(report)]
+  lines.append(
+    f'  per step and chip: {report["flops"] / 1e12:.3f} TFLOP, '
+    f'{report["bytes_accessed"] / 1e9:.2f} GB accessed'
+  )
+  coll = report['collectives']
+  parts = [f'{k} {v["count"]} x {v["bytes"] / 1e6:.1f} MB' for k, v in sorted(coll.items())]
+  lines.append(f'  collectives per step and chip: {"; ".join(parts) or "none"}')
+  lines.append(
+    f'  roofline: >= {report["step_s"] * 1e3:.1f} ms a step ({report["bound"]}-bound; '
+    f'{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM, '
+    f'{chip.source}) = <= {report["images_per_s"]:.0f} images/s'
+  )
+  lines.append(
+    f'  recipe: {run}: >= {report["run_s"] / 3600:.2f} h of {topology.name} '
+    '(a lower bound: real steps are slower)'
+  )
+  return lines
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError('--config is required')
+  # The persistent cache cannot read back programs of compile-only devices: writing them
+  # (a JAX_COMPILATION_CACHE_DIR in the environment) would only fill the disk.
+  jax.config.update('jax_enable_compilation_cache', False)
+  try:
+    topology = aot.topology_mesh(FLAGS.topology)
+    steps = aot.total_steps(config)
+    train = aot.train_program(config, topology)
+  except (aot.TopologyError, train_config.ConfigError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  chip = topology.chip
+  head = (
+    f'TPU pre-flight: {FLAGS["config"].config_filename} on {topology.name} '
+    f'({topology.mesh.size} x {chip.name}, {topology.hosts} host'
+    f'{"s" if topology.hosts > 1 else ""}); {", ".join(f"{k} {v}" for k, v in versions().items())}'
+  )
+  print(head, flush=True)
+  result: dict[str, Any] = dict(date=datetime.date.today().isoformat(), topology=topology.name)
+  result['chips'] = topology.mesh.size
+  result.update(hosts=topology.hosts, chip=chip.name, versions=versions(), steps=steps)
+  failure = None
+  try:
+    result['train'] = aot.compile_report(train, topology, steps)
+    print('\n'.join(format_train(result['train'], topology, recipe(config, steps))), flush=True)
+    if FLAGS.eval:
+      result['eval'] = aot.compile_report(eval_program(config, topology), topology)
+      report = result['eval']
+      print(f'{report["what"]}: compiled in {report["compile_s"]:.0f} s', flush=True)
+      print('\n'.join(format_memory(report)), flush=True)
+  except aot.DoesNotFitError as e:
+    failure = str(e)
+  if FLAGS.max_batch:
+    known = {config.batch_size: 'train' in result}
+    best, tried = aot.largest_batch(config, topology, known=known)
+    result['max_batch'], result['max_batch_tried'] = best, tried
+    steps_tried = ', '.join(f'{b} {"fits" if ok else "no"}' for b, ok in tried)
+    verdict = best if best is not None else 'none, not even the smallest tried'
+    print(f'largest global batch that fits: {verdict} (tried: {steps_tried})', flush=True)
+    if failure is not None and best is not None:
+      failure += f' (--max_batch: --config.batch_size={best} fits.)'
+
+  result['fits'], result['message'] = failure is None, failure
+  if FLAGS.json:
+    with open(FLAGS.json, 'w') as f:
+      json.dump(result, f, indent=1)
+  if failure is not None:
+    print(f'error: {failure}', file=sys.stderr)
+    sys.exit(1)
+  print(f'fits: yes, {topology.name} can run this config.')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,436 @@
+"""Ahead-of-time compilation for a Cloud TPU topology on any machine (the TPU pre-flight).
+
+libtpu compiles for a described TPU slice without a TPU: `topology_mesh` gives the slice's
+compile-only devices as the training mesh, `train_program` the train step of train.py with
+its shardings and abstract inputs, `compile_report` XLA's per-chip memory and cost analysis,
+the collectives of the compiled program and a roofline bound on the step time. Needs
+jax[tpu] (the `tpu` extra, in .venv-tpu: see the Makefile); nothing is allocated or run.
+"""
+
+import collections
+import contextlib
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from psp_jax import distributed
+from psp_jax.models import codec
+from psp_jax.train import config as train_config
+from psp_jax.train import optim, safeguards
+from psp_jax.train import state as train_state_lib
+from psp_jax.train import step as train_step_lib
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Public per-chip figures of a TPU generation (peak_flops: bfloat16 MXU)."""
+
+  name: str
+  peak_flops: float
+  hbm_bytes: int
+  hbm_bytes_per_s: float
+  source: str
+
+
+# HBM in GiB: the pages say 'GB' or 'GiB', and libtpu's limit for a 16 GiB v5e is 15.75 GiB.
+CHIPS = {
+  'v4': Chip('TPU v4', 275e12, 32 * GiB, 1200e9, 'https://cloud.google.com/tpu/docs/v4'),
+  'v5e': Chip('TPU v5e', 197e12, 16 * GiB, 819e9, 'https://cloud.google.com/tpu/docs/v5e'),
+  'v5p': Chip('TPU v5p', 459e12, 95 * GiB, 2765e9, 'https://cloud.google.com/tpu/docs/v5p'),
+  'v6e': Chip('TPU v6e', 918e12, 32 * GiB, 1638e9, 'https://cloud.google.com/tpu/docs/v6e'),
+}
+# Split sizes (train, validation) for num_epochs recipes, without reading the data set.
+SPLIT_SIZES = {
+  'ade20k': (20_210, 2_000),
+  'voc2012': (10_582, 1_449),  # train_aug (SegmentationClassAug) / val
+  'cityscapes': (2_975, 500),  # fine train / val
+}
+TOPOLOGY_FORMS = (
+  'v5e:AxB or v6e:AxB (e.g. v5e:2x2, v5e:2x4, v5e:4x4, v6e:2x4) and '
+  'v4:AxBxC or v5p:AxBxC (e.g. v4:2x2x1, v5p:2x2x1)'
+)
+_TOPOLOGY = re.compile(r'(v5e|v6e):\d+x\d+|(v4|v5p):\d+x\d+x\d+')
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
+_DTYPE_BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2}
+_DTYPE_BYTES.update({'s16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1})
+# An async pair (-start / -done) counts once, at its -done, whose shape is the result alone
+# (a -start's shape is a tuple that also holds the operands).
+_OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-done)?\(')
+_SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
+_HBM_OOM = re.compile(r'\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)')
+
+
+class TopologyError(ValueError):
+  """A topology name that libtpu does not describe; the message lists the accepted forms."""
+
+
+class DoesNotFitError(RuntimeError):
+  """A program needs more HBM than a chip has (libtpu's compile fails); str() says all.
+
+  Attributes:
+    needed: bytes a chip would need (None if libtpu did not say).
+    available: bytes the compiler may use on a chip.
+  """
+
+  def __init__(self, program: 'Program', needed: int | None, available: int, detail: str):
+    if needed is None:
+      amount = f'more than the {available / GiB:.2f} GiB of HBM a chip has ({detail})'
+    else:
+      amount = (
+        f'{needed / GiB:.2f} GiB a chip, {available / GiB:.2f} GiB available: '
+        f'{(needed - available) / GiB:.2f} GiB missing'
+      )
+    super().__init__(f'{program.what} does not fit: {amount}. To fit: {program.remedy}.')
+    self.needed, self.available = needed, available
+
+
+@dataclasses.dataclass(frozen=True)
+class Topology:
+  """A described TPU slice: its compile-only devices as the training mesh."""
+
+  name: str
+  chip: Chip
+  mesh: Mesh
+  hosts: int
+
+
+@contextlib.contextmanager
+def _native_stderr_discarded() -> Iterator[None]:
+  """Drops what native code writes to stderr inside the block.
+
+  libtpu, looking for the TPU VM metadata that a compile-only topology does not need,
+  writes several warnings straight to file descriptor 2 on every start; its errors still
+  arrive as exceptions.
+  """
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with open(os.devnull, 'w') as null:
+    os.dup2(null.fileno(), 2)
+    try:
+      yield
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+def topology_mesh(name: str) -> Topology:
+  """The 1-D 'data' mesh (psp_jax.distributed.create_mesh) over a TPU slice's chips.
+
+  Hosts are as on Cloud TPU VMs: 8 chips on one host for v5e and v6e slices of up to
+  8 chips, 4 chips a host otherwise (libtpu's default puts 4 on every host). v4 is
+  described in megacore mode: one JAX device per chip, as on a v4 VM.
+
+  Args:
+    name: e.g. 'v5e:2x4' (a v5litepod-8), 'v4:2x2x1' (a v4-8).
+
+  Returns:
+    Topology; mesh.size is the number of chips.
+
+  Raises:
+    TopologyError: a name outside TOPOLOGY_FORMS, or one libtpu rejects.
+  """
+  from jax.experimental import topologies  # noqa: PLC0415 (needs jax[tpu] only here)
+
+  if not _TOPOLOGY.fullmatch(name.strip()):
+    raise TopologyError(f'--topology {name!r}: expected {TOPOLOGY_FORMS}.')
+  if importlib.util.find_spec('libtpu') is None:
+    raise TopologyError('compiling for TPU needs libtpu: run `make preflight-setup` (.venv-tpu).')
+  generation, shape = name.strip().split(':')
+  dims = tuple(int(d) for d in shape.split('x'))
+  kwargs: dict[str, Any] = {}
+  if generation == 'v4':
+    kwargs['chip_config_name'] = 'megacore'
+  if generation in ('v5e', 'v6e') and math.prod(dims) <= 8:
+    kwargs['chips_per_host_bounds'] = (*dims, 1)
+  # Compile-only: this process never owns a TPU, so it must not take libtpu's one-process
+  # lock either (concurrent pre-flights, or one on a TPU VM while training runs there).
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  try:
+    with _native_stderr_discarded():
+      devices = topologies.get_topology_desc(
+        platform='tpu', topology_name=name.strip(), **kwargs
+      ).devices
+  except jax.errors.JaxRuntimeError as e:  # e.g. a shape this generation cannot have.
+    raise TopologyError(
+      f'--topology {name!r}: libtpu rejects it ({e}); use {TOPOLOGY_FORMS}.'
+    ) from None
+  hosts = len({d.process_index for d in devices})
+  return Topology(name.strip(), CHIPS[generation], distributed.create_mesh(devices), hosts)
+
+
+@dataclasses.dataclass
+class Program:
+  """A jitted function and the abstract arguments to lower it with."""
+
+  what: str
+  jitted: Any
+  args: tuple
+  kwargs: dict[str, Any]
+  images_per_step: int
+  remedy: str  # The config changes that make it smaller, for the does-not-fit message.
+
+
+def total_steps(config: ml_collections.ConfigDict) -> int:
+  """Optimiser steps of the run: num_train_steps, or num_epochs x SPLIT_SIZES' train split.
+
+  Raises:
+    train_config.ConfigError: an epoch recipe on a data set of unknown size.
+  """
+  num_train = SPLIT_SIZES.get(config.data.name, (None,))[0]
+  if config.num_train_steps <= 0 and num_train is None:
+    raise train_config.ConfigError(
+      f'config.num_epochs: the size of {config.data.name!r} is unknown here '
+      f'(known: {sorted(SPLIT_SIZES)}); set config.num_train_steps.'
+    )
+  return train_config.num_train_steps(config, num_train)
+
+
+def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Program:
+  """train.py's step (psp_jax.train.loop._train) for the topology, from abstract inputs.
+
+  The same functions build it: codec.of_experiment for 'tpu' ('auto' is bfloat16), the optimiser
+  over the recipe's steps, the abstract TrainState replicated, the batch split on 'data',
+  guard_nonfinite, compile_train_step's shardings and donation.
+
+  Args:
+    config: the training config (checked by train_config.validate for the slice).
+    topology: from topology_mesh.
+
+  Returns:
+    Program with args (state, batch {'image' float32 [B, H, W, 3], 'label' int32 [B, H, W]},
+    dropout key uint32 [2]).
+  """
+  mesh = topology.mesh
+  train_config.validate(config, device_count=mesh.size, process_count=topology.hosts)
+  model_config = codec.of_experiment(config, 'tpu')
+  model = codec.build_model(model_config, 'tpu')
+  tx, schedule = optim.create_optimizer(config.optim, total_steps(config))
+  crop = train_config.crop_pair(config.data.crop_size)
+  init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+  state = train_state_lib.abstract_state(model, tx, init_key, (1, *crop, 3), mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = train_step_lib.train_step_of_config(model, tx, schedule, config, mesh)
+  jitted = train_step_lib.compile_train_step(safeguards.guard_nonfinite(step_fn), shardings, mesh)
+  sharded = distributed.batch_sharded(mesh)
+  size = (config.batch_size, *crop)
+  batch = {
+    'image': jax.ShapeDtypeStruct((*size, 3), jnp.float32, sharding=sharded),
+    'label': jax.ShapeDtypeStruct(size, jnp.int32, sharding=sharded),
+  }
+  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=distributed.replicated(mesh))
+  what = (
+    f'train step (PSPNet-{config.model.depth}, batch {config.batch_size}, crop '
+    f'{crop[0]}x{crop[1]}, {model_config["dtype"]})'
+  )
+  accum = config.optim.grad_accum_steps
+  remedy = (
+    f'a smaller --config.batch_size (now {config.batch_size}), '
+    f'--config.optim.grad_accum_steps={2 * accum} (the same batch in micro-batches), '
+    f'--config.model.dtype=bfloat16 (now {config.model.dtype}), or a smaller '
+    f'--config.data.crop_size (now {config.data.crop_size}); or a chip with more HBM'
+  )
+  return Program(what, jitted, (state, batch, key), {}, config.batch_size, remedy)
+
+
+@contextlib.contextmanager
+def progress(what: str, every_s: float = 30.0) -> Iterator[None]:
+  """Prints 'compiling WHAT', the elapsed time every `every_s` seconds, and the total."""
+  started = time.perf_counter()
+  print(f'compiling {what} ...', file=sys.stderr, flush=True)
+  done = threading.Event()
+
+  def tick():
+    while not done.wait(every_s):
+      print(f'  ... {time.perf_counter() - started:.0f} s', file=sys.stderr, flush=True)
+
+  ticker = threading.Thread(target=tick, daemon=True)
+  ticker.start()
+  try:
+    yield
+  finally:
+    done.set()
+    ticker.join()
+    print(f'  {what}: {time.perf_counter() - started:.0f} s', file=sys.stderr, flush=True)
+
+
+def hbm_shortfall(message: str, capacity: int) -> tuple[int | None, int]:
+  """(needed, available) bytes of a chip from libtpu's out-of-HBM message.
+
+  Args:
+    message: e.g. '... required for HLO temporaries (22.37G) exceeds available HBM (15.75G).'
+      (libtpu's G are GiB: a v5e's 16 GiB shows as 15.75G once the runtime's share is off).
+    capacity: the chip's HBM, the answer when the message gives no figures.
+
+  Returns:
+    (needed or None, available).
+  """
+  match = _HBM_OOM.search(message)
+  if not match:
+    return None, capacity
+  needed, unit, available, unit2 = match.groups()
+  scale = {u: 1024 ** (i + 1) for i, u in enumerate('KMGT')}
+  return int(float(needed) * scale[unit]), int(float(available) * scale[unit2])
+
+
+def compile_program(program: Program, chip: Chip) -> tuple[Any, float]:
+  """Lowers and compiles a Program (progress on stderr).
+
+  Returns:
+    (the compiled object, compile seconds).
+
+  Raises:
+    DoesNotFitError: libtpu ran out of HBM (the message gives needed and available bytes).
+  """
+  started = time.perf_counter()
+  try:
+    with progress(program.what):
+      compiled = program.jitted.lower(*program.args, **program.kwargs).compile()
+  except jax.errors.JaxRuntimeError as e:
+    text = str(e)
+    if 'RESOURCE_EXHAUSTED' not in text:
+      raise
+    needed, available = hbm_shortfall(text, chip.hbm_bytes)
+    raise DoesNotFitError(program, needed, available, text.strip().splitlines()[0]) from None
+  return compiled, time.perf_counter() - started
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+  """Count and result bytes (per chip) of each collective kind in compiled HLO text.
+
+  Args:
+    hlo_text: compiled.as_text().
+
+  Returns:
+    {kind: {'count': n, 'bytes': total result bytes}} for the kinds present.
+  """
+  out: dict[str, dict[str, int]] = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
+  for line in hlo_text.splitlines():
+    match = _OP.search(line)
+    if not match:
+      continue
+    size = 0
+    for dtype, dims in _SHAPE.findall(match.group(1)):
+      n = 1
+      for d in filter(None, dims.split(',')):
+        n *= int(d)
+      size += n * _DTYPE_BYTES[dtype]
+    out[match.group(2)]['count'] += 1
+    out[match.group(2)]['bytes'] += size
+  return dict(out)
+
+
+def memory(compiled: Any) -> dict[str, int]:
+  """Per-chip bytes of compiled.memory_analysis(), and 'total' live at the peak.
+
+  total = arguments + outputs - aliased (the donated state is reused for the new one)
+  + temporaries + generated code.
+  """
+  stats = compiled.memory_analysis()
+  fields = ('argument', 'output', 'alias', 'temp', 'generated_code')
+  out = {f: int(getattr(stats, f'{f}_size_in_bytes', 0) or 0) for f in fields}
+  out['total'] = sum(out[f] for f in ('argument', 'output', 'temp', 'generated_code'))
+  out['total'] -= out['alias']
+  return out
+
+
+def compile_report(program: Program, topology: Topology, steps: int | None = None) -> dict:
+  """Compiles a Program for a topology and measures it.
+
+  Args:
+    program: from train_program (or any Program on topology.mesh).
+    topology: from topology_mesh.
+    steps: steps of the run, for the wall-time bound (None: no bound).
+
+  Returns:
+    {'what', 'compile_s', 'memory' (per chip, see `memory`), 'hbm_bytes', 'headroom_bytes',
+    'flops', 'bytes_accessed' (per chip and step), 'collectives', 'step_s' (roofline lower
+    bound), 'bound' ('compute' or 'memory'), 'images_per_s', 'run_s' (or None)}.
+  """
+  chip = topology.chip
+  compiled, compile_s = compile_program(program, chip)
+  mem = memory(compiled)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost  # One dict per chip program.
+  flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+  # cost_analysis()['optimal_seconds'] comes out negative for compile-only devices: the
+  # bound is computed here. float32 uses the bfloat16 peak too: JAX's default matmul
+  # precision runs float32 matmuls as bfloat16 passes on TPU, and a bound must not be high.
+  compute_s, memory_s = flops / chip.peak_flops, accessed / chip.hbm_bytes_per_s
+  step_s = max(compute_s, memory_s)
+  return dict(
+    what=program.what,
+    compile_s=compile_s,
+    memory=mem,
+    hbm_bytes=chip.hbm_bytes,
+    headroom_bytes=chip.hbm_bytes - mem['total'],
+    flops=flops,
+    bytes_accessed=accessed,
+    collectives=collectives(compiled.as_text()),
+    step_s=step_s,
+    bound='compute' if compute_s >= memory_s else 'memory',
+    images_per_s=program.images_per_step / step_s if step_s > 0 else None,
+    run_s=steps * step_s if steps else None,
+  )
+
+
+def largest_batch(
+  config: ml_collections.ConfigDict,
+  topology: Topology,
+  build: Callable[[ml_collections.ConfigDict, Topology], Program] = train_program,
+  limit: int = 4096,
+  known: dict[int, bool] | None = None,
+) -> tuple[int | None, list[tuple[int, bool]]]:
+  """The largest global batch that compiles, by doubling then bisecting (one compile each).
+
+  Batches are multiples of grad_accum_steps x lcm(chips, loss_groups, 2), which validate
+  accepts (each micro-batch splits over the chips and the loss groups, >= 2 images).
+
+  Args:
+    config: the training config (its batch_size is the first try).
+    topology: from topology_mesh.
+    build: makes the Program of a config (train_program).
+    limit: the largest batch tried.
+    known: {batch: fits} already compiled (not compiled again).
+
+  Returns:
+    (the largest batch that fits or None, [(batch, fits)] in the order tried).
+  """
+  micro = math.lcm(topology.mesh.size, config.optim.loss_groups, 2)
+  unit = config.optim.grad_accum_steps * micro
+  results, tried = dict(known or {}), []
+
+  def fits(units: int) -> bool:
+    batch = units * unit
+    if batch not in results:
+      trial = config.copy_and_resolve_references()
+      trial.batch_size = batch
+      try:
+        compile_program(build(trial, topology), topology.chip)
+        results[batch] = True
+      except DoesNotFitError:
+        results[batch] = False
+    tried.append((batch, results[batch]))
+    return results[batch]
+
+  low, high = 0, max(1, config.batch_size // unit)
+  while high * unit <= limit and fits(high):  # Double until one does not fit.
+    low, high = high, 2 * high
+  high = min(high, limit // unit + 1)
+  while high - low > 1:  # low fits (or is 0), high does not (or is past the limit).
+    middle = (low + high) // 2
+    low, high = (middle, high) if fits(middle) else (low, middle)
+  return (low * unit if low else None), tried

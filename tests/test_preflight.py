@@ -1,0 +1,142 @@
+"""psp_jax.preflight: a tiny PSPNet compiled for a v5e:2x2 slice with libtpu, on a CPU.
+
+The command runs as a subprocess with .venv-tpu's python (jax[tpu]; `make preflight-setup`),
+with no TPU environment variables: a config that fits (exit 0, a sane report) and one far
+too large for a chip's 16 GiB (exit 1, one message). The HLO and message parsing run here.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+
+import ml_collections
+import pytest
+
+from psp_jax.train import aot
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TPU_PYTHON = ROOT / '.venv-tpu' / 'bin' / 'python'
+# A tiny PSPNet (tests/test_train.py's sizes): a compile that fits still takes 2-4 minutes
+# (slow); one that does not fit fails in seconds.
+TINY = dict(depth=18, width=4, head_channels=8, aux_channels=8, dtype='float32')
+COMMON = ['--config=configs/synthetic.py', '--topology=v5e:2x2', '--config.num_train_steps=100']
+COMMON += [f'--config.model.{k}={v}' for k, v in TINY.items()]
+
+
+@pytest.fixture(scope='module')
+def tpu_python() -> pathlib.Path:
+  """.venv-tpu's python; CI (CI=true, where `make test` creates it) fails without it."""
+  if not TPU_PYTHON.exists():
+    message = f'{TPU_PYTHON} is missing: run `make preflight-setup`'
+    if os.environ.get('CI') == 'true':
+      pytest.fail(message)
+    pytest.skip(message)
+  return TPU_PYTHON
+
+
+def preflight(python: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
+  """Runs the command as a user would, with no TPU (or JAX platform) variables set."""
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_', 'JAX_', 'XLA_'))}
+  return subprocess.run(
+    [str(python), '-m', 'psp_jax.preflight', *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=1200,
+  )
+
+
+@pytest.mark.slow
+def test_a_config_that_fits(tpu_python, tmp_path):
+  out = tmp_path / 'report.json'
+  args = ['--config.data.crop_size=65', '--config.batch_size=8', '--config.eval.base_size=65']
+  proc = preflight(tpu_python, *COMMON, *args, '--config.eval.batch_size=4', f'--json={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for line in ('total live', 'TFLOP', 'collectives per step and chip: all-reduce', 'roofline'):
+    assert line in proc.stdout
+  assert 'fits: yes' in proc.stdout and '4 x TPU v5e, 1 host' in proc.stdout
+  assert 'compiling train step (PSPNet-18, batch 8, crop 65x65, float32)' in proc.stderr
+  report = json.loads(out.read_text())
+  train = report['train']
+  assert train['memory']['total'] > 0 and train['memory']['argument'] > 0
+  assert train['flops'] > 0 and train['bytes_accessed'] > 0 and train['step_s'] > 0
+  assert train['collectives']['all-reduce']['count'] > 0  # The gradients, and SyncBN.
+  assert train['memory']['alias'] > 0  # The old state is donated.
+  assert report['eval']['memory']['total'] > 0 and report['fits']
+
+
+def test_a_batch_too_large_for_a_chip(tpu_python):
+  args = ['--config.data.crop_size=1025', '--config.batch_size=64', '--noeval']
+  proc = preflight(tpu_python, *COMMON, *args, '--config.data.num_classes=150')
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert len(errors) == 1, proc.stderr[-3000:]
+  (error,) = errors
+  assert 'does not fit' in error and 'GiB missing' in error
+  for knob in ('batch_size', 'optim.grad_accum_steps', 'model.dtype', 'crop_size'):
+    assert knob in error
+
+
+def test_a_bad_topology_lists_the_accepted_forms(tpu_python):
+  proc = preflight(tpu_python, '--config=configs/synthetic.py', '--topology=v5litepod-8')
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines() == [
+    f"error: --topology 'v5litepod-8': expected {aot.TOPOLOGY_FORMS}."
+  ]
+
+
+HLO = """
+  %all-reduce-start = f32[64,3]{1,0:T(8,128)} all-reduce-start(%p), to_apply=%add
+  %all-reduce-done = f32[64,3]{1,0:T(8,128)} all-reduce-done(%all-reduce-start)
+  %all-reduce.1 = (f32[10]{0}, bf16[4,4]{1,0}) all-reduce(%a, %b), to_apply=%add
+  %all-gather.6 = bf16[400,10]{1,0:T(8,128)(2,1)} all-gather(%convert), dimensions={0}
+  %fusion = f32[] fusion(%custom-call, %all-gather.6), kind=kOutput
+  %collective-permute-start = (f32[8]{0}, f32[8]{0}, u32[], u32[]) collective-permute-start(%x)
+  %collective-permute-done = f32[8]{0} collective-permute-done(%collective-permute-start)
+"""
+
+
+def test_collectives_count_async_pairs_once_with_their_result_bytes():
+  assert aot.collectives(HLO) == {
+    'all-reduce': {'count': 2, 'bytes': 64 * 3 * 4 + 10 * 4 + 16 * 2},
+    'all-gather': {'count': 1, 'bytes': 400 * 10 * 2},
+    'collective-permute': {'count': 1, 'bytes': 8 * 4},
+  }
+
+
+def test_an_out_of_memory_compile_becomes_one_message():
+  program = aot.Program('train step (x)', None, (), {}, 16, 'a smaller --config.batch_size')
+  text = (
+    'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+    'temporaries (22.37G) exceeds available HBM (15.75G).'
+  )
+  needed, available = aot.hbm_shortfall(text, 16 * aot.GiB)
+  assert (needed, available) == (int(22.37 * aot.GiB), int(15.75 * aot.GiB))
+  error = aot.DoesNotFitError(program, needed, available, text)
+  assert str(error) == (
+    'train step (x) does not fit: 22.37 GiB a chip, 15.75 GiB available: 6.62 GiB missing. '
+    'To fit: a smaller --config.batch_size.'
+  )
+
+
+def test_the_largest_batch_is_found_by_doubling_then_bisecting(monkeypatch):
+  """Batch 16 on 4 chips (steps of 4), a slice that holds at most 40: 16 32 64, 48 40 44."""
+  config = ml_collections.ConfigDict(dict(batch_size=16, optim=dict(grad_accum_steps=1)))
+  config.optim.loss_groups = 1
+  topology = aot.Topology('v5e:2x2', aot.CHIPS['v5e'], mesh=type('Mesh', (), {'size': 4}), hosts=1)
+
+  def build(trial, topology):
+    return aot.Program('train step', None, (), {}, trial.batch_size, 'smaller')
+
+  def compile_program(program, chip):
+    if program.images_per_step > 40:
+      raise aot.DoesNotFitError(program, None, chip.hbm_bytes, 'out of HBM')
+    return None, 1.0
+
+  monkeypatch.setattr(aot, 'compile_program', compile_program)
+  best, tried = aot.largest_batch(config, topology, build=build, known={16: True})
+  assert best == 40
+  assert tried == [(16, True), (32, True), (64, False), (48, False), (40, True), (44, False)]
