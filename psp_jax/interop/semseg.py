@@ -20,6 +20,7 @@ import numpy as np
 from flax import traverse_util
 
 from psp_jax import errors
+from psp_jax.models.resnet import DEPTHS
 
 # Flax module name -> index in the official nn.Sequential (pspnet.py: layer0 is
 # conv1, bn1, relu, conv2, bn2, relu, conv3, bn3, relu, maxpool; cls/aux are conv, bn, relu,
@@ -37,14 +38,8 @@ BN_LEAVES = {
   ('batch_stats', 'mean'): 'running_mean',
   ('batch_stats', 'var'): 'running_var',
 }
-# Blocks per stage -> depth (resnet18 ... resnet152 in model/resnet.py).
-DEPTH_OF_COUNTS = {
-  ('basic', (2, 2, 2, 2)): 18,
-  ('basic', (3, 4, 6, 3)): 34,
-  ('bottleneck', (3, 4, 6, 3)): 50,
-  ('bottleneck', (3, 4, 23, 3)): 101,
-  ('bottleneck', (3, 8, 36, 3)): 152,
-}
+# Blocks per stage -> depth (resnet18 ... resnet152 in model/resnet.py), from models.resnet.
+DEPTH_OF_COUNTS = {(kind, counts): depth for depth, (kind, counts) in DEPTHS.items()}
 # What the weights determine (the hint compares these); the rest cannot be read off them.
 STRUCTURAL = ('num_classes', 'depth', 'stem', 'width', 'use_ppm', 'reduce_dim', 'head_channels')
 STRUCTURAL += ('aux_channels',)

@@ -13,15 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from psp_jax.models.resnet import DEPTHS  # the one table of ResNet depths
+
 # Blocks per stage and block type: resnet18/34/50/101/152 in model/resnet.py.
-DEPTHS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
-  18: ('basic', (2, 2, 2, 2)),
-  34: ('basic', (3, 4, 6, 3)),
-  50: ('bottleneck', (3, 4, 6, 3)),
-  101: ('bottleneck', (3, 4, 23, 3)),
-  152: ('bottleneck', (3, 8, 36, 3)),
-}
-EXPANSION = {'basic': 1, 'bottleneck': 4}
 # (stride, dilation) of layer3 and layer4 per output stride. 8 is PSPNet's: the original
 # patches every layer3/4 conv2 to dilation 2/4, stride 1 (and the downsample to stride 1).
 STAGE_GEOMETRY = {
