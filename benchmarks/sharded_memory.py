@@ -12,46 +12,12 @@ the CPU figures are XLA's CPU buffer assignment (no TPU layout padding or fusion
 """
 
 import argparse
-import collections
 import json
 import os
-import re
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all', 'collective-permute')
-DTYPE_BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2}
-DTYPE_BYTES.update({'s16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1})
-_OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-start)?\(')
-_SHAPE = re.compile(r'\b(' + '|'.join(DTYPE_BYTES) + r')\[([\d,]*)\]')
-
-
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-  """Count and result bytes of each collective kind in an HLO module's text.
-
-  Args:
-    hlo_text: compiled.as_text() (optimised HLO).
-
-  Returns:
-    {kind: {'count': n, 'bytes': total result bytes}} for the kinds present; async pairs
-    (-start/-done) count once, at their -start.
-  """
-  out = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
-  for line in hlo_text.splitlines():
-    match = _OP.search(line)
-    if not match:
-      continue
-    shape, kind = match.group(1), match.group(2)
-    size = 0
-    for dtype, dims in _SHAPE.findall(shape):
-      n = 1
-      for d in filter(None, dims.split(',')):
-        n *= int(d)
-      size += n * DTYPE_BYTES[dtype]
-    out[kind]['count'] += 1
-    out[kind]['bytes'] += size
-  return dict(out)
 
 
 def main() -> None:
@@ -77,7 +43,7 @@ def main() -> None:
   import jax.numpy as jnp  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from psp_jax.train import optim  # noqa: PLC0415
+  from psp_jax.train import aot, optim  # noqa: PLC0415
   from psp_jax.train import state as train_state  # noqa: PLC0415
   from psp_jax.train import step as train_step  # noqa: PLC0415
 
@@ -109,7 +75,7 @@ def main() -> None:
   memory = {f: int(getattr(mem, f'{f}_size_in_bytes', 0) or 0) for f in fields}
   # Live at the peak: arguments + outputs + temporaries, minus the donated (aliased) state.
   memory['total'] = memory['argument'] + memory['output'] + memory['temp'] - memory['alias']
-  coll = collectives(compiled.as_text())
+  coll = aot.collectives(compiled.as_text())
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   result = dict(
     devices=len(devices),
