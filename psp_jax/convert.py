@@ -1,14 +1,18 @@
-"""Command line: weights between official PyTorch PSPNet checkpoints and the Flax PSPNet.
+"""Command line: weights between PyTorch PSPNet checkpoints (semseg, mmseg) and the Flax PSPNet.
 
   python -m psp_jax.convert train_epoch_100.pth OUT_DIR   # .pth -> orbax dir + model_config
-  python -m psp_jax.convert OUT_DIR pspnet.pth            # orbax dir -> official .pth
+  python -m psp_jax.convert OUT_DIR pspnet.pth            # orbax dir -> .pth
 
-The naming table and the checks are in psp_jax.interop.semseg; files in psp_jax.weights.
+A .pth's layout (hszhao/semseg's or mmsegmentation's) is recognised from its keys; the .pth
+written is in the layout that holds the model as it is (mmseg's for an mmseg-variant model),
+or the one --layout names. The naming tables and the checks are in psp_jax.interop.semseg and
+psp_jax.interop.mmseg; files in psp_jax.weights.
 """
 
 import argparse
 
 from psp_jax import errors, weights
+from psp_jax.interop import pth
 
 
 @errors.report
@@ -20,12 +24,17 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--bins', type=int, nargs='+', help='PPM bin sizes if not 1 2 3 6')
   parser.add_argument('--depth', type=int, help='fail unless the weights are this depth')
   parser.add_argument('--num-classes', type=int, help='fail unless this many classes')
+  parser.add_argument(
+    '--layout',
+    choices=pth.LAYOUTS,
+    help='layout of the .pth written (default: semseg, or mmseg for an mmseg-variant model)',
+  )
   parser.add_argument('--force', action='store_true', help='overwrite dst')
   args = parser.parse_args(argv)
   expect = {k: v for k, v in (('depth', args.depth), ('num_classes', args.num_classes)) if v}
   if args.bins:
     expect['bins'] = list(args.bins)
-  weights.convert(args.src, args.dst, expect=expect, force=args.force)
+  weights.convert(args.src, args.dst, expect=expect, force=args.force, layout=args.layout)
 
 
 if __name__ == '__main__':

@@ -3,6 +3,8 @@
   python -m psp_jax.evaluate --config configs/ade20k.py --checkpoint runs/ade20k \\
       [--output_dir DIR] [--config.eval.scales='(0.5,0.75,1.0,1.25,1.5,1.75)'] \\
       [--config.eval.mode=whole] [--config.eval.flip=False] [--config.eval.protocol=mmseg]
+  python -m psp_jax.evaluate --config configs/mmseg_ade20k.py --checkpoint ZOO_FILE.pth
+      # mmsegmentation's test (eval.resize=fit, average=logits, no flip, nanmean mIoU)
 
 prints mIoU / mAcc / allAcc and a per-class table, and writes results.{txt,md,json} to
 --output_dir. The checkpoint is a training workdir, a converted checkpoint directory or an

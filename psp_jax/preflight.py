@@ -53,8 +53,9 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
 
   As SlidingWindowInference runs it: one image per device of one host (each host evaluates
   its own images), config.eval.batch_size / chips windows a forward pass, the variables
-  replicated. The canvas is plan_image's for a square base_size image at the largest of
-  config.eval.scales: the largest any image gives in 'whole' mode, every image's in 'slide'.
+  replicated. The canvas is plan_image's for a square base_size image (eval.resize='fit':
+  a wide image filling fit_scale) at the largest of config.eval.scales: the largest any
+  image gives in 'whole' mode, every image's in 'slide'.
 
   Returns:
     Program with args (variables, canvas float32 [n, Ch, Cw, 3], offsets int32 [n, G, 2],
@@ -67,8 +68,10 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
   inference = plan_lib.InferenceConfig.from_config(
     config, windows_per_step=windows, scales=(scale,)
   )
-  size = config.eval.base_size
-  (first,) = plan_lib.plan_image(np.zeros((size, size, 3), np.uint8), inference).scales
+  size = (config.eval.base_size,) * 2
+  if inference.resize == 'fit':  # The largest image that fits (long, short) lies wide.
+    size = (min(inference.fit_scale), max(inference.fit_scale))
+  (first,) = plan_lib.plan_image(np.zeros((*size, 3), np.uint8), inference).scales
   model_config = codec.of_experiment(config, 'tpu')
   model = codec.build_model(model_config, 'tpu')
   image = jax.ShapeDtypeStruct((1, *first.crop, 3), np.float32)
@@ -92,6 +95,7 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
     crop=first.crop,
     flip=inference.flip,
     per_step=windows,
+    average=inference.average,
   )
   height, width = first.canvas.shape[:2]
   what = (

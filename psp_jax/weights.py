@@ -4,10 +4,12 @@ A weights directory (what `python -m psp_jax.convert X.pth DIR` and save_variabl
 
   DIR/variables/          orbax checkpoint of {'params', 'batch_stats'} (numpy leaves)
   DIR/model_config.json   psp_jax.models.PSPNet keyword arguments
+  DIR/dataset_meta.json   class names and palette, when the source had them (mmseg's meta)
 
 load_variables also reads a training workdir (its best checkpoint by validation mIoU, else
-the newest; see psp_jax.train.checkpoints), one step directory of it, and PyTorch files: official
-PSPNet checkpoints and ImageNet ResNet backbones, converted on the fly (psp_jax.convert).
+the newest; see psp_jax.train.checkpoints), one step directory of it, and PyTorch files: PSPNet
+checkpoints in semseg's or mmseg's layout (recognised from their keys) and ImageNet ResNet
+backbones, converted on the fly (psp_jax.convert).
 Paths may be local or remote (gs://bucket/..., through etils.epath as orbax reads them).
 
 A checkpoint is read whole or not at all: a truncated, garbled or missing file raises
@@ -21,7 +23,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -34,6 +36,7 @@ from psp_jax.models import codec
 from psp_jax.paths import as_path
 
 VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
+META_FILE = 'dataset_meta.json'  # {'classes': [...], 'palette': [[r, g, b], ...]}
 # The resolved experiment config a training run writes beside its checkpoints (summaries.py).
 RUN_CONFIG_FILE = 'config.json'
 TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.train.checkpoints.BEST_DIR, LATEST_DIR
@@ -44,6 +47,14 @@ _ASYNCIO_LOOP = os.path.join('asyncio', 'base_events.py')
 
 class DamagedCheckpointError(errors.UnreadableFileError):
   """A checkpoint whose files cannot be read whole (truncated, garbled or deleted)."""
+
+
+class Checkpoint(NamedTuple):
+  """A checkpoint as load_checkpoint reads it."""
+
+  variables: dict[str, Any]  # {'params', 'batch_stats'} of numpy arrays
+  model_config: dict[str, Any]  # PSPNet kwargs
+  dataset_meta: dict[str, list] | None  # {'classes', 'palette'} the weights came with
 
 
 def quiet_abandoned_reads() -> None:
@@ -106,6 +117,7 @@ def save_variables(
   model_config: Mapping[str, Any],
   *,
   force: bool = False,
+  dataset_meta: Mapping[str, Any] | None = None,
 ) -> None:
   """Writes a weights directory (orbax variables + model_config.json).
 
@@ -113,6 +125,7 @@ def save_variables(
     path: directory to create; an existing non-empty one needs force=True.
     variables: {'params', 'batch_stats'} (numpy or jax arrays).
     model_config: JSON-serialisable PSPNet kwargs.
+    dataset_meta: {'classes', 'palette'} to keep beside them (dataset_meta.json).
   """
   path = as_path(path)
   if path.exists() and any(path.iterdir()):
@@ -127,6 +140,29 @@ def save_variables(
   checkpointer.save(path / VARIABLES_DIR, tree)
   checkpointer.wait_until_finished()
   write_model_config(path, model_config)
+  if dataset_meta:
+    (path / META_FILE).write_text(json.dumps(dict(dataset_meta)) + '\n')
+
+
+def fit_dataset_meta(
+  meta: Mapping[str, Any] | None, num_classes: int | None, source: Any
+) -> dict[str, list] | None:
+  """meta if its classes (and palette) fit the model's num_classes, else None (warned)."""
+  if not meta or num_classes is None:
+    return None
+  names, palette = list(meta.get('classes') or ()), meta.get('palette')
+  if len(names) != int(num_classes):
+    logging.warning(
+      '%s: its meta names %d classes, the model predicts %d; not using those names.',
+      source,
+      len(names),
+      num_classes,
+    )
+    return None
+  out = {'classes': [str(n) for n in names]}
+  if palette is not None and np.shape(palette) == (len(names), 3):
+    out['palette'] = np.asarray(palette, np.int64).tolist()
+  return out
 
 
 def write_model_config(directory: epath.Path, model_config: Mapping[str, Any]) -> None:
@@ -209,6 +245,27 @@ def _read_step_dir(step_dir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]
   return variables, dict(config)
 
 
+def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
+  """load_variables and the class names / palette the checkpoint came with (or None).
+
+  They are those of an mmseg .pth's meta, or of a weights dir's dataset_meta.json (what
+  psp_jax.convert kept of them), when they fit the model's number of classes.
+  """
+  path = as_path(path)
+  meta = None
+  if path.is_file():
+    loaded = pth.read_torch_file(path)
+    variables, config, meta = loaded.variables, loaded.model_config, loaded.dataset_meta
+  else:
+    variables, config = load_variables(path)
+    if (path / META_FILE).is_file():
+      try:
+        meta = json.loads((path / META_FILE).read_text())
+      except ValueError as e:
+        raise errors.InvalidInputError(f'{path / META_FILE} is not JSON: {e}') from e
+  return Checkpoint(variables, config, fit_dataset_meta(meta, config.get('num_classes'), path))
+
+
 def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """(variables, model_config) of a weights dir, training workdir, step dir or .pth file.
 
@@ -270,28 +327,33 @@ def convert(
   *,
   expect: Mapping[str, Any] | None = None,
   force: bool = False,
+  layout: str | None = None,
 ) -> None:
-  """src .pth -> dst weights dir, or src checkpoint (dir) -> dst official .pth.
+  """src .pth (semseg or mmseg layout, recognised) -> dst weights dir, or src checkpoint
+  (dir) -> dst .pth in `layout`.
 
   Args:
     expect: PSPNet kwargs the weights must have (e.g. {'depth': 101}); also bins.
     force: overwrite dst.
+    layout: of the .pth written: 'semseg' or 'mmseg'; by default the one that holds the model
+      as it is (mmseg for a model with its variant, pth.layout_of).
   """
   src, dst = as_path(src), as_path(dst)
   if not src.exists():
     raise errors.NotFoundError(f'no such file or directory: {src}')
   if src.is_file():
-    variables, config = pth.load_torch_file(src, expect or None)
-    if 'cls' not in variables['params']:
+    loaded = pth.read_torch_file(src, expect or None)
+    if loaded.layout == 'backbone':
       raise errors.InvalidInputError(
         f'{src} is an ImageNet backbone, not a PSPNet: nothing to convert.'
       )
-    save_variables(dst, variables, config, force=force)
+    meta = fit_dataset_meta(loaded.dataset_meta, loaded.model_config.get('num_classes'), src)
+    save_variables(dst, loaded.variables, loaded.model_config, force=force, dataset_meta=meta)
     return
-  variables, config = load_variables(src)
+  variables, config, meta = load_checkpoint(src)
   for key, value in (expect or {}).items():
     if key in config and config[key] != value:
       raise semseg.CheckpointMismatchError(f'{src} has {key}={config[key]}, not {value}.')
   if dst.exists() and not force:
     raise errors.OutputExistsError(f'{dst} exists (pass --force to overwrite it).')
-  pth.write_torch_file(dst, variables, config)
+  pth.write_torch_file(dst, variables, config, layout=layout, dataset_meta=meta)

@@ -41,6 +41,16 @@ def test_poly_schedule_at_first_middle_and_last_step():
   assert float(schedule(STEPS)) == 0.0
 
 
+def test_min_lr_is_mmcv_poly_with_min_lr():
+  # mmcv PolyLrUpdaterHook: (base - min_lr) * (1 - iter / max_iters) ** power + min_lr.
+  schedule = optim.poly_schedule(BASE, STEPS, 0.9, min_lr=1e-4)
+  for step in (0, 17, STEPS - 1, STEPS):
+    expected = (BASE - 1e-4) * (1 - step / STEPS) ** 0.9 + 1e-4
+    np.testing.assert_allclose(float(schedule(step)), expected, rtol=1e-6)
+  _, from_config = optim.create_optimizer(optim_config(min_lr=1e-4), STEPS)
+  assert float(from_config(STEPS)) == pytest.approx(1e-4)
+
+
 def test_warmup_multiplies_the_poly_rate():
   schedule = optim.poly_schedule(BASE, STEPS, 0.9, warmup_steps=4)
   for step in range(6):

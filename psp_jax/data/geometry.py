@@ -35,16 +35,25 @@ def resize_nearest(label: tf.Tensor, size: tf.Tensor) -> tf.Tensor:
     [h, w], label's dtype.
   """
   shape = tf.shape(label)
+  rows = tf.gather(label, nearest_indices(size[0], shape[0]))
+  return tf.gather(rows, nearest_indices(size[1], shape[1]), axis=1)
 
-  def index(out_size, in_size):
-    # Why: cv2's resizeNN takes src = floor(dst / (out / in)) in double precision, with no
-    # half-pixel offset (so it is shifted against the bilinear image), clamped to the last row.
-    inverse = 1.0 / (tf.cast(out_size, tf.float64) / tf.cast(in_size, tf.float64))
-    src = tf.floor(tf.cast(tf.range(out_size), tf.float64) * inverse)
-    return tf.minimum(tf.cast(src, tf.int32), in_size - 1)
 
-  rows = tf.gather(label, index(size[0], shape[0]))
-  return tf.gather(rows, index(size[1], shape[1]), axis=1)
+def nearest_indices(out_size: tf.Tensor, in_size: tf.Tensor) -> tf.Tensor:
+  """Source index of each output row (or column) of resize_nearest along one axis.
+
+  Args:
+    out_size: int32 scalar, the output length.
+    in_size: int32 scalar, the input length.
+
+  Returns:
+    int32 [out_size].
+  """
+  # Why: cv2's resizeNN takes src = floor(dst / (out / in)) in double precision, with no
+  # half-pixel offset (so it is shifted against the bilinear image), clamped to the last row.
+  inverse = 1.0 / (tf.cast(out_size, tf.float64) / tf.cast(in_size, tf.float64))
+  src = tf.floor(tf.cast(tf.range(out_size), tf.float64) * inverse)
+  return tf.minimum(tf.cast(src, tf.int32), in_size - 1)
 
 
 def long_side_size(height: tf.Tensor, width: tf.Tensor, long_size: tf.Tensor):

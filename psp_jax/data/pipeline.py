@@ -4,9 +4,10 @@ Each process builds its own pipeline over its part of the data (get_source shard
 process) and turns its batches into global jax.Arrays with `to_global`.
 """
 
+import functools
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec
 
 from psp_jax import errors, sizes
-from psp_jax.data import augment, decode, sources, transforms
+from psp_jax.data import augment, decode, mmseg_augment, sources, transforms
 
 _MAX_EPOCHS = 2**62  # "forever": the training stream repeats until the caller stops reading
 
@@ -50,6 +51,57 @@ def augment_kwargs(data_config: Any) -> dict[str, Any]:
     ignore_label=ignore_label,
     aspect_ratio_range=_range(data_config.get('aspect_ratio_range', None), 'aspect_ratio_range'),
   )
+
+
+RECIPES = ('official', 'mmseg')  # config.data.recipe
+
+
+def mmseg_kwargs(data_config: Any) -> dict[str, Any]:
+  """mmseg_augment.mmseg_augment keyword arguments from config.data (recipe 'mmseg').
+
+  data.scale_range is RandomResize's ratio_range and data.flip its RandomFlip; the
+  official-only ops (rotate_range, blur) must be off, so no key is silently unused.
+  """
+  official = augment_kwargs(data_config)  # Validates crop, scale_range, ignore_label.
+  if official['rotate_range'] is not None or official['blur']:
+    raise errors.InvalidInputError(
+      "data.recipe='mmseg' has no rotation or blur: set data.rotate_range=None and "
+      'data.blur=False (configs/mmseg_*.py do).'
+    )
+  mm = data_config.mmseg
+  scale = tuple(int(v) for v in mm.scale)
+  if len(scale) != 2 or min(scale) < 1:
+    raise errors.InvalidInputError(
+      f'data.mmseg.scale must be two positive edges (long, short), got {tuple(mm.scale)!r}.'
+    )
+  if not 0 < float(mm.cat_max_ratio) <= 1:
+    raise errors.InvalidInputError(
+      f'data.mmseg.cat_max_ratio must be in (0, 1] (1 = off), got {mm.cat_max_ratio}.'
+    )
+  if mm.pad not in mmseg_augment.PADS:
+    raise errors.InvalidInputError(
+      f'data.mmseg.pad must be one of {mmseg_augment.PADS}, got {mm.pad!r}.'
+    )
+  return dict(
+    crop_size=official['crop_size'],
+    scale=scale,
+    ratio_range=official['scale_range'],
+    cat_max_ratio=float(mm.cat_max_ratio),
+    flip=official['flip'],
+    photometric=bool(mm.photometric),
+    pad=str(mm.pad),
+    ignore_label=official['ignore_label'],
+  )
+
+
+def train_augmenter(data_config: Any) -> Callable[[transforms.Example, tf.Tensor], Any]:
+  """The training augmentation config.data.recipe names, as fn(example, seed), validated."""
+  recipe = data_config.get('recipe', 'official')
+  if recipe == 'official':
+    return functools.partial(augment.train_augment, **augment_kwargs(data_config))
+  if recipe == 'mmseg':
+    return functools.partial(mmseg_augment.mmseg_augment, **mmseg_kwargs(data_config))
+  raise errors.InvalidInputError(f'data.recipe must be one of {RECIPES}, got {recipe!r}.')
 
 
 def options(deterministic: bool, num_threads: int | None) -> tf.data.Options:
@@ -104,8 +156,8 @@ def build_train_dataset(
   Args:
     source: examples {'image': uint8 [H, W, 3], 'label': uint8 [H, W]}, one pass, in a
       deterministic order.
-    data_config: config.data (crop_size, scale_range, rotate_range, blur, flip,
-      ignore_label, shuffle_buffer, deterministic).
+    data_config: config.data (recipe, crop_size, scale_range, rotate_range, blur, flip,
+      mmseg, ignore_label, shuffle_buffer, deterministic).
     batch_size: examples per batch on this process.
     seed: the run's data seed.
     process_index: this process; folded into every seed so processes draw differently.
@@ -118,7 +170,7 @@ def build_train_dataset(
   """
   if batch_size < 1 or start_step < 0:
     raise ValueError(f'Need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}.')
-  kwargs = augment_kwargs(data_config)
+  augment_fn = train_augmenter(data_config)
   buffer = int(data_config.shuffle_buffer)
   base_key = tf.constant([seed, process_index], tf.int64)
   fold_in = tf.random.experimental.stateless_fold_in
@@ -152,7 +204,7 @@ def build_train_dataset(
 
   def prepare(e, i, example):
     key = fold_in(fold_in(fold_in(base_key, e), 1), i)
-    return augment.train_augment(_checked(example), key, **kwargs)
+    return augment_fn(_checked(example), key)
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)

@@ -7,14 +7,15 @@ directory or an official PyTorch .pth (converted on the fly).
 Protocols: 'official' (hszhao/semseg) averages IoU and accuracy over *all* classes, a class
 absent from both prediction and ground truth counting 0; 'mmseg' averages over the classes
 present. The flip is a separate switch: the official single-scale numbers use it,
-mmsegmentation's default test pipeline does not.
+mmsegmentation's default test pipeline does not. mmseg's whole test is further
+config.eval.resize='fit' (fit_scale), average='logits' and, sliding, clip_windows and
+stride (psp_jax.inference.plan; configs/mmseg_*.py set them all).
 
 Multi-host: each host evaluates its own part of the split on its own devices; the
 confusion matrices are summed over hosts at the end.
 """
 
 import json
-import math
 import os
 import pathlib
 from collections.abc import Callable, Iterable, Sequence
@@ -168,11 +169,16 @@ PROTOCOL_NOTES = {
 
 def describe(config: InferenceConfig) -> dict[str, Any]:
   """The inference procedure, for the report."""
-  out = dict(mode=config.mode, base_size=config.base_size, scales=list(config.scales))
-  out['flip'] = config.flip
+  out = dict(mode=config.mode, resize=config.resize)
+  if config.resize == 'fit':
+    out['fit_scale'] = list(config.fit_scale)
+  else:
+    out['base_size'] = config.base_size
+  out.update(scales=list(config.scales), flip=config.flip, average=config.average)
   if config.mode == 'slide':
     out['crop_size'] = list(config.crop_size)
-    out['stride'] = [math.ceil(c * config.stride_rate) for c in config.crop_size]
+    out['stride'] = list(config.strides)
+    out['clip_windows'] = config.clip_windows
   else:
     out['whole_multiple'] = config.whole_multiple
   return out
@@ -275,6 +281,7 @@ def evaluate_model(
   progress: bool = True,
   stop: Callable[[], bool] | None = None,
   keep: int = 0,
+  class_names: Sequence[str] | None = None,
 ) -> Evaluation | None:
   """Evaluates a model on config.data.eval_split as config.eval says (the one path).
 
@@ -289,6 +296,7 @@ def evaluate_model(
     stop: polled between images; True abandons the pass (single process only: several
       must finish together).
     keep: how many of this host's examples to return with predictions.
+    class_names: the model's own (a checkpoint's meta); by default config.data.name's.
 
   Returns:
     The Evaluation, or None if `stop` cut it short.
@@ -324,7 +332,7 @@ def evaluate_model(
     return None
   confusion = sum_over_hosts(totals.confusion)
   images = int(sum_over_hosts(np.array([totals.images], np.int64))[0])
-  names = classes.names(config.data.name, num_classes)
+  names = tuple(class_names) if class_names else classes.names(config.data.name, num_classes)
   setup = dict(data=config.data.name, split=split, images=images, **describe(inference_config))
   setup['dtype'] = codec.compute_dtype(config.model.dtype, jax.default_backend()).name
   results = summarize(confusion, names, protocol=config.eval.protocol, setup=setup)
@@ -336,9 +344,10 @@ def evaluate(
 ) -> dict[str, Any]:
   """Loads the checkpoint, evaluates config.data.eval_split and returns summarize()."""
   # The checkpoint fixes the architecture; the config may only change the compute dtype.
-  apply_fn, variables, model_config = segmenter.load_model(checkpoint, dtype=config.model.dtype)
+  apply_fn, variables, model_config, meta = segmenter.load(checkpoint, dtype=config.model.dtype)
   check_model_config(config, model_config, checkpoint)
-  return evaluate_model(config, apply_fn, variables, progress=progress).results
+  names = (meta or {}).get('classes')  # an mmseg file's own names (fit num_classes: checked)
+  return evaluate_model(config, apply_fn, variables, progress=progress, class_names=names).results
 
 
 def validator(

@@ -1,4 +1,4 @@
-"""Host-side planning of tool/test.py: resize to each scale, mean padding, window grid.
+"""Host-side planning of tool/test.py (and mmseg's test): resize, padding, window grid.
 
 Pure NumPy on three-channel images and index vectors, so it runs on the host while the
 devices compute; psp_jax.inference.sliding_window turns the plans into device work.
@@ -8,6 +8,13 @@ compile once per size, and TF would make predict depend on TensorFlow; three cha
 little. The resize of the K-channel probabilities back to the original size runs on device
 (sliding_window.py), as gathers with the index vectors computed here, so its shapes stay
 fixed. Both follow cv2.resize INTER_LINEAR (align_corners=False), which tool/test.py uses.
+
+mmsegmentation's test (resize='fit', clip_windows, average='logits'): mmcv's Resize with
+keep_ratio scales the image by min(long / max(h, w), short / min(h, w)) for a scale
+(long, short), each side int(side * factor + 0.5), with cv2 bilinear on the uint8 image
+(reproduced in fixed point: resize_uint8); no padding at test time; a sliding window
+is clipped to the image (an image smaller than the crop is one smaller window); raw logits,
+not probabilities, are averaged where windows overlap and resized back to the original size.
 """
 
 import dataclasses
@@ -21,6 +28,8 @@ from psp_jax.data.normalization import MEAN_RGB, STD_RGB
 
 MEAN = np.array(MEAN_RGB, np.float32)  # psp_jax.data.normalization, as arrays
 STD = np.array(STD_RGB, np.float32)
+RESIZES = ('long_side', 'fit')
+AVERAGES = ('probs', 'logits')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +46,17 @@ class InferenceConfig:
     whole_multiple: in whole mode, images are padded to multiples of this (size buckets).
     windows_per_step: windows per device per forward pass (twice that with the flip).
     tile_size: side of the original-size tiles the resize back runs on.
+    resize: 'long_side' (tool/test.py: long side round(scale * base_size)) or 'fit'
+      (mmseg's Resize keep_ratio: as large as fits fit_scale, see fit_size).
+    fit_scale: (long, short) edges the image must fit with resize='fit' (mmseg's
+      scale=(2048, 512)); a scale s fits (int(long * s), int(short * s)).
+    stride: window stride in pixels (mmseg's test_cfg stride); 0 derives it from
+      stride_rate.
+    clip_windows: windows are clipped to the image, never padded: an image smaller than the
+      crop runs as one window of its own size (mmseg's slide_inference). False pads it with
+      the mean colour to the crop (tool/test.py).
+    average: 'probs' (tool/test.py: softmax of each window, averaged and resized back) or
+      'logits' (mmseg: raw logits averaged and resized back, argmax of those).
   """
 
   mode: str = 'slide'
@@ -48,15 +68,34 @@ class InferenceConfig:
   whole_multiple: int = 64
   windows_per_step: int = 1
   tile_size: int = 512
+  resize: str = 'long_side'
+  fit_scale: tuple[int, int] = (2048, 512)
+  stride: int = 0
+  clip_windows: bool = False
+  average: str = 'probs'
 
   def __post_init__(self):
     if self.mode not in ('slide', 'whole'):
       raise ValueError(f"mode must be 'slide' or 'whole', got {self.mode!r}")
+    if self.resize not in RESIZES:
+      raise ValueError(f'resize must be one of {RESIZES}, got {self.resize!r}')
+    if self.average not in AVERAGES:
+      raise ValueError(f'average must be one of {AVERAGES}, got {self.average!r}')
+    if self.stride < 0:
+      raise ValueError(f'stride must be >= 0 (0: from stride_rate), got {self.stride}')
+    object.__setattr__(self, 'fit_scale', sizes.pair(self.fit_scale, 'fit_scale'))
     if not self.scales or min(self.scales) <= 0:
       raise ValueError(f'scales must be positive, got {self.scales}')
     crop = self.crop_size
     object.__setattr__(self, 'crop_size', sizes.pair(crop, 'crop_size'))
     object.__setattr__(self, 'scales', tuple(float(s) for s in self.scales))
+
+  @property
+  def strides(self) -> tuple[int, int]:
+    """(height, width) window stride: `stride`, or ceil(crop * stride_rate) when it is 0."""
+    if self.stride > 0:
+      return self.stride, self.stride
+    return tuple(math.ceil(c * self.stride_rate) for c in self.crop_size)
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> 'InferenceConfig':
@@ -70,6 +109,11 @@ class InferenceConfig:
       flip=ev.flip,
       whole_multiple=ev.get('whole_multiple', 64),
       tile_size=ev.get('tile_size', 512),
+      resize=ev.get('resize', 'long_side'),
+      fit_scale=tuple(ev.get('fit_scale', (2048, 512))),
+      stride=ev.get('stride', 0),
+      clip_windows=ev.get('clip_windows', False),
+      average=ev.get('average', 'probs'),
     )
     kwargs.update(overrides)
     return cls(**kwargs)
@@ -88,6 +132,26 @@ def scaled_size(height: int, width: int, scale: float, base_size: int) -> tuple[
   if height > width:
     return long_size, max(1, round(long_size / float(height) * width))
   return max(1, round(long_size / float(width) * height)), long_size
+
+
+def fit_size(height: int, width: int, scale: float, fit_scale: tuple[int, int]) -> tuple[int, int]:
+  """Size of the image resized to fit fit_scale at `scale`, aspect kept (mmcv imrescale).
+
+  mmseg's Resize(scale=fit_scale, keep_ratio=True): with long, short = the larger and smaller
+  of int(edge * scale), factor = min(long / max(h, w), short / min(h, w)) and each side
+  becomes int(side * factor + 0.5), in double precision.
+  """
+  edges = [int(e * scale) for e in fit_scale]
+  long, short = max(edges), min(edges)
+  factor = min(long / max(height, width), short / min(height, width))
+  return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
+
+
+def resized_size(height: int, width: int, scale: float, config: 'InferenceConfig'):
+  """(new_h, new_w) of an image at `scale` under config.resize."""
+  if config.resize == 'fit':
+    return fit_size(height, width, scale, config.fit_scale)
+  return scaled_size(height, width, scale, config.base_size)
 
 
 def linear_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -118,8 +182,65 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
   return image[r0] * (1 - rf)[:, None, None] + image[r1] * rf[:, None, None]
 
 
-def window_grid(height: int, width: int, crop: tuple[int, int], stride_rate: float):
+def _cv2_taps(in_size: int, out_size: int, clamp: bool):
+  """cv2.resize INTER_LINEAR's uint8 taps along one axis: (i0, i1, w0, w1), weights / 2048.
+
+  Source position float32((d + 0.5) * (1 / (out / in)) - 0.5); along x (clamp) a position
+  outside the image takes the border pixel whole, along y only the rows are clamped.
+  """
+  f = ((np.arange(out_size) + 0.5) * (1.0 / (out_size / in_size)) - 0.5).astype(np.float32)
+  s = np.floor(f)
+  f = (f - s).astype(np.float32)
+  s = s.astype(np.int64)
+  if clamp:
+    f = np.where((s < 0) | (s >= in_size - 1), np.float32(0), f)
+    s = np.clip(s, 0, in_size - 1)
+  w1 = np.rint(f * np.float32(2048)).astype(np.int64)
+  w0 = np.rint((np.float32(1) - f) * np.float32(2048)).astype(np.int64)
+  return np.clip(s, 0, in_size - 1), np.clip(s + 1, 0, in_size - 1), w0, w1
+
+
+def resize_uint8(image: np.ndarray, height: int, width: int) -> np.ndarray:
+  """cv2.resize(image, (width, height), INTER_LINEAR) of a uint8 image, bit for bit.
+
+  What mmcv's Resize computes (mmseg's test resize): OpenCV's fixed point, a horizontal
+  integer pass, then the vertical pass as its SIMD code rounds it (OpenCV 4.10, x86).
+  psp_jax.data.mmseg_augment.resize_window is the same in TensorFlow.
+
+  Returns:
+    uint8 [height, width, C].
+  """
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    image = np.clip(np.rint(image), 0, 255).astype(np.uint8)
+  if image.shape[:2] == (height, width):  # Weights 2048 and 0 everywhere: the image itself.
+    return image.copy()
+  r0, r1, b0, b1 = _cv2_taps(image.shape[0], height, clamp=False)
+  c0, c1, a0, a1 = _cv2_taps(image.shape[1], width, clamp=True)
+  rows = image.astype(np.int64)
+  rows = rows[:, c0] * a0[None, :, None] + rows[:, c1] * a1[None, :, None]
+  v = ((rows[r0] >> 4) * b0[:, None, None] >> 16) + ((rows[r1] >> 4) * b1[:, None, None] >> 16)
+  return np.clip((v + 2) >> 2, 0, 255).astype(np.uint8)
+
+
+def window_grid(
+  height: int,
+  width: int,
+  crop: tuple[int, int],
+  stride_rate: float = 2 / 3,
+  stride: tuple[int, int] | None = None,
+):
   """Padding and window offsets of tool/test.py scale_process.
+
+  For an image at least as large as the crop this is also mmseg's slide_inference grid:
+  ceil((size - crop) / stride) + 1 windows a side, the last one moved back to end at the
+  border.
+
+  Args:
+    height, width: the image.
+    crop: window (height, width).
+    stride_rate: stride as a fraction of the crop (rounded up), unless `stride` is given.
+    stride: (height, width) stride in pixels.
 
   Returns:
     (pad_top, pad_left), (padded_h, padded_w), offsets int32 [G, 2] (top, left).
@@ -129,7 +250,9 @@ def window_grid(height: int, width: int, crop: tuple[int, int], stride_rate: flo
   # The image sits in the middle of the mean padding (int(pad / 2) above / left).
   pad_top, pad_left = pad_h // 2, pad_w // 2
   new_h, new_w = height + pad_h, width + pad_w
-  stride_h, stride_w = math.ceil(crop_h * stride_rate), math.ceil(crop_w * stride_rate)
+  if stride is None:
+    stride = (math.ceil(crop_h * stride_rate), math.ceil(crop_w * stride_rate))
+  stride_h, stride_w = stride
   grid_h = math.ceil((new_h - crop_h) / stride_h) + 1
   grid_w = math.ceil((new_w - crop_w) / stride_w) + 1
   offsets = []
@@ -166,27 +289,49 @@ class ImagePlan:
     return tuple((s.canvas.shape[:2], s.crop, len(s.offsets)) for s in self.scales)
 
 
+def _canvas_and_crop(new_h: int, new_w: int, scale: float, config: InferenceConfig):
+  """Canvas shape, window shape and the most windows any image of this canvas has.
+
+  The canvas depends on the scale (and with resize='fit' on the orientation) only, so one
+  compilation serves every image; the window is the crop (clipped to the image with
+  clip_windows), or in whole mode the image padded to a multiple of whole_multiple.
+  """
+  if config.mode == 'whole':
+    m = config.whole_multiple
+    crop = (-(-new_h // m) * m, -(-new_w // m) * m)
+    return crop, crop, 1
+  crop = config.crop_size
+  if config.clip_windows:
+    crop = (min(crop[0], new_h), min(crop[1], new_w))
+  if config.resize == 'fit':
+    # Every resized image fits (short, long) or (long, short), as it is wide or tall.
+    edges = [int(e * scale) for e in config.fit_scale]
+    long, short = max(edges), min(edges)
+    bound = (short, long) if new_w >= new_h else (long, short)
+  else:
+    # Every image at this scale fits a long_size square.
+    long_size = round(scale * config.base_size)
+    bound = (long_size, long_size)
+  canvas_hw = (max(bound[0], crop[0]), max(bound[1], crop[1]))
+  max_windows = len(window_grid(*canvas_hw, crop, stride=config.strides)[2])
+  return canvas_hw, crop, max_windows
+
+
 def plan_image(image: np.ndarray, config: InferenceConfig) -> ImagePlan:
   """Resizes, pads and normalises `image` (uint8 or float [H, W, 3], RGB) for every scale."""
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'expected an RGB image [H, W, 3], got shape {image.shape}')
   height, width = image.shape[:2]
-  image = image.astype(np.float32)
+  source, image = image, image.astype(np.float32)
   plans = []
   for scale in config.scales:
-    new_h, new_w = scaled_size(height, width, scale, config.base_size)
-    resized = resize_bilinear(image, new_h, new_w)
-    long_size = round(scale * config.base_size)
-    if config.mode == 'slide':
-      crop = config.crop_size
-      # Every image at this scale fits a long_size square: one canvas shape per scale.
-      canvas_hw = (max(long_size, crop[0]), max(long_size, crop[1]))
-      max_windows = len(window_grid(*canvas_hw, crop, config.stride_rate)[2])
+    new_h, new_w = resized_size(height, width, scale, config)
+    if config.resize == 'fit':  # mmcv resizes the uint8 image with cv2: uint8 again.
+      resized = resize_uint8(source, new_h, new_w).astype(np.float32)
     else:
-      m = config.whole_multiple
-      crop = (-(-new_h // m) * m, -(-new_w // m) * m)
-      canvas_hw, max_windows = crop, 1
-    (top, left), _, offsets = window_grid(new_h, new_w, crop, config.stride_rate)
+      resized = resize_bilinear(image, new_h, new_w)
+    canvas_hw, crop, max_windows = _canvas_and_crop(new_h, new_w, scale, config)
+    (top, left), _, offsets = window_grid(new_h, new_w, crop, stride=config.strides)
     # Mean padding (cv2.copyMakeBorder value=mean) is 0 once normalised, as is the rest of
     # the canvas, which no window reads.
     canvas = np.zeros((*canvas_hw, 3), np.float32)

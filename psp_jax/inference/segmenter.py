@@ -11,7 +11,7 @@ import json
 import os
 import pathlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -36,15 +36,22 @@ DATASET_DEFAULTS = {
 DATASET_BY_CLASSES = {150: 'ade20k', 21: 'voc2012', 19: 'cityscapes'}
 
 
-def load_model(
-  checkpoint: str | os.PathLike, *, dtype: str | None = None
-) -> tuple[Any, Any, dict[str, Any]]:
-  """(apply_fn, variables, model_config) of a training workdir, converted dir or .pth.
+class LoadedModel(NamedTuple):
+  """A checkpoint ready to run: load()'s result."""
+
+  apply_fn: Any  # (variables, images [B, H, W, 3]) -> logits [B, H, W, K]
+  variables: Any
+  model_config: dict[str, Any]
+  dataset_meta: dict[str, list] | None  # {'classes', 'palette'} the weights came with
+
+
+def load(checkpoint: str | os.PathLike, *, dtype: str | None = None) -> LoadedModel:
+  """The model of a training workdir, converted dir or .pth (semseg or mmseg layout).
 
   Args:
     dtype: compute dtype to run with (e.g. 'bfloat16'); by default the checkpoint's.
   """
-  variables, model_config = weights.load_variables(checkpoint)
+  variables, model_config, meta = weights.load_checkpoint(checkpoint)
   if 'cls' not in variables['params'] or 'num_classes' not in model_config:
     raise errors.InvalidInputError(
       f'{checkpoint} holds an ImageNet backbone, not a PSPNet: train or convert a full '
@@ -54,7 +61,18 @@ def load_model(
   if dtype is not None:
     model_config['dtype'] = dtype
   model = codec.build_model(model_config)
-  return (lambda v, x: model.apply(v, x, train=False)), variables, dict(model_config)
+
+  def apply_fn(v: Any, x: jax.Array) -> jax.Array:
+    return model.apply(v, x, train=False)
+
+  return LoadedModel(apply_fn, variables, dict(model_config), meta)
+
+
+def load_model(
+  checkpoint: str | os.PathLike, *, dtype: str | None = None
+) -> tuple[Any, Any, dict[str, Any]]:
+  """(apply_fn, variables, model_config) of a training workdir, converted dir or .pth."""
+  return load(checkpoint, dtype=dtype)[:3]
 
 
 def run_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict | None:
@@ -89,8 +107,13 @@ class Segmenter:
     dataset: str | None = None,
     config: InferenceConfig | None = None,
     devices: Sequence[jax.Device] | None = None,
+    class_names: Sequence[str] | None = None,
+    palette: np.ndarray | None = None,
   ):
-    """apply_fn(variables, images [B, H, W, 3]) -> logits [B, H, W, num_classes]."""
+    """apply_fn(variables, images [B, H, W, 3]) -> logits [B, H, W, num_classes].
+
+    class_names and palette (uint8 [K, 3]), e.g. a checkpoint's own, replace the data set's.
+    """
     self.dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
     if config is None:
       config = InferenceConfig(**DATASET_DEFAULTS.get(self.dataset, {}))
@@ -106,6 +129,19 @@ class Segmenter:
       )
     self.class_names = classes.names(self.dataset, num_classes)
     self.palette = classes.palette(self.dataset, num_classes)
+    if class_names is not None:
+      if len(class_names) != num_classes:
+        raise errors.InvalidInputError(
+          f'{len(class_names)} class names for a model of {num_classes} classes'
+        )
+      self.class_names = tuple(class_names)
+    if palette is not None:
+      palette = np.asarray(palette, np.uint8)
+      if palette.shape != (num_classes, 3):
+        raise errors.InvalidInputError(
+          f'palette of shape {palette.shape} for a model of {num_classes} classes'
+        )
+      self.palette = palette
 
   @classmethod
   def from_checkpoint(
@@ -116,17 +152,20 @@ class Segmenter:
     config: ml_collections.ConfigDict | None = None,
     **inference_overrides,
   ) -> 'Segmenter':
-    """Loads a training workdir, a converted checkpoint or an official .pth.
+    """Loads a training workdir, a converted checkpoint or a .pth (semseg or mmseg layout).
 
     Args:
       dataset: palette and names ('ade20k', 'voc2012', 'cityscapes', 'synthetic'); by
-        default config.data.name, else guessed from the number of classes.
+        default the checkpoint's own class names and palette (an mmseg file's meta, kept by
+        psp_jax.convert) if it has them, else config.data.name, else guessed from the
+        number of classes.
       config: an experiment config whose eval.* and data.crop_size set the procedure; by
         default that of a training workdir (its config.json), else the data set's official
         test geometry.
       inference_overrides: InferenceConfig fields, e.g. scales=(0.5, 1.0, 1.5), flip=False.
     """
-    apply_fn, variables, model_config = load_model(checkpoint)
+    apply_fn, variables, model_config, meta = load(checkpoint)
+    own = meta if dataset is None and meta else {}  # an explicit data set wins
     if config is None:
       config = run_config(checkpoint)
     num_classes = int(model_config['num_classes'])
@@ -137,7 +176,20 @@ class Segmenter:
       inference = InferenceConfig.from_config(config, **inference_overrides)
     else:
       inference = InferenceConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **inference_overrides})
-    return cls(apply_fn, variables, num_classes=num_classes, dataset=dataset, config=inference)
+    return cls(
+      apply_fn,
+      variables,
+      num_classes=num_classes,
+      dataset=dataset,
+      config=inference,
+      class_names=own.get('classes'),
+      palette=own.get('palette'),
+    )
+
+  @property
+  def batch_size(self) -> int:
+    """Images per predict_batch step (one per local device), as predict_files reads it."""
+    return self.inference.batch_size
 
   def _as_array(self, image) -> np.ndarray:
     if isinstance(image, str | os.PathLike):
@@ -220,11 +272,14 @@ def predict_files(
   root: pathlib.Path | None = None,
   progress: bool = True,
 ) -> None:
-  """Segmenter.save for every file, one image per local device at a time.
+  """Segmenter.save for every file, seg.batch_size images at a time.
 
-  Output names keep the path relative to `root` (a folder input), else the file stem.
+  Args:
+    seg: a Segmenter, or another model with its batch_size, predict_batch and save (the
+      exported model of psp_jax.serving.predictor).
+    root: output names keep the path relative to it (a folder input), else the file stem.
   """
-  step = seg.inference.batch_size
+  step = seg.batch_size
   with tqdm(total=len(files), desc='predict', unit='img', disable=not progress) as bar:
     for start in range(0, len(files), step):
       chunk = files[start : start + step]

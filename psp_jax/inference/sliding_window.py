@@ -1,5 +1,9 @@
 """Sliding-window, multi-scale, flip-averaged inference of tool/test.py, run on device.
 
+With InferenceConfig(resize='fit', clip_windows=True, average='logits', flip=False) it is
+mmsegmentation's test instead (psp_jax.inference.plan): the same machinery, averaging raw
+logits rather than probabilities.
+
 The host plans each image: the resize to each scale, the mean padding and the window
 offsets (cheap: three channels, integers). The devices do the rest: forward passes of
 crop-sized windows, softmax averaged with the horizontal flip, accumulation into one
@@ -35,24 +39,31 @@ __all__ = ['InferenceConfig', 'ImagePlan', 'SlidingWindowInference', 'net_proces
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 
-def net_process(apply_fn: ApplyFn, variables: Any, windows: jax.Array, flip: bool) -> jax.Array:
+def net_process(
+  apply_fn: ApplyFn, variables: Any, windows: jax.Array, flip: bool, average: str = 'probs'
+) -> jax.Array:
   """Softmax of each window, averaged with that of its horizontal flip (net_process).
 
   Args:
     windows: [B, h, w, 3] normalised images.
+    average: 'probs' (softmax) or 'logits' (the raw logits, as mmseg averages them).
 
   Returns:
-    float32 [B, h, w, K] probabilities.
+    float32 [B, h, w, K] probabilities (or logits).
   """
   batch = windows.shape[0]
   inputs = jnp.concatenate([windows, windows[:, :, ::-1]], 0) if flip else windows
-  probs = jax.nn.softmax(apply_fn(variables, inputs).astype(jnp.float32), axis=-1)
+  probs = apply_fn(variables, inputs).astype(jnp.float32)
+  if average == 'probs':
+    probs = jax.nn.softmax(probs, axis=-1)
   if flip:
     probs = (probs[:batch] + probs[batch:, :, ::-1]) / 2
   return probs
 
 
-def _scale_probs(apply_fn, num_classes, crop, flip, per_step, variables, canvas, offsets, count):
+def _scale_probs(
+  apply_fn, num_classes, crop, flip, per_step, average, variables, canvas, offsets, count
+):
   """scale_process on one device's image: windows -> summed softmax / overlap count.
 
   canvas [1, Ch, Cw, 3], offsets [1, G, 2], count [1] -> probabilities [1, Ch, Cw, K].
@@ -70,7 +81,7 @@ def _scale_probs(apply_fn, num_classes, crop, flip, per_step, variables, canvas,
     index = step * per_step + jnp.arange(per_step)
     starts = offsets[jnp.minimum(index, offsets.shape[0] - 1)]
     windows = jax.vmap(lambda s: jax.lax.dynamic_slice(canvas, (s[0], s[1], 0), (*crop, 3)))(starts)
-    out = net_process(apply_fn, variables, windows, flip)
+    out = net_process(apply_fn, variables, windows, flip, average)
     for j in range(per_step):  # Static; the last step's surplus windows get weight 0.
       valid = (index[j] < count).astype(jnp.float32)
       start = (starts[j, 0], starts[j, 1], 0)
@@ -86,17 +97,29 @@ def _scale_probs(apply_fn, num_classes, crop, flip, per_step, variables, canvas,
 
 
 @functools.partial(
-  jax.jit, static_argnames=('apply_fn', 'mesh', 'num_classes', 'crop', 'flip', 'per_step')
+  jax.jit,
+  static_argnames=('apply_fn', 'mesh', 'num_classes', 'crop', 'flip', 'per_step', 'average'),
 )
 def scale_canvases(
-  variables, canvas, offsets, count, *, apply_fn, mesh, num_classes, crop, flip, per_step
+  variables,
+  canvas,
+  offsets,
+  count,
+  *,
+  apply_fn,
+  mesh,
+  num_classes,
+  crop,
+  flip,
+  per_step,
+  average='probs',
 ):
   """_scale_probs on every device of `mesh`, one image each.
 
   Module-level, so equal configurations share compilations across instances.
   shard_map: each device loops over the windows of its own image, however many.
   """
-  fn = functools.partial(_scale_probs, apply_fn, num_classes, crop, flip, per_step)
+  fn = functools.partial(_scale_probs, apply_fn, num_classes, crop, flip, per_step, average)
   return jax.shard_map(
     fn,
     mesh=mesh,
@@ -211,6 +234,7 @@ class SlidingWindowInference:
           crop=first.crop,
           flip=self.config.flip,
           per_step=self.config.windows_per_step,
+          average=self.config.average,
         )
       )
     return tuple(out)
@@ -290,5 +314,8 @@ class SlidingWindowInference:
     return self.run([self.plan(image)])[0][0]
 
   def probabilities(self, image: np.ndarray) -> np.ndarray:
-    """Scale-averaged class probabilities float32 [H, W, K] of one image [H, W, 3]."""
+    """Scale-averaged class probabilities float32 [H, W, K] of one image [H, W, 3].
+
+    With config.average='logits' these are the averaged logits, resized back.
+    """
     return self.run([self.plan(image)], outputs='probs')[0][0]

@@ -1,1 +1,1 @@
-"""PyTorch interop: official state_dict names, .pth files and the reference torch model."""
+"""PyTorch interop: semseg's and mmseg's state_dict names, .pth files, reference torch models."""

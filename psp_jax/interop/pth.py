@@ -1,29 +1,86 @@
-"""PyTorch files: official PSPNet checkpoints and ImageNet backbones, read and written.
+"""PyTorch files: PSPNet checkpoints (semseg or mmseg layout) and ImageNet backbones.
 
+A file's layout is recognised from its keys (detect_layout): hszhao/semseg's PSPNet
+(layer0..4, ppm, cls, aux), mmsegmentation's (backbone, decode_head, auxiliary_head) or an
+ImageNet ResNet (semseg's resnet50_v2, torchvision's, open-mmlab's resnet50_v1c). Files are
+read with torch.load(weights_only=True) only: tensors and plain containers, never code.
 torch is imported only when a file is read or written, so the rest of psp_jax runs without it.
 """
 
 import os
+import pickle
+import re
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from psp_jax import errors
-from psp_jax.interop import semseg
+from psp_jax.interop import mmseg, semseg
 from psp_jax.paths import as_path
 
+LAYOUTS = ('semseg', 'mmseg')  # Of PSPNet checkpoints, both read and written.
+KNOWN_LAYOUTS = (
+  'semseg PSPNet (hszhao/semseg: layer0-4.*, ppm.features.*, cls.*, aux.*)',
+  'mmseg PSPNet (mmsegmentation: backbone.*, decode_head.*, auxiliary_head.*)',
+  "ImageNet ResNet backbone (semseg's resnet50_v2: conv1-3/bn1-3.*; torchvision: conv1, bn1; "
+  "open-mmlab's resnet50_v1c: stem.*; then layer1-4.*)",
+)
 
-def load_torch_file(
+
+class TorchCheckpoint(NamedTuple):
+  """What a PyTorch file holds, converted."""
+
+  variables: dict[str, Any]  # {'params', 'batch_stats'}; only 'backbone' for a backbone
+  model_config: dict[str, Any]  # PSPNet kwargs; {depth, stem, width} for a backbone
+  layout: str  # 'semseg', 'mmseg' or 'backbone'
+  dataset_meta: dict[str, list] | None  # {'classes', 'palette'} of an mmseg file's meta
+
+
+def detect_layout(state_dict: Mapping[str, Any]) -> str:
+  """'semseg', 'mmseg' or 'backbone' (ImageNet ResNet) of a bare state_dict's keys.
+
+  Raises:
+    CheckpointMismatchError: naming the layouts known and the file's first keys.
+  """
+  keys = list(state_dict)
+  if any(k.startswith(('decode_head.', 'auxiliary_head.')) for k in keys):
+    return 'mmseg'
+  if mmseg.backbone_state_dict(state_dict) is not None:
+    return 'backbone'
+  if any(k.startswith(('cls.', 'aux.', 'ppm.')) for k in keys):
+    return 'semseg'
+  if any(re.match(r'layer[1-4]\.', k) for k in keys):
+    return 'backbone'  # backbone_from_torch_state_dict lists whatever else is off
+  raise semseg.CheckpointMismatchError(
+    'not a checkpoint of a layout this reads. Known layouts: '
+    + '; '.join(KNOWN_LAYOUTS)
+    + f'. First keys: {sorted(keys)[:6]}'
+  )
+
+
+def _unsafe_file(path: Any, global_name: str) -> errors.UnreadableFileError:
+  """The error for a file that torch.load(weights_only=True) refuses: it holds objects."""
+  return errors.UnreadableFileError(
+    f'{path} holds pickled Python objects besides tensors ({global_name}...), as an '
+    'mmengine training checkpoint does (message_hub, optimizer, param_schedulers). They are '
+    'never unpickled here, since that can run any code in the file. If you trust the file, '
+    'keep its weights (mmengine installed): python -c "import torch; c = torch.load('
+    "'IN.pth', weights_only=False); torch.save({'meta': c.get('meta', {}), 'state_dict': "
+    "c['state_dict']}, 'OUT.pth')\" and use OUT.pth."
+  )
+
+
+def read_torch_file(
   path: str | os.PathLike, model_config: Mapping[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Flax variables of a PyTorch file: an official PSPNet checkpoint or an ImageNet backbone.
+) -> TorchCheckpoint:
+  """Converts a PyTorch file of any known layout (detect_layout) to Flax variables.
 
   Args:
-    path: .pth file (torch.load with weights_only=True: tensors and plain containers).
+    path: .pth file; a state_dict, {'state_dict': ...} or mmseg's {'meta', 'state_dict'},
+      keys with or without 'module.'.
     model_config: PSPNet kwargs the weights must fit (PSPNet checkpoints only).
-  Returns:
-    (variables, model_config). For a backbone only {'params': {'backbone'}, 'batch_stats':
-    {'backbone'}} and {depth, stem, width}: copy it into a full model (load_backbone or
-    config.init_checkpoint).
+  Raises:
+    errors.NotFoundError, errors.UnreadableFileError (not a torch file, or one holding
+    pickled objects), semseg.CheckpointMismatchError (unknown layout, or keys off it).
   """
   try:
     import torch  # noqa: PLC0415
@@ -35,30 +92,77 @@ def load_torch_file(
   try:
     with path.open('rb') as f:
       checkpoint = torch.load(f, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    # weights_only refuses a pickled class or function by name ("Unsupported global: GLOBAL
+    # mmengine.logging.history_buffer.HistoryBuffer ..."); anything else is a broken file.
+    found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
+    if found:
+      raise _unsafe_file(path, found.group(1)) from None
+    raise errors.UnreadableFileError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
   except Exception as e:
     raise errors.UnreadableFileError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
   if not isinstance(checkpoint, Mapping):
     raise semseg.CheckpointMismatchError(
       f'{path} holds a {type(checkpoint).__name__}, not a state_dict.'
     )
-  sd = semseg.unwrap_state_dict(checkpoint)
+  meta = mmseg.dataset_meta(checkpoint)
   try:
-    if not any(k.startswith(('cls.', 'aux.', 'ppm.')) for k in sd):
-      variables, config = semseg.backbone_from_torch_state_dict(sd)
-    else:
+    sd = semseg.unwrap_state_dict(checkpoint)
+    layout = detect_layout(sd)
+    if layout == 'mmseg':
+      variables, config = mmseg.from_mmseg_state_dict(sd, model_config)
+    elif layout == 'semseg':
       variables, config = semseg.from_torch_state_dict(sd, model_config)
+    else:
+      variables, config = semseg.backbone_from_torch_state_dict(mmseg.backbone_state_dict(sd) or sd)
   except semseg.CheckpointMismatchError as e:
     raise semseg.CheckpointMismatchError(f'{path}: {e}') from None
-  return variables, config
+  return TorchCheckpoint(variables, config, layout, meta)
+
+
+def load_torch_file(
+  path: str | os.PathLike, model_config: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(variables, model_config) of a PyTorch file (read_torch_file without the rest).
+
+  For a backbone only {'params': {'backbone'}, 'batch_stats': {'backbone'}} and {depth,
+  stem, width}: copy it into a full model (load_backbone or config.init_checkpoint).
+  """
+  loaded = read_torch_file(path, model_config)
+  return loaded.variables, loaded.model_config
+
+
+def layout_of(model_config: Mapping[str, Any]) -> str:
+  """The layout whose files hold this model as it is: 'mmseg' for MMSEG_VARIANT, else semseg."""
+  mm = all(model_config.get(k) == v for k, v in mmseg.MMSEG_VARIANT.items())
+  return 'mmseg' if mm else 'semseg'
 
 
 def write_torch_file(
-  path: str | os.PathLike, variables: Mapping[str, Any], model_config: Mapping[str, Any]
+  path: str | os.PathLike,
+  variables: Mapping[str, Any],
+  model_config: Mapping[str, Any],
+  *,
+  layout: str | None = None,
+  dataset_meta: Mapping[str, Any] | None = None,
 ) -> None:
-  """Writes the official state_dict of Flax variables to a .pth file (loads strict=True)."""
+  """Writes Flax variables as a .pth that loads strict=True into that layout's PSPNet.
+
+  Args:
+    layout: 'semseg' (a bare state_dict) or 'mmseg' ({'meta', 'state_dict'}, as its zoo);
+      by default layout_of(model_config).
+    dataset_meta: {'classes', 'palette'} for an mmseg file's meta.
+  """
   import torch  # noqa: PLC0415
 
+  layout = layout or layout_of(model_config)
+  if layout not in LAYOUTS:
+    raise errors.UsageError(f'layout {layout!r}: expected one of {LAYOUTS}')
+  if layout == 'mmseg':
+    out = mmseg.to_mmseg_checkpoint(variables, model_config, dataset_meta)
+  else:
+    out = semseg.to_torch_state_dict(variables, model_config)
   path = as_path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open('wb') as f:
-    torch.save(semseg.to_torch_state_dict(variables, model_config), f)
+    torch.save(out, f)

@@ -13,7 +13,7 @@ key is reported in one CheckpointMismatchError.
 
 import collections
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -45,7 +45,7 @@ STRUCTURAL = ('num_classes', 'depth', 'stem', 'width', 'use_ppm', 'reduce_dim', 
 STRUCTURAL += ('aux_channels',)
 DEFAULT_CONFIG = dict(output_stride=8, pool='avg', dropout_rate=0.1, dtype='float32')
 BACKBONE_STEM = {'conv1': 'layer0.0', 'bn1': 'layer0.1', 'conv2': 'layer0.3', 'bn2': 'layer0.4'}
-BACKBONE_STEM.update({'conv3': 'layer0.6', 'bn3': 'layer0.7'})
+BACKBONE_STEM.update({'conv3': 'layer0.6', 'bn3': 'layer0.7', 'stem': 'layer0'})  # stem: v1c
 
 
 class CheckpointMismatchError(errors.UserError, ValueError):
@@ -123,6 +123,8 @@ def _count(sd: Mapping[str, Any], pattern: str) -> int:
 def infer_backbone_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """{depth, stem, width} of official-format backbone keys (layer0..layer4).
 
+  width is layer1's; stem 'classic' (7x7), 'deep' (last conv 2 x width) or 'deep_v1c' (width).
+
   Raises:
     CheckpointMismatchError: the blocks per stage or the stem are not a known ResNet.
   """
@@ -137,7 +139,10 @@ def infer_backbone_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
       f'layer0.0.weight {None if stem is None else tuple(stem.shape)}. First keys: '
       f'{sorted(state_dict)[:6]}'
     )
-  return dict(depth=depth, stem='classic' if stem.shape[-1] == 7 else 'deep', width=stem.shape[0])
+  width = int(state_dict.get('layer1.0.conv1.weight', stem).shape[0])
+  last = state_dict.get('layer0.6.weight', np.empty(0))  # deep stems' last conv: 2w or w
+  kind = 'classic' if stem.shape[-1] == 7 else 'deep_v1c' if last.shape[0] == width else 'deep'
+  return dict(depth=depth, stem=kind, width=width)
 
 
 def infer_model_config(state_dict: Mapping[str, Any], bins: tuple[int, ...] | None = None) -> dict:
@@ -201,13 +206,14 @@ def _describe(config: Mapping[str, Any]) -> str:
   return f'{name} ({", ".join(extra)})'
 
 
-def _check(
+def check_keys(
   found: Mapping[str, tuple[int, ...]],
   expected: Mapping[str, tuple[int, ...]],
   what: str,
   hint: str,
 ) -> None:
-  """Raises one CheckpointMismatchError listing every missing, unexpected, mis-shaped key."""
+  """Raises one CheckpointMismatchError listing every missing, unexpected, mis-shaped key
+  of `found` against `expected` (keys -> shapes); `what` names the file, `hint` may say more."""
   optional = {k for k in expected if k.endswith('num_batches_tracked')}  # absent before 0.4.1
   missing = [k for k in expected if k not in found and k not in optional]
   unexpected = [k for k in found if k not in expected]
@@ -232,7 +238,8 @@ def _check(
   raise CheckpointMismatchError('\n'.join(lines))
 
 
-def _hint(inferred: Mapping[str, Any] | None, config: Mapping[str, Any], kind: str) -> str:
+def mismatch_hint(inferred: Mapping[str, Any] | None, config: Mapping[str, Any], kind: str) -> str:
+  """'looks like {kind} of PSPNet-50 (...) but the config says ...', or '' where they agree."""
   if inferred is None:
     return ''
   diff = [f'{k}={config[k]}' for k in STRUCTURAL if k in config and inferred[k] != config[k]]
@@ -241,10 +248,9 @@ def _hint(inferred: Mapping[str, Any] | None, config: Mapping[str, Any], kind: s
   return f'looks like {kind} of {_describe(inferred)} but the config says {", ".join(diff)}.'
 
 
-def _torch_to_flax(
-  state_dict: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]]
-) -> dict[str, Any]:
-  """Renames and transposes an already checked official state_dict into nested dicts."""
+def torch_to_flax(state_dict: Mapping[str, np.ndarray], expected: Iterable[str]) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of an official-named state_dict already checked against the
+  keys `expected`: renamed, kernels transposed (numpy)."""
   variables: dict[str, Any] = {'params': {}, 'batch_stats': {}}
   for key in expected:
     if key.endswith('num_batches_tracked'):
@@ -289,8 +295,9 @@ def from_torch_state_dict(
   config = {**(inferred or DEFAULT_CONFIG), **(model_config or {})}
   expected = expected_torch_shapes(config)
   found = {k: tuple(v.shape) for k, v in sd.items()}
-  _check(found, expected, 'the PSPNet checkpoint', _hint(inferred, config, 'a checkpoint'))
-  return _torch_to_flax(sd, expected), config
+  hint = mismatch_hint(inferred, config, 'a checkpoint')
+  check_keys(found, expected, 'the PSPNet checkpoint', hint)
+  return torch_to_flax(sd, expected), config
 
 
 def to_torch_names(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -331,16 +338,18 @@ def to_torch_state_dict(
 
   Args:
     variables: {'params', 'batch_stats'} of the Flax PSPNet.
-    model_config: PSPNet kwargs (only bins is read: sizes are not in the weights).
+    model_config: PSPNet kwargs: bins (not in the weights), OFFICIAL_VARIANT (check_variant).
   """
   import torch  # noqa: PLC0415
+
+  check_variant(model_config or {}, OFFICIAL_VARIANT, 'semseg')
 
   named = to_torch_names(variables)
   bins = (model_config or {}).get('bins')
   config = infer_model_config(named, None if bins is None else tuple(bins))
   expected = expected_torch_shapes(config)
   found = {k: tuple(v.shape) for k, v in named.items()}
-  _check(found, expected, 'the Flax variables', '')
+  check_keys(found, expected, 'the Flax variables', '')
   out = collections.OrderedDict()
   for key in expected:
     if key.endswith('num_batches_tracked'):
@@ -350,14 +359,31 @@ def to_torch_state_dict(
   return out
 
 
+# Options the weights cannot tell: a semseg-layout file is read as the official network.
+OFFICIAL_VARIANT = dict(contract_dilation=False, align_corners=True)
+
+
+def check_variant(model_config: Mapping[str, Any], variant: Mapping[str, Any], layout: str) -> None:
+  """Raises CheckpointMismatchError unless model_config has `variant`, the values the files
+  of `layout` are read with: weights exported otherwise would change meaning on reading."""
+  diff = [f'{k}={model_config[k]}' for k, v in variant.items() if model_config.get(k, v) != v]
+  if diff:
+    assumed = ', '.join(f'{k}={v}' for k, v in variant.items())
+    raise CheckpointMismatchError(
+      f'the model has {", ".join(diff)}, which {layout} checkpoints cannot hold (they are '
+      f'read as {assumed}): export it in the other layout (convert --layout).'
+    )
+
+
 def backbone_from_torch_state_dict(
   checkpoint: Mapping[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Backbone variables of an ImageNet ResNet file (semseg resnet50_v2 style or torchvision).
+  """Backbone variables of an ImageNet ResNet file (semseg resnet50_v2, torchvision, mmseg v1c).
 
   Accepted names: the deep stem as semseg's ResNet saves it (conv1/bn1/conv2/bn2/conv3/bn3
   at top level, e.g. initmodel/resnet50_v2.pth) or as PSPNet's layer0.{0,1,3,4,6,7};
-  torchvision's 7x7 conv1/bn1 (classic stem); then layer1..layer4. The ImageNet classifier
+  torchvision's 7x7 conv1/bn1 (classic stem); open-mmlab's resnet50_v1c / resnet101_v1c
+  (stem.{0,1,3,4,6,7}, the 'deep_v1c' stem); then layer1..layer4. The ImageNet classifier
   fc.* is ignored on purpose; any other extra key is an error.
 
   Returns:
@@ -377,8 +403,8 @@ def backbone_from_torch_state_dict(
   full = {**config, 'num_classes': 1, **DEFAULT_CONFIG}
   expected = {k: v for k, v in expected_torch_shapes(full).items() if re.match(r'layer[0-4]\.', k)}
   found = {k: tuple(v.shape) for k, v in renamed.items()}
-  _check(found, expected, 'the backbone file', '')
-  variables = _torch_to_flax(renamed, expected)
+  check_keys(found, expected, 'the backbone file', '')
+  variables = torch_to_flax(renamed, expected)
   return variables, config
 
 
@@ -406,7 +432,7 @@ def load_backbone(variables: Mapping[str, Any], checkpoint: Mapping[str, Any]) -
       f'width {file_config["width"]}) but the model has {", ".join(diff)}.'
     )
   file_named = to_torch_names(loaded)
-  _check(
+  check_keys(
     {k: v.shape for k, v in file_named.items()},
     {k: v.shape for k, v in model_named.items()},
     'the backbone file',

@@ -40,6 +40,13 @@ def settable_keys() -> frozenset[str]:
   return frozenset(fields - {'parent', 'name', 'num_classes'})
 
 
+def defaults() -> dict[str, Any]:
+  """PSPNet's constructor defaults, encoded: what a model config without a key means (one
+  written before the key existed, e.g. contract_dilation and align_corners)."""
+  fields = [f for f in dataclasses.fields(PSPNet) if f.name in settable_keys()]
+  return encode({f.name: f.default for f in fields if f.default is not dataclasses.MISSING})
+
+
 def encode(kwargs: Mapping[str, Any]) -> dict[str, Any]:
   """PSPNet keyword arguments as JSON values: tuples as lists, dtypes as their names."""
   out = {}

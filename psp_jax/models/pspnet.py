@@ -37,14 +37,15 @@ class PyramidBranch(nn.Module):
   pool: str
   conv: ModuleDef
   norm: ModuleDef
+  align_corners: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     y = POOLS[self.pool](x, self.bin)
     y = self.conv(self.features, 1, name='conv')(y)
     y = nn.relu(self.norm(name='bn')(y, train=train))
-    # F.interpolate(..., mode='bilinear', align_corners=True) in PPM.forward.
-    return resize_bilinear(y, x.shape[1:3], align_corners=True)
+    # F.interpolate(..., mode='bilinear', align_corners=True) in PPM.forward (mmseg: False).
+    return resize_bilinear(y, x.shape[1:3], align_corners=self.align_corners)
 
 
 class PyramidPooling(nn.Module):
@@ -59,6 +60,7 @@ class PyramidPooling(nn.Module):
     bn_epsilon: BatchNorm epsilon.
     dtype: compute dtype.
     param_dtype: parameter dtype.
+    align_corners: of each branch's upsampling (True official, False mmseg).
   """
 
   bins: Sequence[int] = (1, 2, 3, 6)
@@ -68,6 +70,7 @@ class PyramidPooling(nn.Module):
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  align_corners: bool = True
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -87,7 +90,9 @@ class PyramidPooling(nn.Module):
     x = x.astype(self.dtype)
     outs = [x]
     for k, b in enumerate(self.bins):
-      branch = PyramidBranch(int(b), features, self.pool, conv, norm, name=str(k))
+      branch = PyramidBranch(
+        int(b), features, self.pool, conv, norm, self.align_corners, name=str(k)
+      )
       outs.append(branch(x, train=train))
     return jnp.concatenate(outs, axis=-1)
 
@@ -130,8 +135,11 @@ class PSPNet(nn.Module):
   Attributes:
     num_classes: output classes (150 for ADE20K).
     depth: ResNet depth, 18/34/50/101/152.
-    stem: 'deep' (official) or 'classic' (7x7) ResNet stem.
+    stem: 'deep' (official), 'deep_v1c' (mmseg's ResNetV1c: 3x3 convs of w/2, w/2, w) or
+      'classic' (7x7) ResNet stem.
     output_stride: 8 (official), 16 or 32.
+    contract_dilation: block 0 of each dilated stage at half its dilation (mmseg's
+      ResNetV1c: layer3 block 0 at 1, layer4 block 0 at 2 for output stride 8).
     width: backbone width, 64 for the real ResNet (scales every backbone channel).
     bins: PPM bins.
     pool: 'avg' or 'max' PPM pooling.
@@ -140,6 +148,8 @@ class PSPNet(nn.Module):
     head_channels: width of cls's 3x3 conv.
     aux_channels: width of aux's 3x3 conv.
     dropout_rate: Dropout2d probability in cls and aux.
+    align_corners: of every bilinear resize, the pyramid branches' and the final one to the
+      input size (True official, False mmseg).
     bn_momentum: BatchNorm momentum, Flax convention (0.9 == torch's 0.1).
     bn_epsilon: BatchNorm epsilon.
     dtype: compute dtype (bfloat16 keeps float32 parameters and returns float32 logits).
@@ -150,6 +160,7 @@ class PSPNet(nn.Module):
   depth: int = 50
   stem: str = 'deep'
   output_stride: int = 8
+  contract_dilation: bool = False
   width: int = 64
   bins: Sequence[int] = (1, 2, 3, 6)
   pool: str = 'avg'
@@ -158,6 +169,7 @@ class PSPNet(nn.Module):
   head_channels: int = 512
   aux_channels: int = 256
   dropout_rate: float = 0.1
+  align_corners: bool = True
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
@@ -173,7 +185,8 @@ class PSPNet(nn.Module):
 
     Returns:
       eval: logits [B, H, W, num_classes]; train: (logits, aux_logits), both that shape.
-      float32 (float64 if dtype is float64), upsampled bilinearly with align_corners=True.
+      float32 (float64 if dtype is float64), upsampled bilinearly to H, W (align_corners as
+      the attribute says).
     """
     self._check(images)
     check_resnet_args(self.depth, self.stem, self.output_stride, self.width)
@@ -184,14 +197,29 @@ class PSPNet(nn.Module):
     bn_kw = dict(bn_momentum=self.bn_momentum, bn_epsilon=self.bn_epsilon)
     dt_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     feats = ResNet(
-      self.depth, self.stem, self.output_stride, self.width, **bn_kw, **dt_kw, name='backbone'
+      depth=self.depth,
+      stem=self.stem,
+      output_stride=self.output_stride,
+      width=self.width,
+      contract_dilation=self.contract_dilation,
+      **bn_kw,
+      **dt_kw,
+      name='backbone',
     )(images, train=train)
     for name, value in feats.items():
       self._sow(name, value)
 
     x = feats['layer4']
     if self.use_ppm:
-      ppm = PyramidPooling(self.bins, self.pool, self.reduce_dim, **bn_kw, **dt_kw, name='ppm')
+      ppm = PyramidPooling(
+        self.bins,
+        self.pool,
+        self.reduce_dim,
+        **bn_kw,
+        **dt_kw,
+        align_corners=self.align_corners,
+        name='ppm',
+      )
       x = ppm(x, train=train)
       self._sow('ppm', x)
     conv, norm = _layers(self.bn_momentum, self.bn_epsilon, self.dtype, self.param_dtype)
@@ -200,9 +228,10 @@ class PSPNet(nn.Module):
     )
     logits = head(self.head_channels, name='cls')(x, train=train)
     self._sow('cls', logits)
-    # F.interpolate(x, size=(h, w), mode='bilinear', align_corners=True) in PSPNet.forward;
-    # done in float32 so reduced-precision compute still gives float32 logits.
-    logits = resize_bilinear(logits.astype(out_dtype), size, align_corners=True)
+    # F.interpolate(x, size=(h, w), mode='bilinear', align_corners=True) in PSPNet.forward
+    # (mmseg: resize to the input size with align_corners=False; both at any size); done in
+    # float32 so reduced-precision compute still gives float32 logits.
+    logits = resize_bilinear(logits.astype(out_dtype), size, align_corners=self.align_corners)
 
     # The aux head's parameters exist whatever `train` says at init (a checkpoint always has
     # them), but it only runs when training, as `if self.training` in PSPNet.forward.
@@ -210,7 +239,7 @@ class PSPNet(nn.Module):
       aux = head(self.aux_channels, name='aux')(feats['layer3'], train=train)
       if train:
         self._sow('aux', aux)
-        aux = resize_bilinear(aux.astype(out_dtype), size, align_corners=True)
+        aux = resize_bilinear(aux.astype(out_dtype), size, align_corners=self.align_corners)
         return logits, aux
     return logits
 

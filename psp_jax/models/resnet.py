@@ -30,7 +30,9 @@ STAGE_GEOMETRY: dict[int, tuple[tuple[int, int], tuple[int, int]]] = {
   16: ((2, 1), (1, 2)),
   32: ((2, 1), (2, 1)),
 }
-STEMS = ('deep', 'classic')
+# 'deep': conv3x3 widths (w, w, 2w), the official resnet50_v2; 'deep_v1c': (w/2, w/2, w),
+# mmsegmentation's ResNetV1c (stem_channels = w); 'classic': one 7x7 conv of w (torchvision).
+STEMS = ('deep', 'deep_v1c', 'classic')
 STAGES = ('layer0', 'layer1', 'layer2', 'layer3', 'layer4')
 
 
@@ -46,6 +48,20 @@ def check_resnet_args(depth: int, stem: str, output_stride: int, width: int) -> 
     )
   if not isinstance(width, int) or width < 1:
     raise ValueError(f'ResNet width={width!r}: expected a positive int (64 is the real ResNet).')
+  if stem == 'deep_v1c' and width % 2:
+    raise ValueError(f"ResNet width={width}: stem='deep_v1c' halves it; expected an even width.")
+
+
+def stem_channels(stem: str, width: int) -> tuple[int, ...]:
+  """Output channels of each stem conv: (w, w, 2w), (w/2, w/2, w) or (w,) (classic)."""
+  return {'deep': (width, width, 2 * width), 'deep_v1c': (width // 2, width // 2, width)}.get(
+    stem, (width,)
+  )
+
+
+def first_block_dilation(dilation: int, contract_dilation: bool) -> int:
+  """Dilation of a stage's block 0: mmseg's ResLayer halves it when contracting (d > 1)."""
+  return dilation // 2 if contract_dilation and dilation > 1 else dilation
 
 
 def stage_channels(depth: int, width: int) -> tuple[int, int, int, int]:
@@ -125,8 +141,9 @@ class Stem(nn.Module):
   """layer0: deep (three 3x3 convs, as resnet50_v2) or classic (one 7x7 conv), then max-pool.
 
   Deep: conv3x3 s2 (3 -> w), BN, ReLU, conv3x3 (w -> w), BN, ReLU, conv3x3 (w -> 2w), BN,
-  ReLU. Classic: conv7x7 s2 pad 3 (3 -> w), BN, ReLU (torchvision's conv1/bn1). Both end
-  with nn.MaxPool2d(3, stride=2, padding=1).
+  ReLU. deep_v1c: the same with widths w/2, w/2, w (mmseg's ResNetV1c). Classic: conv7x7 s2
+  pad 3 (3 -> w), BN, ReLU (torchvision's conv1/bn1). All end with nn.MaxPool2d(3, stride=2,
+  padding=1).
   """
 
   stem: str
@@ -136,17 +153,19 @@ class Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    w = self.width
-    # (out channels, kernel, stride) of each conv.
-    specs = ((w, 3, 2), (w, 3, 1), (2 * w, 3, 1)) if self.stem == 'deep' else ((w, 7, 2),)
-    for i, (features, kernel, stride) in enumerate(specs, start=1):
+    kernel = 7 if self.stem == 'classic' else 3
+    for i, features in enumerate(stem_channels(self.stem, self.width), start=1):
+      stride = 2 if i == 1 else 1
       x = self.conv(features, kernel, stride=stride, name=f'conv{i}')(x)
       x = nn.relu(self.norm(name=f'bn{i}')(x, train=train))
     return max_pool_3x3_s2(x)
 
 
 class ResLayer(nn.Module):
-  """One stage (layer1..layer4): blocks named '0', '1', ... as in the torch Sequential."""
+  """One stage (layer1..layer4): blocks named '0', '1', ... as in the torch Sequential.
+
+  contract_dilation: block 0 at half the stage's dilation (mmseg), else at all of it.
+  """
 
   kind: str
   planes: int
@@ -155,17 +174,18 @@ class ResLayer(nn.Module):
   dilation: int
   conv: ModuleDef
   norm: ModuleDef
+  contract_dilation: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     block = Bottleneck if self.kind == 'bottleneck' else BasicBlock
     for i in range(self.num_blocks):
       # Only block 0 strides; every block of the stage has the stage's dilation (the
-      # original patches all conv2 of layer3/layer4, block 0 included).
-      stride = self.stride if i == 0 else 1
-      x = block(self.planes, stride, self.dilation, self.conv, self.norm, name=str(i))(
-        x, train=train
-      )
+      # original patches all conv2 of layer3/layer4, block 0 included) unless contracted.
+      stride, dilation = self.stride, first_block_dilation(self.dilation, self.contract_dilation)
+      if i > 0:
+        stride, dilation = 1, self.dilation
+      x = block(self.planes, stride, dilation, self.conv, self.norm, name=str(i))(x, train=train)
     return x
 
 
@@ -174,10 +194,11 @@ class ResNet(nn.Module):
 
   Attributes:
     depth: 18, 34 (basic blocks), 50, 101, 152 (bottlenecks).
-    stem: 'deep' (three 3x3 convs, the official PSPNet weights) or 'classic' (7x7,
-      torchvision's conv1/bn1 names).
+    stem: 'deep' (three 3x3 convs, the official PSPNet weights), 'deep_v1c' (mmseg's
+      ResNetV1c: the same convs at half width) or 'classic' (7x7, torchvision's conv1/bn1).
     output_stride: 8 (layer3 dilation 2, layer4 dilation 4, both stride 1), 16 (layer4
       dilation 2, stride 1) or 32 (plain ResNet).
+    contract_dilation: block 0 of a dilated stage at half its dilation (mmseg's ResNet).
     width: channels of layer1's 3x3 conv; every channel count scales with it (64 = real).
     bn_momentum: BatchNorm momentum, Flax convention (0.9 == torch's 0.1).
     bn_epsilon: BatchNorm epsilon.
@@ -189,6 +210,7 @@ class ResNet(nn.Module):
   stem: str = 'deep'
   output_stride: int = 8
   width: int = 64
+  contract_dilation: bool = False
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
   dtype: Any = jnp.float32
@@ -206,7 +228,7 @@ class ResNet(nn.Module):
       {'layer0': [B, H/4, W/4, c0], 'layer1': [B, H/4, W/4, c1], 'layer2': [B, H/8, W/8, c2],
       'layer3', 'layer4'}: sides are ceil-halvings of H, W; layer3 is at 1/8 for output
       stride 8 else 1/16, layer4 at 1/output_stride; c0 = 2*width (deep) or width
-      (classic), c1..c4 = stage_channels(depth, width).
+      (deep_v1c, classic), c1..c4 = stage_channels(depth, width).
     """
     check_resnet_args(self.depth, self.stem, self.output_stride, self.width)
     conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -225,6 +247,8 @@ class ResNet(nn.Module):
     for s, (n, (stride, dilation)) in enumerate(zip(counts, geometry, strict=True)):
       name = f'layer{s + 1}'
       planes = self.width * 2**s
-      layer = ResLayer(kind, planes, n, stride, dilation, conv, norm, name=name)
+      layer = ResLayer(
+        kind, planes, n, stride, dilation, conv, norm, self.contract_dilation, name=name
+      )
       x = out[name] = layer(x, train=train)
     return out

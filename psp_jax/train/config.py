@@ -10,7 +10,7 @@ from typing import Any
 import ml_collections
 
 from psp_jax import errors, metrics, sizes
-from psp_jax.models import codec
+from psp_jax.models import codec, resnet
 from psp_jax.train import defaults
 
 # config.data belongs to the data pipeline (psp_jax.data), which checks its own keys; model
@@ -20,6 +20,10 @@ TOP_KEYS = frozenset(_DEFAULTS.keys())
 OPTIM_KEYS = frozenset(_DEFAULTS.optim.keys())
 EVAL_KEYS = frozenset(_DEFAULTS.eval.keys())
 DATA_REQUIRED = ('name', 'num_classes', 'ignore_label', 'crop_size', 'train_split', 'eval_split')
+# config.eval.resize and .average values; psp_jax.inference.plan has the same (train/ and
+# inference/ do not import each other; tests/test_mmseg_protocol.py checks they agree).
+RESIZES = ('long_side', 'fit')
+AVERAGES = ('probs', 'logits')
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -76,6 +80,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   model, data, optim = config.model, config.data, config.optim
   dtypes = codec.DTYPES
   _check(model.get('dtype', 'auto') in dtypes, 'model.dtype', f'must be one of {dtypes}.')
+  _check_model_variant(model)
   _check(data.num_classes >= 1, 'data.num_classes', f'must be >= 1, got {data.num_classes}.')
   _check(
     not 0 <= data.ignore_label < data.num_classes,
@@ -133,6 +138,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   _check(optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0.')
   _check(optim.head_lr_mult > 0, 'optim.head_lr_mult', 'must be > 0.')
   _check(optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0.')
+  min_lr = optim.get('min_lr', 0.0)
+  _check(
+    0 <= min_lr < optim.base_lr,
+    'optim.min_lr',
+    f'must be in [0, optim.base_lr = {optim.base_lr}), got {min_lr}.',
+  )
   _check(optim.aux_weight >= 0, 'optim.aux_weight', 'must be >= 0.')
   _check(
     config.num_train_steps > 0 or config.num_epochs > 0,
@@ -153,6 +164,35 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     f'{config.eval.batch_size} is not a positive multiple of the {device_count} devices.',
   )
   _check(config.eval.get('whole_multiple', 1) >= 1, 'eval.whole_multiple', 'must be >= 1.')
+  _check_eval_protocol(config.eval)
+
+
+def _check_model_variant(model: ml_collections.ConfigDict) -> None:
+  """config.model.stem, contract_dilation and align_corners (official vs mmseg network)."""
+  stem = model.get('stem', 'deep')
+  _check(stem in resnet.STEMS, 'model.stem', f'{stem!r} must be one of {resnet.STEMS}.')
+  width = model.get('width', 64)
+  _check(
+    stem != 'deep_v1c' or width % 2 == 0,
+    'model.width',
+    f"{width} must be even with stem='deep_v1c' (its first convs have width / 2 channels).",
+  )
+  for key in ('contract_dilation', 'align_corners'):
+    value = model.get(key, key == 'align_corners')
+    _check(isinstance(value, bool), f'model.{key}', f'must be True or False, got {value!r}.')
+
+
+def _check_eval_protocol(ev: ml_collections.ConfigDict) -> None:
+  """config.eval.resize, fit_scale, stride and average (official vs mmseg test)."""
+  resize = ev.get('resize', 'long_side')
+  _check(resize in RESIZES, 'eval.resize', f'{resize!r} must be one of {RESIZES}.')
+  try:
+    sizes.pair(ev.get('fit_scale', (2048, 512)), 'config.eval.fit_scale')
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  _check(ev.get('stride', 0) >= 0, 'eval.stride', 'must be >= 0 (0: ceil(crop * 2/3)).')
+  average = ev.get('average', 'probs')
+  _check(average in AVERAGES, 'eval.average', f'{average!r} must be one of {AVERAGES}.')
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -19,7 +19,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Model: psp_jax.models.PSPNet keyword arguments.
   config.model = ml_collections.ConfigDict()
   config.model.depth = 50  # layers: 50
-  config.model.stem = 'deep'  # three 3x3 convs (the released resnet50_v2); 'classic' = 7x7
+  # 'deep': three 3x3 convs w, w, 2w (the released resnet50_v2); 'deep_v1c': mmseg's
+  # ResNetV1c, 3x3 convs w/2, w/2, w; 'classic': one 7x7 (torchvision).
+  config.model.stem = 'deep'
+  # mmseg's contract_dilation: block 0 of each dilated stage at half its dilation (False: all
+  # blocks at the stage's dilation, as the official model).
+  config.model.contract_dilation = False
   config.model.output_stride = 8  # zoom_factor: 8 (dilated layer3/layer4)
   config.model.width = 64  # channels of layer1's bottleneck; 64 is the real ResNet
   config.model.bins = (1, 2, 3, 6)  # bins: [1, 2, 3, 6]
@@ -29,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.head_channels = 512  # cls 3x3 conv width
   config.model.aux_channels = 256  # aux 3x3 conv width
   config.model.dropout_rate = 0.1  # Dropout2d(p=0.1) in cls and aux
+  # align_corners of every bilinear resize (pyramid branches, final logits): True is the
+  # official model's, False mmseg's.
+  config.model.align_corners = True
   # Compute dtype: 'auto' is bfloat16 on TPU and float32 elsewhere; parameters and optimiser
   # state stay float32 whatever this says (the original trains in float32).
   config.model.dtype = 'auto'
@@ -49,6 +57,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.rotate_range = (-10.0, 10.0)  # rotate_min / rotate_max
   config.data.blur = True  # RandomGaussianBlur
   config.data.flip = True  # RandHorizontalFlip
+  # Training augmentation: 'official' (hszhao/semseg: the four keys above) or 'mmseg'
+  # (psp_jax.data.mmseg_augment: RandomResize of data.mmseg.scale by a ratio in scale_range,
+  # RandomCrop with cat_max_ratio, RandomFlip (flip), PhotoMetricDistortion; rotate_range
+  # None and blur False).
+  config.data.recipe = 'official'
+  config.data.mmseg = ml_collections.ConfigDict()
+  config.data.mmseg.scale = (2048, 512)  # RandomResize scale (long, short) at ratio 1
+  config.data.mmseg.cat_max_ratio = 0.75  # RandomCrop re-draws while a class covers more
+  config.data.mmseg.photometric = True  # PhotoMetricDistortion
+  # Padding of crops smaller than crop_size (bottom / right): 'mean' (SegDataPreProcessor,
+  # and the 0.x configs that trained the zoo) or 'black' (1.x's VOC config).
+  config.data.mmseg.pad = 'mean'
   config.data.shuffle_buffer = 2_000
   # tf.data emits examples in order: the same seed gives the same batches, and a resumed run
   # is bit for bit the run it continues. False lets finished examples overtake slow ones (a
@@ -69,6 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.momentum = 0.9  # momentum: 0.9
   config.optim.weight_decay = 1e-4  # weight_decay: 0.0001 (coupled, as torch.optim.SGD)
   config.optim.power = 0.9  # power: 0.9 (poly schedule)
+  config.optim.min_lr = 0.0  # where the poly decay ends: 0 (official); mmseg 1e-4
   config.optim.head_lr_mult = 10.0  # ppm, cls, aux at 10x (tool/train.py param groups)
   config.optim.warmup_steps = 0
   config.optim.grad_accum_steps = 1
@@ -105,6 +126,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.scales = (1.0,)  # scales: [1.0]; multi-scale [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
   config.eval.flip = True  # official single scale already averages with the flip
   config.eval.protocol = 'official'  # 'official' (mean over all classes) or 'mmseg'
+  # How the image is resized: 'long_side' (tool/test.py: long side round(scale * base_size))
+  # or 'fit' (mmseg's Resize keep_ratio: as large as fits fit_scale = (long, short) edges).
+  config.eval.resize = 'long_side'
+  config.eval.fit_scale = (2048, 512)  # mmseg test scale; Cityscapes (2048, 1024)
+  config.eval.stride = 0  # slide stride in pixels (mmseg's test_cfg); 0 = ceil(crop * 2/3)
+  # Slide windows clipped to the image, never padded (mmseg: an image smaller than the crop
+  # runs whole at its own size); False pads it to the crop with the mean colour (official).
+  config.eval.clip_windows = False
+  # What overlapping windows average and the resize back interpolates: 'probs' (official:
+  # softmax) or 'logits' (mmseg).
+  config.eval.average = 'probs'
   config.eval.batch_size = 8  # windows per device step, global
   config.eval.max_examples = -1  # > 0 evaluates on a prefix of the split
   config.eval.whole_multiple = 64  # 'whole' mode and in-training validation pad to multiples

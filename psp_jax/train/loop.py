@@ -71,8 +71,10 @@ def load_init_checkpoint(state: TrainState, path: str) -> TrainState:
 
 
 def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
-  """'key: checkpoint X, config Y' for each model setting that differs (dtype may)."""
+  """'key: checkpoint X, config Y' for each model setting that differs (dtype may); a key
+  one of them lacks (written before it existed) has PSPNet's default."""
   keys = sorted((set(saved) | set(wanted)) - {'dtype'})
+  saved, wanted = {**codec.defaults(), **saved}, {**codec.defaults(), **wanted}
   return [
     f'{k}: checkpoint {saved.get(k)!r}, config {wanted.get(k)!r}'
     for k in keys

@@ -13,9 +13,13 @@ HEAD_MODULES = ('ppm', 'cls', 'aux')
 
 
 def poly_schedule(
-  base_lr: float, num_steps: int, power: float = 0.9, warmup_steps: int = 0
+  base_lr: float,
+  num_steps: int,
+  power: float = 0.9,
+  warmup_steps: int = 0,
+  min_lr: float = 0.0,
 ) -> Callable[[jax.Array], jax.Array]:
-  """lr(step) = base_lr * (1 - step / num_steps) ** power, step counted from 0.
+  """lr(step) = (base_lr - min_lr) * (1 - step / num_steps) ** power + min_lr, from step 0.
 
   util.poly_learning_rate, as tool/train.py uses it: the first iteration runs at base_lr
   (the groups' initial lr), and after iteration i (0-based) the lr becomes
@@ -23,11 +27,16 @@ def poly_schedule(
   With warmup_steps = W > 0 (not in the original) the rate is further multiplied by
   min(1, (step + 1) / W): linear from base/W to the poly value.
 
+  min_lr > 0 is mmsegmentation's schedule (mmcv's PolyLrUpdaterHook with min_lr, by
+  iteration, which trained the mmseg zoo; mmengine's PolyLR with eta_min divides by
+  num_steps - 1 instead and reaches min_lr on the last step: a 1 / num_steps difference).
+
   Args:
     base_lr: rate at step 0.
     num_steps: max_iter, the number of optimiser steps of the run.
     power: poly exponent.
     warmup_steps: length of the linear warm-up, 0 for none.
+    min_lr: the rate the poly decay ends at (0 in the original).
 
   Returns:
     A function of the (int) optimiser step giving a float32 scalar.
@@ -37,7 +46,7 @@ def poly_schedule(
 
   def schedule(step: jax.Array) -> jax.Array:
     step = jnp.asarray(step, jnp.float32)
-    lr = base_lr * jnp.clip(1.0 - step / num_steps, 0.0, 1.0) ** power
+    lr = (base_lr - min_lr) * jnp.clip(1.0 - step / num_steps, 0.0, 1.0) ** power + min_lr
     if warmup_steps > 0:
       lr = lr * jnp.minimum(1.0, (step + 1.0) / warmup_steps)
     return lr
@@ -103,7 +112,7 @@ def create_optimizer(
 
   Args:
     optim_config: config.optim (base_lr, momentum, weight_decay, power, head_lr_mult,
-      warmup_steps).
+      warmup_steps, min_lr).
     num_train_steps: optimiser steps of the whole run (max_iter).
 
   Returns:
@@ -114,6 +123,7 @@ def create_optimizer(
     int(num_train_steps),
     float(optim_config.power),
     int(optim_config.warmup_steps),
+    float(getattr(optim_config, 'min_lr', 0.0)),
   )
   mult = float(optim_config.head_lr_mult)
 
