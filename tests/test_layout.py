@@ -1,6 +1,8 @@
 """The package's layout: imports run one way, no cycle, no private names across modules.
 
-  command lines (train.py, psp_jax.{evaluate,predict,convert,preflight,experiment}, data.prepare)
+  command lines (train.py, psp_jax.{evaluate,predict,convert,preflight,experiment,export},
+  data.prepare)
+    -> psp_jax.serving/                       (serving export: imports inference/, not train/)
     -> psp_jax.train/, psp_jax.inference/   (never each other)
       -> psp_jax.weights -> psp_jax.interop/ -> psp_jax.models/
       -> psp_jax.data/                        (never models/, train/, inference/)
@@ -20,6 +22,7 @@ PACKAGE = ROOT / 'psp_jax'
 MAX_LINES = 450
 COMMANDS = {'psp_jax.evaluate', 'psp_jax.predict', 'psp_jax.convert', 'psp_jax.preflight'}
 COMMANDS |= {'psp_jax.experiment'}  # the training job: joins train/ and inference/
+COMMANDS |= {'psp_jax.export'}  # serving export: psp_jax.serving
 SHARED = {'psp_jax.paths', 'psp_jax.metrics', 'psp_jax.visualize', 'psp_jax.distributed'}
 SHARED |= {'psp_jax.runtime', 'psp_jax.sizes', 'psp_jax.errors'}
 # room -> the rooms and modules it may import (besides itself and the shared leaves).
@@ -30,6 +33,14 @@ ALLOWED = {
   'psp_jax.data': set(),
   'psp_jax.train': {'psp_jax.models', 'psp_jax.data', 'psp_jax.weights', 'psp_jax.interop'},
   'psp_jax.inference': {'psp_jax.models', 'psp_jax.data', 'psp_jax.weights', 'psp_jax.interop'},
+  # Serving export reads checkpoints as inference does; nothing imports it but commands.
+  'psp_jax.serving': {
+    'psp_jax.models',
+    'psp_jax.weights',
+    'psp_jax.interop',
+    'psp_jax.inference',
+    'psp_jax.data',
+  },
 }
 SHARED_ALLOWED = {'psp_jax.paths': set(), 'psp_jax.metrics': set(), 'psp_jax.visualize': set()}
 SHARED_ALLOWED |= {'psp_jax.distributed': set(), 'psp_jax.runtime': set(), 'psp_jax.sizes': set()}

@@ -1,0 +1,195 @@
+"""What an exported model promises: formats, outputs, sizes, and the serving.json that says so.
+
+An artifact folder holds the model file(s) of one format and serving.json: the input (uint8
+RGB [B, H, W, 3], NHWC, one fixed H x W, a fixed or any batch), the output, the
+preprocessing done inside the model (ImageNet normalisation, psp_jax.data.normalization)
+and what the caller does (resize or letterbox to H x W), the class names and palette, the
+model config, the versions that wrote it and the parity check it passed.
+"""
+
+import datetime
+import importlib.metadata
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+
+import psp_jax
+from psp_jax import errors
+from psp_jax.data.normalization import MEAN_RGB, STD_RGB
+from psp_jax.serving import runner
+
+FORMATS = ('stablehlo', 'savedmodel', 'onnx')
+OUTPUTS = ('labels', 'logits', 'probs')
+METADATA_FILE = runner.METADATA_FILE
+# The files each format writes in --output (serving.json besides): what --overwrite replaces.
+FILES = {
+  'stablehlo': (runner.STABLEHLO_FILE, 'run_stablehlo.py'),
+  'savedmodel': ('saved_model.pb', 'variables', 'assets', 'fingerprint.pb'),
+  'onnx': ('model.onnx',),
+}
+MODEL_FILE = {'stablehlo': runner.STABLEHLO_FILE, 'savedmodel': '.', 'onnx': 'model.onnx'}
+INPUT_NAME = 'images'
+# Distributions whose versions serving.json records, besides psp-jax, jax and jaxlib.
+FORMAT_PACKAGES = {
+  'stablehlo': ('flatbuffers',),
+  'savedmodel': ('tensorflow-cpu', 'tensorflow'),
+  'onnx': ('jax2onnx', 'onnx', 'onnxruntime'),
+}
+# Largest side accepted: a larger artifact is possible, but its parity check alone would need
+# tens of GB on a CPU.
+MAX_SIDE = 4096
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  """(H, W) of '512x512' (or '512', a square).
+
+  Raises:
+    errors.UsageError: anything else.
+  """
+  parts = str(text).lower().replace(' ', '').split('x')
+  try:
+    size = tuple(int(p) for p in parts)
+  except ValueError:
+    size = ()
+  if len(size) == 1:
+    size = size * 2
+  if len(size) != 2 or min(size) < 1:
+    raise errors.UsageError(
+      f'--size {text!r}: expected HEIGHTxWIDTH in pixels, e.g. --size 512x512.'
+    )
+  return size
+
+
+def parse_batch(text: str | int) -> int | None:
+  """A fixed batch size, or None for 'dynamic' (any batch).
+
+  Raises:
+    errors.UsageError: neither a positive int nor 'dynamic'.
+  """
+  if str(text).lower() == 'dynamic':
+    return None
+  try:
+    batch = int(text)
+  except ValueError:
+    batch = 0
+  if batch < 1:
+    raise errors.UsageError(f"--batch {text!r}: expected a positive int or 'dynamic'.")
+  return batch
+
+
+def feature_side(side: int, output_stride: int) -> int:
+  """Side of layer4's feature map for an input side (each stride-2 stage rounds up)."""
+  for _ in range(int(math.log2(output_stride))):
+    side = -(-side // 2)
+  return side
+
+
+def check_size(size: Sequence[int], model_config: Mapping[str, Any]) -> None:
+  """Refuses an input size the model cannot take meaningfully.
+
+  PSPNet runs at any size, but below a minimum the pyramid pooling module's finest grid
+  (bins up to 6) has more cells than layer4 has features: the adaptive pooling then repeats
+  features and the pyramid no longer describes the image. The minimum side is
+  output_stride * (max bin - 1) + 1 (41 for the official stride 8 and bins 1, 2, 3, 6).
+
+  Raises:
+    errors.InvalidInputError: naming the size, the reason and the smallest that works.
+  """
+  stride = int(model_config.get('output_stride', 8))
+  bins = [int(b) for b in model_config.get('bins', (1, 2, 3, 6))]
+  largest = max(bins) if model_config.get('use_ppm', True) else 1
+  smallest = stride * (largest - 1) + 1
+  height, width = size
+  if min(height, width) < smallest:
+    feature = f'{feature_side(height, stride)}x{feature_side(width, stride)}'
+    raise errors.InvalidInputError(
+      f'--size {height}x{width} is too small for this model: its layer4 feature map would be '
+      f'{feature}, smaller than the largest pyramid bin ({largest}) at output stride {stride}; '
+      f'use at least {smallest}x{smallest}.'
+    )
+  if max(height, width) > MAX_SIDE:
+    raise errors.InvalidInputError(
+      f'--size {height}x{width}: sides above {MAX_SIDE} are not supported (the parity check '
+      'alone would need tens of GB); export a smaller size and let the caller resize.'
+    )
+
+
+def versions(fmt: str) -> dict[str, str]:
+  """Versions of psp-jax, jax, jaxlib and the format's converter and runtime (those installed)."""
+  out = {'psp_jax': psp_jax.__version__}
+  for name in ('jax', 'jaxlib', *FORMAT_PACKAGES[fmt]):
+    try:
+      out[name] = importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+      continue
+  return out
+
+
+def metadata(
+  *,
+  fmt: str,
+  size: Sequence[int],
+  batch: int | None,
+  outputs: str,
+  model_config: Mapping[str, Any],
+  dataset: str | None,
+  class_names: Sequence[str],
+  palette: Any,
+  checkpoint: str,
+  platforms: Sequence[str],
+  extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+  """serving.json's content (the parity report is added once the check has run)."""
+  height, width = (int(s) for s in size)
+  batch_dim = 'dynamic' if batch is None else int(batch)
+  num_classes = int(model_config['num_classes'])
+  shape = ['B' if batch is None else batch_dim, height, width]
+  output = {
+    'kind': outputs,
+    'shape': shape if outputs == 'labels' else [*shape, num_classes],
+    'dtype': 'int32' if outputs == 'labels' else 'float32',
+    'meaning': {
+      'labels': 'class index per pixel (argmax of the logits, first maximum on ties)',
+      'logits': 'class scores per pixel, before softmax',
+      'probs': 'softmax of the logits over the class axis',
+    }[outputs],
+  }
+  return {
+    'format': fmt,
+    'file': MODEL_FILE[fmt],
+    'input': {
+      'name': INPUT_NAME,
+      'shape': [shape[0], height, width, 3],
+      'dtype': 'uint8',
+      'layout': 'NHWC',
+      'channels': 'RGB',
+      'size': [height, width],
+      'batch': batch_dim,
+    },
+    'output': output,
+    'preprocessing': {
+      'inside_model': 'x = (float32(images) - mean) / std, per channel (RGB, 0..255 scale)',
+      'mean': list(MEAN_RGB),
+      'std': list(STD_RGB),
+      'caller': (
+        f'give images of exactly {height}x{width}: psp_jax.serving.runner scales each image '
+        'to fit (aspect kept, bilinear), centres it on a canvas of pad_value, and crops and '
+        'resizes the label map back'
+      ),
+      'pad_value': [round(v) for v in MEAN_RGB],
+    },
+    'dtype': 'float32',
+    'num_classes': num_classes,
+    'dataset': dataset,
+    'class_names': list(class_names),
+    'palette': [[int(c) for c in row] for row in palette],
+    'model_config': dict(model_config),
+    'platforms': list(platforms),
+    'checkpoint': checkpoint,
+    'created': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
+    'versions': versions(fmt),
+    'jax_backend': jax.default_backend(),
+    **dict(extra or {}),
+  }

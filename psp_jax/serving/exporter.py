@@ -1,0 +1,274 @@
+"""Checkpoint -> artifact folder: load once, write a format, check it, then put it in place.
+
+  exporter = Exporter.from_checkpoint('runs/ade20k')
+  exporter.export('onnx', 'exported/onnx', size=(512, 512), batch=None, outputs='logits')
+
+Each export is written to a staging folder beside the output, run by its own runtime
+(jax.export, TensorFlow, onnxruntime) on test images and compared with the in-process
+model (psp_jax.serving.parity); only an artifact that passes is moved into the output
+folder, with serving.json (psp_jax.serving.contract) last. A failure leaves the output
+folder as it was.
+"""
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from psp_jax import errors, paths
+from psp_jax.data import classes
+from psp_jax.inference import plan, segmenter
+from psp_jax.serving import backends, contract, deps, exporters, parity
+
+PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
+NUMBER_LIST = re.compile(r'\[\s*((?:-?[\d.eE+-]+,\s*)*-?[\d.eE+-]+)\s*\]')
+PARITY_IMAGES_DYNAMIC = 2  # Images of the parity check of a dynamic-batch artifact.
+
+
+def dataset_of(
+  checkpoint: str | os.PathLike,
+  num_classes: int,
+  dataset: str | None,
+  own: Mapping[str, Any] | None = None,
+) -> tuple[str | None, tuple[str, ...], np.ndarray]:
+  """(dataset, class names, palette) as Segmenter.from_checkpoint chooses them.
+
+  Args:
+    own: the checkpoint's own {'classes', 'palette'} (an mmseg file's meta), used unless
+      dataset is given.
+  """
+  own = own if dataset is None else None  # An explicit data set wins.
+  if dataset is None and checkpoint:
+    config = segmenter.run_config(checkpoint)
+    dataset = config.data.name if config is not None else None
+  dataset = dataset or segmenter.DATASET_BY_CLASSES.get(num_classes)
+  if own and own.get('classes') and own.get('palette') is not None:
+    names, palette = tuple(own['classes']), np.asarray(own['palette'], np.uint8)
+    if len(names) != num_classes or palette.shape != (num_classes, 3):
+      raise errors.InvalidInputError(
+        f'{checkpoint} names {len(names)} classes and {len(palette)} colours for a model of '
+        f'{num_classes} classes: pass --dataset.'
+      )
+    return dataset, names, palette
+  known = classes.CLASS_NAMES.get(dataset)
+  if known is not None and len(known) != num_classes:
+    raise errors.InvalidInputError(
+      f'{dataset} has {len(known)} classes, the model {num_classes}: pass the right --dataset.'
+    )
+  return dataset, classes.names(dataset, num_classes), classes.palette(dataset, num_classes)
+
+
+def check_request(fmt: str, outputs: str, platforms: Sequence[str]) -> None:
+  """Refuses an unknown format, output or platform before any work (errors.UsageError)."""
+  if fmt not in contract.FORMATS:
+    raise errors.UsageError(f'--format {fmt!r}: expected one of {", ".join(contract.FORMATS)}.')
+  if outputs not in contract.OUTPUTS:
+    raise errors.UsageError(
+      f'--outputs {outputs!r}: expected one of {", ".join(contract.OUTPUTS)}.'
+    )
+  unknown = [p for p in platforms if p not in PLATFORMS]
+  if unknown or 'cpu' not in platforms:
+    raise errors.UsageError(
+      f'--platforms {",".join(platforms)}: expected some of {", ".join(PLATFORMS)}, cpu among '
+      'them (the parity check runs the artifact on the CPU).'
+    )
+
+
+def check_output(output: str | os.PathLike, fmt: str, overwrite: bool) -> None:
+  """Refuses a remote output or one that holds what this export would write."""
+  if paths.is_remote(output):
+    raise errors.InvalidInputError(
+      f'--output {output}: export writes a local folder; copy it to {output} afterwards.'
+    )
+  files = (*contract.FILES[fmt], contract.METADATA_FILE)
+  paths.check_output_dir(output, flag='--output', files=files, overwrite=overwrite)
+
+
+class Exporter:
+  """A PSPNet and its data set, ready to be exported in any format and checked.
+
+  Attributes:
+    model_config: the checkpoint's PSPNet arguments (dtype float32).
+    dataset, class_names, palette: as predict shows them.
+  """
+
+  def __init__(
+    self,
+    apply_fn: exporters.ApplyFn,
+    variables: Mapping[str, Any],
+    model_config: Mapping[str, Any],
+    *,
+    checkpoint: str = '',
+    dataset: str | None = None,
+    dataset_meta: Mapping[str, Any] | None = None,
+  ):
+    self.apply_fn = apply_fn
+    self.variables = jax.tree.map(np.asarray, dict(variables))
+    self.model_config = dict(model_config)
+    self.checkpoint = str(checkpoint)
+    num_classes = int(model_config['num_classes'])
+    self.dataset, self.class_names, self.palette = dataset_of(
+      checkpoint, num_classes, dataset, dataset_meta
+    )
+    self._references: dict[tuple[Any, ...], np.ndarray] = {}
+
+  @classmethod
+  def from_checkpoint(cls, checkpoint: str | os.PathLike, dataset: str | None = None):
+    """A training workdir, converted weights directory or .pth (inference.segmenter.load)."""
+    # float32 whatever the checkpoint trained in: the parity bounds are float32 bounds, and
+    # onnxruntime's CPU convolutions take no bfloat16.
+    loaded = segmenter.load(checkpoint, dtype='float32')
+    return cls(
+      loaded.apply_fn,
+      loaded.variables,
+      loaded.model_config,
+      checkpoint=str(checkpoint),
+      dataset=dataset,
+      dataset_meta=loaded.dataset_meta,
+    )
+
+  def reference(self, images: np.ndarray) -> np.ndarray:
+    """float32 logits [N, H, W, K] of the in-process model (on the CPU), cached per batch."""
+    images = np.ascontiguousarray(images)
+    key = (images.shape, hashlib.sha256(images.tobytes()).hexdigest())
+    if key not in self._references:
+      normalised = (images.astype(np.float32) - plan.MEAN) / plan.STD
+      with jax.default_device(jax.devices('cpu')[0]):
+        logits = jax.jit(self.apply_fn)(self.variables, normalised)
+      self._references[key] = np.asarray(logits, np.float32)
+    return self._references[key]
+
+  def export(
+    self,
+    fmt: str,
+    output: str | os.PathLike,
+    *,
+    size: Sequence[int],
+    batch: int | None = 1,
+    outputs: str = 'labels',
+    platforms: Sequence[str] = ('cpu',),
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+  ) -> dict[str, Any]:
+    """Writes, checks and puts in place one artifact; returns its serving.json.
+
+    Args:
+      fmt: 'stablehlo', 'savedmodel' or 'onnx'.
+      output: the artifact folder (created; files of an earlier export need overwrite).
+      size: the input (H, W).
+      batch: the batch size, or None for any.
+      outputs: 'labels', 'logits' or 'probs'.
+      platforms: what StableHLO / SavedModel are lowered for (cpu among them).
+      log: receives one line per stage.
+
+    Raises:
+      errors.UsageError: an unknown format, output or platform.
+      errors.InvalidInputError: a size the model cannot take.
+      paths.OutputPathError: output holds a previous export and overwrite is False.
+      deps.MissingDependencyError: the format's packages are not installed.
+      exporters.ConversionError: the converter cannot convert the program.
+      parity.ParityError: the artifact's output is not the in-process model's.
+    """
+    platforms = tuple(platforms)
+    check_request(fmt, outputs, platforms)
+    deps.require(fmt)
+    contract.check_size(size, self.model_config)
+    check_output(output, fmt, overwrite)
+    output = os.path.abspath(os.fspath(output))
+    os.makedirs(os.path.dirname(output), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.', dir=os.path.dirname(output))
+    try:
+      meta = contract.metadata(
+        fmt=fmt,
+        size=size,
+        batch=batch,
+        outputs=outputs,
+        model_config=self.model_config,
+        dataset=self.dataset,
+        class_names=self.class_names,
+        palette=self.palette,
+        checkpoint=self.checkpoint,
+        platforms=platforms if fmt != 'onnx' else (),
+      )
+      log(f'exporting {fmt} ({outputs}, {size[0]}x{size[1]}, batch {meta["input"]["batch"]})')
+      meta.update(self._write(fmt, staging, size, batch, outputs, platforms))
+      write_json(staging, meta)
+      report = self.check(staging, size, batch, outputs)
+      log(f'parity against the in-process model: {report.summary()}')
+      if not report.passed:
+        raise parity.ParityError(
+          f'the {fmt} artifact does not give the in-process answer: {report.summary()}. '
+          f'Nothing was written to {output}.'
+        )
+      meta['parity'] = report.as_json()
+      write_json(staging, meta)
+      move_into(staging, output, (*contract.FILES[fmt], contract.METADATA_FILE))
+    finally:
+      shutil.rmtree(staging, ignore_errors=True)
+    log(f'wrote {output} ({folder_size(output, fmt) / 1e6:.1f} MB)')
+    return meta
+
+  def _write(self, fmt, directory, size, batch, outputs, platforms) -> dict[str, Any]:
+    serve = exporters.serving_function(self.apply_fn, outputs)
+    shape = exporters.input_shape(batch, size)
+    variables = self.variables
+
+    def closed(images):  # The weights become constants of the program.
+      return serve(variables, images)
+
+    if fmt == 'stablehlo':
+      return exporters.write_stablehlo(closed, shape, platforms, directory)
+    if fmt == 'savedmodel':
+      return exporters.write_savedmodel(serve, variables, shape, platforms, outputs, directory)
+    return exporters.write_onnx(closed, shape, outputs, directory)
+
+  def check(self, directory: str, size: Sequence[int], batch: int | None, outputs: str):
+    """ParityReport of the artifact in directory on parity.images (batch or 2 of them)."""
+    images = parity.images(batch or PARITY_IMAGES_DYNAMIC, tuple(size))
+    with jax.default_device(jax.devices('cpu')[0]):
+      artifact = backends.open_artifact(directory)
+      got = artifact.run(images)
+    return parity.compare(outputs, got, self.reference(images))
+
+
+def write_json(directory: str, meta: Mapping[str, Any]) -> None:
+  """DIR/serving.json, indented, with lists of numbers (palette rows, shapes) on one line."""
+  text = json.dumps(meta, indent=2)
+  text = NUMBER_LIST.sub(lambda m: '[' + re.sub(r',\s+', ', ', m.group(1)) + ']', text)
+  with open(os.path.join(directory, contract.METADATA_FILE), 'w') as f:
+    f.write(text + '\n')
+
+
+def move_into(staging: str, output: str, names: Sequence[str]) -> None:
+  """Moves names from staging into output, replacing what is there (overwrite was checked)."""
+  os.makedirs(output, exist_ok=True)
+  for name in names:
+    source, target = os.path.join(staging, name), os.path.join(output, name)
+    if not os.path.exists(source):
+      continue
+    if os.path.isdir(target):
+      shutil.rmtree(target)
+    elif os.path.exists(target):
+      os.remove(target)
+    os.replace(source, target)
+
+
+def folder_size(output: str, fmt: str) -> int:
+  """Bytes of the model files of an artifact (serving.json and the runner copy aside)."""
+  total = 0
+  for name in contract.FILES[fmt]:
+    path = os.path.join(output, name)
+    if os.path.isdir(path):
+      total += sum(
+        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
+      )
+    elif os.path.isfile(path) and name != 'run_stablehlo.py':
+      total += os.path.getsize(path)
+  return total
