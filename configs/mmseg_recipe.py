@@ -6,6 +6,9 @@ and test protocol (mmseg 1.2.2 configs/pspnet/pspnet_r50-d8_*, configs/_base_/):
 - network: ResNetV1c stem (32, 32, 64), contract_dilation, align_corners=False;
 - SGD lr 0.01, momentum 0.9, weight decay 5e-4 on every parameter, no head multiplier,
   poly power 0.9 by iteration down to 1e-4 (mmcv's PolyLrUpdaterHook, min_lr=1e-4);
+- loss: decode + 0.4 x auxiliary cross-entropy, each divided by all pixels of the batch,
+  ignored and padded ones included (CrossEntropyLoss with avg_non_ignore=False:
+  optim.loss_normalization 'all');
 - augmentation: RandomResize of `scale` by 0.5-2.0 keeping the ratio, RandomCrop with
   cat_max_ratio 0.75, RandomFlip 0.5, PhotoMetricDistortion, padding with the mean
   (psp_jax.data.mmseg_augment);
@@ -14,9 +17,7 @@ and test protocol (mmseg 1.2.2 configs/pspnet/pspnet_r50-d8_*, configs/_base_/):
   --config.eval.whole_multiple=32 trades exactness near the borders for a few buckets), no
   flip, raw logits resized back to the original size, mIoU over the classes present.
 
-What stays ours: the loss is the mean over labelled pixels (mmseg's CrossEntropyLoss divides
-by all pixels, ignored ones included), BatchNorm is synchronised over the whole batch as
-SyncBN is.
+BatchNorm is synchronised over the whole batch, as mmseg's SyncBN is.
 """
 
 import ml_collections
@@ -71,7 +72,8 @@ def apply(
   data.mmseg.photometric = True
   data.mmseg.pad = 'mean'
   data.scale_range = (0.5, 2.0)  # RandomResize ratio_range
-  data.rotate_range = None
+  # None (no rotation), kept tuple-typed so that --config.data.rotate_range=... still parses.
+  data.rotate_range = ml_collections.config_dict.placeholder(tuple)
   data.blur = False
   data.flip = True
 
@@ -84,6 +86,7 @@ def apply(
   optim.head_lr_mult = 1.0
   optim.aux_weight = 0.4
   optim.loss_groups = 1
+  optim.loss_normalization = 'all'
 
   config.batch_size = batch_size
   config.num_train_steps = steps

@@ -83,11 +83,44 @@ def parse_flags(argv: list[str]) -> list[str]:
   main runs; a misspelt key otherwise ends in three chained tracebacks.
   """
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
     exit_with(UsageError(f'{e}. Pass --helpfull for every flag.'), status=2)
   except (AttributeError, KeyError) as e:  # An override of a config key that does not exist.
     exit_with(UsageError(_config_key_message(argv, e)), status=2)
+  none_overrides(argv)
+  return rest
+
+
+def none_overrides(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Makes --config.KEY=None set a tuple-typed key to None, not to (None,).
+
+  ml_collections parses an override of a tuple key element by element, so `None` becomes
+  the one-element tuple (None,), which nothing can use; None (for a range: off) is what
+  was meant. Whether None suits the key is then for the config's checks to say
+  (psp_jax.train.config, the data pipeline), naming the key.
+
+  Args:
+    argv: the command line, as parse_flags got it (already parsed).
+    flag_values: the parsed flags holding the config(s).
+  """
+  args = argv[1:]
+  for i, arg in enumerate(args):
+    name, sep, value = arg.partition('=')
+    if not sep:  # `--config.KEY None`
+      value = args[i + 1] if i + 1 < len(args) else ''
+    flag, _, key = name.lstrip('-').partition('.')
+    if value.strip() != 'None' or not key or not name.startswith('-') or flag not in flag_values:
+      continue
+    *parents, leaf = key.split('.')
+    try:
+      section = flag_values[flag].value
+      for parent in parents:
+        section = section[parent]
+      if section[leaf] == (None,):
+        section[leaf] = None
+    except (AttributeError, KeyError, TypeError):  # Not a config key: not ours to change.
+      continue
 
 
 def report(main: Callable[..., Any]) -> Callable[..., Any]:

@@ -179,3 +179,28 @@ def test_list_file_with_spaces_says_how_to_write_the_line(tmp_path):
     '--config.model.width=4',
   )
   refused(proc, 1, 'list.txt:1', 'TAB')
+
+
+def test_none_for_a_tuple_key_is_off_or_refused_naming_the_key(tmp_path, checkpoint):
+  # --config.data.rotate_range=None is None (no rotation), not (None,): the mmseg recipe,
+  # which refuses any rotation, accepts it; a key that needs a tuple says which and how.
+  proc = run(
+    'train.py',
+    '--config=configs/synthetic.py',
+    f'--workdir={tmp_path / "run"}',
+    '--config.data.rotate_range=None',
+    '--config.data.recipe=mmseg',
+    '--config.data.blur=False',
+    '--config.data.mmseg.scale',  # the `--flag value` form
+    'None',
+  )
+  refused(proc, 1, 'data.mmseg.scale', "--config.data.mmseg.scale='(2048, 512)'")
+  assert not (tmp_path / 'run').exists()
+  proc = run(
+    '-m',
+    'psp_jax.evaluate',
+    '--config=configs/synthetic.py',
+    f'--checkpoint={checkpoint}',
+    '--config.eval.scales=None',
+  )
+  refused(proc, 1, 'config.eval.scales', "--config.eval.scales='(1.0,)'")

@@ -232,7 +232,16 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
   names = [f'label{i}' for i in range(11)]
   palette = [[i, 2 * i, 3 * i] for i in range(11)]
   _zoo_file(tmp_path / 'zoo.pth', torch_model, names, palette)
-  seg = segmenter_lib.Segmenter.from_checkpoint(tmp_path / 'zoo.pth', crop_size=(33, 33))
+  # mmseg's test by default (an mmseg model, no run config); fit_scale kept small here.
+  seg = segmenter_lib.Segmenter.from_checkpoint(tmp_path / 'zoo.pth', fit_scale=(64, 48))
+  got = seg.inference.config
+  assert (got.mode, got.resize, got.fit_scale, got.flip, got.average) == (
+    'whole',
+    'fit',
+    (64, 48),
+    False,
+    'logits',
+  )
   assert seg.class_names == tuple(names)
   np.testing.assert_array_equal(seg.palette, np.array(palette, np.uint8))
   labels = seg.predict(np.zeros((37, 45, 3), np.uint8))
@@ -253,6 +262,38 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
   config.data.num_classes = 11
   assert evaluation.evaluate(config, tmp_path / 'zoo.pth', progress=False) == {'ok': True}
   assert seen['class_names'] == names
+
+
+def test_mmseg_variant_defaults_to_mmseg_test_settings():
+  official = segmenter_lib.InferenceConfig(base_size=512, crop_size=(473, 473))
+  mmseg_test = segmenter_lib.InferenceConfig(
+    mode='whole',
+    resize='fit',
+    fit_scale=(2048, 512),
+    crop_size=(512, 512),
+    flip=False,
+    average='logits',
+    clip_windows=True,
+    whole_multiple=1,
+  )
+  _, _, mmseg_config = tiny()
+  assert segmenter_lib.is_mmseg_variant(mmseg_config)
+  assert segmenter_lib.default_inference('ade20k', mmseg_config) == mmseg_test
+  assert segmenter_lib.default_inference(None, mmseg_config) == mmseg_test
+  assert segmenter_lib.default_inference('cityscapes', mmseg_config).fit_scale == (2048, 1024)
+  # Either mark of the variant is enough (a converted dir records both).
+  assert segmenter_lib.is_mmseg_variant({'stem': 'deep_v1c'})
+  assert segmenter_lib.is_mmseg_variant({'stem': 'deep', 'align_corners': False})
+  # The official network (or no model config) keeps tool/test.py's slide with flip.
+  official_config = dict(TINY, stem='deep', align_corners=True)
+  assert not segmenter_lib.is_mmseg_variant(official_config)
+  assert segmenter_lib.default_inference('ade20k', official_config) == official
+  assert segmenter_lib.default_inference('ade20k') == official
+  # The caller's settings win one by one; base_size alone asks for the long-side resize.
+  got = segmenter_lib.default_inference('ade20k', mmseg_config, flip=True, scales=(0.5, 1.0))
+  assert (got.flip, got.scales, got.resize, got.mode) == (True, (0.5, 1.0), 'fit', 'whole')
+  got = segmenter_lib.default_inference('ade20k', mmseg_config, base_size=512)
+  assert (got.resize, got.base_size, got.average) == ('long_side', 512, 'logits')
 
 
 def test_unknown_layout_names_the_known_ones(tmp_path):

@@ -237,6 +237,7 @@ def test_mmseg_configs_hold_mmseg_settings(name):
       0.9,
     )
     assert (optim.min_lr, optim.head_lr_mult, optim.aux_weight) == (1e-4, 1.0, 0.4)
+    assert optim.loss_normalization == 'all'  # CrossEntropyLoss(avg_non_ignore=False)
     data = config.data
     assert (data.recipe, data.mmseg.cat_max_ratio, data.mmseg.pad) == ('mmseg', 0.75, 'mean')
     assert tuple(data.scale_range) == (0.5, 2.0) and data.flip and data.mmseg.photometric

@@ -208,6 +208,59 @@ def test_loss_groups_average_per_group_means():
   np.testing.assert_allclose(got, (sums[0] / 5 + sums[1] / 15 + sums[2] / 15 + 0) / 4, rtol=1e-6)
 
 
+def numpy_mmseg_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+  """mmseg's CrossEntropyLoss (avg_non_ignore=False) restated: F.cross_entropy with
+  reduction='none' and ignore_index=255 (0 at ignored pixels), then sum / label.numel()."""
+  shifted = logits - logits.max(-1, keepdims=True)
+  log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  valid = labels != 255
+  picked = np.take_along_axis(log_probs, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+  return float(np.where(valid, -picked, 0.0).sum() / labels.size)
+
+
+def test_loss_normalization_all_is_mmseg_mean_over_every_pixel():
+  from psp_jax.train import losses
+
+  rng = np.random.default_rng(5)
+  logits = rng.normal(size=(4, 6, 7, NUM_CLASSES)).astype(np.float32)
+  labels = rng.integers(0, NUM_CLASSES, (4, 6, 7))
+  labels[rng.random(labels.shape) < 0.3] = 255
+  labels[3] = 255  # An example of pure ignore (or padding) pixels.
+  expected = numpy_mmseg_cross_entropy(logits.astype(np.float64), labels)
+  args = (jnp.asarray(logits), jnp.asarray(labels), 255)
+  for groups in (1, 2, 4):  # Equal slices: the mean of their means is the batch's mean.
+    got = losses.cross_entropy(*args, groups=groups, normalization='all')
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+  labelled = losses.cross_entropy(*args)
+  fraction = (labels != 255).mean()
+  assert 0.4 < fraction < 0.6
+  np.testing.assert_allclose(float(labelled) * fraction, expected, rtol=1e-6)
+  # The default is the expression it always was, bit for bit.
+  sums, counts = losses.cross_entropy_sums(*args)
+  for groups in (1, 2):
+    old = jnp.mean(
+      sums.reshape(groups, -1).sum(1) / jnp.maximum(counts.reshape(groups, -1).sum(1), 1.0)
+    )
+    np.testing.assert_array_equal(np.asarray(losses.cross_entropy(*args, groups=groups)), old)
+  with pytest.raises(ValueError, match='normalization'):
+    losses.cross_entropy(*args, normalization='valid')
+
+
+def test_train_step_uses_the_configured_loss_normalization(initial_state, eight_device_run):
+  # The same first step on the same batch with 'all' (mmseg): both heads' losses are the
+  # 'labelled' ones times the labelled fraction of the batch, and loss = main + 0.4 aux.
+  mesh1 = distributed.create_mesh(jax.devices()[:1])
+  config = tiny_config(loss_normalization='all')
+  batch = global_batch(0)
+  _, history = run_steps(make_step(config, mesh1), initial_state, mesh1, [batch])
+  labelled, mmseg = eight_device_run[1][0], history[0]
+  fraction = float((batch['label'] != 255).mean())
+  assert 0.8 < fraction < 0.95
+  for key in ('main_loss', 'aux_loss'):
+    np.testing.assert_allclose(mmseg[key], labelled[key] * fraction, rtol=1e-5)
+  np.testing.assert_allclose(mmseg['loss'], mmseg['main_loss'] + 0.4 * mmseg['aux_loss'], rtol=1e-6)
+
+
 @pytest.mark.torch
 def test_cross_entropy_matches_torch_ignore_index():
   torch = pytest.importorskip('torch')

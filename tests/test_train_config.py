@@ -67,6 +67,27 @@ def test_command_line_overrides_and_unknown_keys():
   assert 'Did you mean "base_lr"' in str(error.value)
 
 
+def test_none_on_the_command_line_sets_a_tuple_key_to_none():
+  # ml_collections reads None for a tuple key as (None,); errors.parse_flags makes it None.
+  from psp_jax import errors
+
+  args = ['--config.data.rotate_range=None', '--config.data.scale_range', 'None']
+  args.append('--config.eval.scales=(None)')
+  values = parse_command_line(*args)
+  assert values.config.data.rotate_range == (None,) and values.config.eval.scales == (None,)
+  errors.none_overrides(['train.py', *args], values)
+  assert values.config.data.rotate_range is None and values.config.data.scale_range is None
+  assert values.config.eval.scales == (None,)  # only a literal None is taken for None
+  # mmseg's configs keep rotate_range None yet tuple-typed, so it can still be overridden.
+  argv = ['train.py', f'--config={ROOT / "configs" / "mmseg_ade20k.py"}']
+  for arg, expected in (('--config.data.rotate_range=(-5.0, 5.0)', (-5.0, 5.0)), ('', None)):
+    values = flags.FlagValues()
+    full = [*argv, arg] if arg else argv
+    config_flags.DEFINE_config_file('config', None, 'c', flag_values=values, sys_argv=full)
+    values(full)
+    assert values.config.data.rotate_range == expected
+
+
 def test_a_typo_in_a_derived_config_fails():
   config = load_config('synthetic')
   with pytest.raises(AttributeError, match='base_lrr'):
@@ -103,6 +124,9 @@ def test_unknown_keys_are_named(change, key):
     (dict(eval=dict(protocol='voc')), 'config.eval.protocol', 'official'),
     (dict(eval=dict(batch_size=4)), 'config.eval.batch_size', 'multiple'),
     (dict(optim=dict(base_lr=0.0)), 'config.optim.base_lr', '> 0'),
+    (dict(optim=dict(loss_normalization='valid')), 'config.optim.loss_normalization', 'all'),
+    (dict(model=dict(bins=None)), 'config.model.bins', "bins='"),
+    (dict(eval=dict(scales=(None,))), 'config.eval.scales', "scales='"),
   ],
 )
 def test_bad_values_are_named(values, key, hint):

@@ -22,12 +22,16 @@ _MAX_EPOCHS = 2**62  # "forever": the training stream repeats until the caller s
 
 
 def _range(value: Sequence[float] | None, name: str) -> tuple[float, float] | None:
-  if value is None:
+  if value is None:  # off (--config.data.NAME=None)
     return None
-  low, high = (float(v) for v in value)
+  try:
+    low, high = (float(v) for v in value)
+  except (TypeError, ValueError):
+    low = high = float('nan')
   if not low < high:
     raise errors.InvalidInputError(
-      f'data.{name} must be (min, max) with min < max, got {tuple(value)!r}.'
+      f'data.{name} must be (min, max) with min < max, or None for off; got {value!r} '
+      f"(on the command line: --config.data.{name}='(0.5, 2.0)' or =None)."
     )
   return low, high
 
@@ -69,10 +73,14 @@ def mmseg_kwargs(data_config: Any) -> dict[str, Any]:
       'data.blur=False (configs/mmseg_*.py do).'
     )
   mm = data_config.mmseg
-  scale = tuple(int(v) for v in mm.scale)
+  try:
+    scale = tuple(int(v) for v in mm.scale)
+  except (TypeError, ValueError):
+    scale = ()
   if len(scale) != 2 or min(scale) < 1:
     raise errors.InvalidInputError(
-      f'data.mmseg.scale must be two positive edges (long, short), got {tuple(mm.scale)!r}.'
+      f'data.mmseg.scale must be two positive edges (long, short), got {mm.scale!r} '
+      "(on the command line: --config.data.mmseg.scale='(2048, 512)')."
     )
   if not 0 < float(mm.cat_max_ratio) <= 1:
     raise errors.InvalidInputError(

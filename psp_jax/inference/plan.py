@@ -23,13 +23,15 @@ import math
 import ml_collections
 import numpy as np
 
-from psp_jax import sizes
+from psp_jax import errors, sizes
 from psp_jax.data.normalization import MEAN_RGB, STD_RGB
 
 MEAN = np.array(MEAN_RGB, np.float32)  # psp_jax.data.normalization, as arrays
 STD = np.array(STD_RGB, np.float32)
 RESIZES = ('long_side', 'fit')
 AVERAGES = ('probs', 'logits')
+# Command-line examples of the InferenceConfig fields that are tuples in a config.
+_EXAMPLES = {'scales': "'(1.0,)'", 'fit_scale': "'(2048, 512)'", 'crop_size': '473'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,11 +86,15 @@ class InferenceConfig:
     if self.stride < 0:
       raise ValueError(f'stride must be >= 0 (0: from stride_rate), got {self.stride}')
     object.__setattr__(self, 'fit_scale', sizes.pair(self.fit_scale, 'fit_scale'))
-    if not self.scales or min(self.scales) <= 0:
-      raise ValueError(f'scales must be positive, got {self.scales}')
+    try:
+      scales = tuple(float(s) for s in self.scales)
+    except (TypeError, ValueError):  # None, or (None,)
+      scales = ()
+    if not scales or min(scales) <= 0:
+      raise ValueError(f'scales must be positive numbers, got {self.scales!r}')
     crop = self.crop_size
     object.__setattr__(self, 'crop_size', sizes.pair(crop, 'crop_size'))
-    object.__setattr__(self, 'scales', tuple(float(s) for s in self.scales))
+    object.__setattr__(self, 'scales', scales)
 
   @property
   def strides(self) -> tuple[int, int]:
@@ -99,24 +105,35 @@ class InferenceConfig:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> 'InferenceConfig':
-    """Reads config.eval.* and config.data.crop_size; keyword overrides win."""
+    """Reads config.eval.* and config.data.crop_size; keyword overrides win.
+
+    Raises:
+      errors.InvalidInputError: naming the config key, for a value that cannot work.
+    """
     ev = config.eval
     kwargs = dict(
       mode=ev.mode,
       crop_size=config.data.crop_size,
       base_size=ev.base_size,
-      scales=tuple(ev.scales),
+      scales=ev.scales,
       flip=ev.flip,
       whole_multiple=ev.get('whole_multiple', 64),
       tile_size=ev.get('tile_size', 512),
       resize=ev.get('resize', 'long_side'),
-      fit_scale=tuple(ev.get('fit_scale', (2048, 512))),
+      fit_scale=ev.get('fit_scale', (2048, 512)),
       stride=ev.get('stride', 0),
       clip_windows=ev.get('clip_windows', False),
       average=ev.get('average', 'probs'),
     )
     kwargs.update(overrides)
-    return cls(**kwargs)
+    try:
+      return cls(**kwargs)
+    except ValueError as e:  # Each message starts with the field's name.
+      field = str(e).split(' ', 1)[0]
+      key = 'config.data.crop_size' if field == 'crop_size' else f'config.eval.{field}'
+      example = _EXAMPLES.get(field)
+      hint = f' (on the command line e.g. --{key}={example})' if example else ''
+      raise errors.InvalidInputError(f'{key}: {e}{hint}') from None
 
 
 # ----------------------------------------------------------------------------------------

@@ -34,6 +34,53 @@ DATASET_DEFAULTS = {
 # A checkpoint that does not say which data set it was trained on is recognised by its
 # number of classes.
 DATASET_BY_CLASSES = {150: 'ade20k', 21: 'voc2012', 19: 'cityscapes'}
+# mmsegmentation's test of its PSPNet configs (configs/_base_/datasets/*.py test_pipeline:
+# Resize keep_ratio to fit `scale`; test_cfg mode 'whole'; no flip; raw logits resized
+# back), the default for a model of mmseg's variant. The crop is its training crop, for a
+# --mode slide asked for on top. Data sets not listed (or unknown) get ADE20K's.
+MMSEG_TEST = dict(
+  mode='whole',
+  resize='fit',
+  scales=(1.0,),
+  flip=False,
+  average='logits',
+  clip_windows=True,
+  whole_multiple=1,
+)
+MMSEG_DATASET_DEFAULTS = {
+  'ade20k': dict(fit_scale=(2048, 512), crop_size=(512, 512)),
+  'voc2012': dict(fit_scale=(2048, 512), crop_size=(512, 512)),
+  'cityscapes': dict(fit_scale=(2048, 1024), crop_size=(512, 1024)),
+}
+
+
+def is_mmseg_variant(model_config: dict[str, Any]) -> bool:
+  """Whether a model config is mmseg's network (ResNetV1c stem or align_corners=False)."""
+  return model_config.get('stem') == 'deep_v1c' or model_config.get('align_corners') is False
+
+
+def default_inference(
+  dataset: str | None, model_config: dict[str, Any] | None = None, **overrides
+) -> InferenceConfig:
+  """The test procedure of a model that comes without an experiment config.
+
+  The official one (DATASET_DEFAULTS: tool/test.py's sliding window with flip) for the
+  official network; mmseg's (MMSEG_TEST, MMSEG_DATASET_DEFAULTS) for mmseg's variant,
+  whose published numbers it reproduces. Overrides (InferenceConfig fields) win one by one;
+  base_size given without resize means the official long-side resize it belongs to.
+
+  Args:
+    dataset: 'ade20k', 'voc2012', 'cityscapes', other or None.
+    model_config: the checkpoint's model config (codec); None counts as official.
+    overrides: InferenceConfig fields the caller chose.
+  """
+  if model_config is not None and is_mmseg_variant(model_config):
+    kwargs = {**MMSEG_TEST, **MMSEG_DATASET_DEFAULTS.get(dataset, MMSEG_DATASET_DEFAULTS['ade20k'])}
+    if 'base_size' in overrides and 'resize' not in overrides:
+      kwargs['resize'] = 'long_side'
+  else:
+    kwargs = dict(DATASET_DEFAULTS.get(dataset, {}))
+  return InferenceConfig(**{**kwargs, **overrides})
 
 
 class LoadedModel(NamedTuple):
@@ -96,7 +143,7 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 class Segmenter:
-  """A trained PSPNet with the official test procedure, palette and class names."""
+  """A trained PSPNet with its test procedure (official or mmseg's), palette and class names."""
 
   def __init__(
     self,
@@ -160,9 +207,12 @@ class Segmenter:
         psp_jax.convert) if it has them, else config.data.name, else guessed from the
         number of classes.
       config: an experiment config whose eval.* and data.crop_size set the procedure; by
-        default that of a training workdir (its config.json), else the data set's official
-        test geometry.
-      inference_overrides: InferenceConfig fields, e.g. scales=(0.5, 1.0, 1.5), flip=False.
+        default that of a training workdir (its config.json), else default_inference: the
+        data set's official test geometry, or mmseg's test (fit (2048, 512) keeping the
+        ratio, whole image, no flip, logits) for a model of mmseg's variant (an mmseg .pth
+        or its conversion).
+      inference_overrides: InferenceConfig fields, e.g. scales=(0.5, 1.0, 1.5), flip=False;
+        they win over whichever default applies.
     """
     apply_fn, variables, model_config, meta = load(checkpoint)
     own = meta if dataset is None and meta else {}  # an explicit data set wins
@@ -175,7 +225,7 @@ class Segmenter:
     if config is not None:
       inference = InferenceConfig.from_config(config, **inference_overrides)
     else:
-      inference = InferenceConfig(**{**DATASET_DEFAULTS.get(dataset, {}), **inference_overrides})
+      inference = default_inference(dataset, model_config, **inference_overrides)
     return cls(
       apply_fn,
       variables,

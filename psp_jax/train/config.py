@@ -11,7 +11,7 @@ import ml_collections
 
 from psp_jax import errors, metrics, sizes
 from psp_jax.models import codec, resnet
-from psp_jax.train import defaults
+from psp_jax.train import defaults, losses
 
 # config.data belongs to the data pipeline (psp_jax.data), which checks its own keys; model
 # keys are PSPNet's constructor arguments (psp_jax.models.codec).
@@ -110,7 +110,14 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     f'{groups} must divide the batch of each gradient step ({micro} = batch_size / '
     'grad_accum_steps).',
   )
-  bins = tuple(model.get('bins', (1, 2, 3, 6)))
+  bins = model.get('bins', (1, 2, 3, 6))
+  _check(
+    _positive_numbers(bins, int),
+    'model.bins',
+    f'must be a tuple of positive ints, e.g. (1, 2, 3, 6), got {bins!r} (on the command '
+    "line: --config.model.bins='(1, 2, 3, 6)').",
+  )
+  bins = tuple(bins)
   if model.get('use_ppm', True) and 1 in bins:
     # The bin-1 branch's BatchNorm sees one value per channel and image; torch refuses a
     # batch of one ("Expected more than 1 value per channel when training") and the
@@ -145,6 +152,12 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     f'must be in [0, optim.base_lr = {optim.base_lr}), got {min_lr}.',
   )
   _check(optim.aux_weight >= 0, 'optim.aux_weight', 'must be >= 0.')
+  normalization = optim.get('loss_normalization', 'labelled')
+  _check(
+    normalization in losses.NORMALIZATIONS,
+    'optim.loss_normalization',
+    f"{normalization!r} must be one of {losses.NORMALIZATIONS} ('all' is mmseg's).",
+  )
   _check(
     config.num_train_steps > 0 or config.num_epochs > 0,
     'num_train_steps',
@@ -182,8 +195,23 @@ def _check_model_variant(model: ml_collections.ConfigDict) -> None:
     _check(isinstance(value, bool), f'model.{key}', f'must be True or False, got {value!r}.')
 
 
+def _positive_numbers(value: Any, kind: type) -> bool:
+  """Whether value is a non-empty tuple or list of positive numbers of `kind` (int or float)."""
+  if not isinstance(value, tuple | list) or not value:
+    return False
+  kinds = (int,) if kind is int else (int, float)
+  return all(isinstance(v, kinds) and not isinstance(v, bool) and v > 0 for v in value)
+
+
 def _check_eval_protocol(ev: ml_collections.ConfigDict) -> None:
-  """config.eval.resize, fit_scale, stride and average (official vs mmseg test)."""
+  """config.eval.scales, resize, fit_scale, stride and average (official vs mmseg test)."""
+  scales = ev.get('scales', (1.0,))
+  _check(
+    _positive_numbers(scales, float),
+    'eval.scales',
+    f'must be a tuple of positive scales, got {scales!r} (on the command line: '
+    "--config.eval.scales='(1.0,)' or '(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)').",
+  )
   resize = ev.get('resize', 'long_side')
   _check(resize in RESIZES, 'eval.resize', f'{resize!r} must be one of {RESIZES}.')
   try:

@@ -99,6 +99,10 @@ def get_config() -> ml_collections.ConfigDict:
   # gradients of each GPU's CrossEntropyLoss on 2 images): 8 reproduces that exactly on any
   # number of devices; 1 is the mean over all labelled pixels of the global batch.
   config.optim.loss_groups = 1
+  # What each group's summed loss is divided by: 'labelled' (its labelled pixels, as
+  # torch.nn.CrossEntropyLoss(ignore_index=255): the original) or 'all' (all its pixels,
+  # ignored and padded ones counting as 0: mmseg's CrossEntropyLoss, avg_non_ignore=False).
+  config.optim.loss_normalization = 'labelled'
   # A step whose loss or gradient is NaN or infinite never changes the weights. False stops
   # the run there with a message naming the step (the last checkpoint is kept); True skips
   # such steps and counts them (train/skipped_steps in TensorBoard).

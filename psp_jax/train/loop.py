@@ -164,6 +164,7 @@ def train(
       config.data.skip_bad_examples).
   """
   train_config.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+  pipeline.train_augmenter(config.data)  # The data pipeline's keys, before anything is written.
   checkpointing.check_workdir(workdir)
   with safeguards.StopRequest() as stop:
     logging.info('SIGTERM or Ctrl-C saves a checkpoint after the current step and stops.')

@@ -4,6 +4,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+# What cross_entropy divides a group's summed loss by (config.optim.loss_normalization):
+# 'labelled': its labelled pixels (torch.nn.CrossEntropyLoss(ignore_index=255), the original);
+# 'all': all its pixels, ignored and padded ones included as zeros (mmsegmentation's
+# CrossEntropyLoss with its default avg_non_ignore=False, which every PSPNet config keeps).
+NORMALIZATIONS = ('labelled', 'all')
+
 
 def cross_entropy_sums(
   logits: jax.Array, labels: jax.Array, ignore_label: int = 255
@@ -29,7 +35,11 @@ def cross_entropy_sums(
 
 
 def cross_entropy(
-  logits: jax.Array, labels: jax.Array, ignore_label: int = 255, groups: int = 1
+  logits: jax.Array,
+  labels: jax.Array,
+  ignore_label: int = 255,
+  groups: int = 1,
+  normalization: str = 'labelled',
 ) -> jax.Array:
   """Mean cross-entropy over labelled pixels, as torch.nn.CrossEntropyLoss(ignore_index=255).
 
@@ -43,11 +53,19 @@ def cross_entropy(
   A slice without a single labelled pixel contributes 0 where torch would return NaN (0/0):
   one unlucky crop of pure ignore pixels should not poison the parameters.
 
+  normalization='all' divides each slice's sum by all its pixels instead, ignored ones
+  included (mmseg: loss.sum() / label.numel() in mmseg/models/losses/cross_entropy_loss.py,
+  called by BaseDecodeHead.loss_by_feat for the decode and auxiliary heads alike). Ignored
+  pixels still add nothing to the sum, so the loss and its gradient shrink with the fraction
+  of ignored pixels. As every slice has the same number of pixels, the groups then do not
+  change the value: mmseg's per-GPU means averaged by DDP are the mean over the batch.
+
   Args:
     logits: [B, H, W, K].
     labels: int [B, H, W].
     ignore_label: label to skip.
     groups: number of slices; must divide B.
+    normalization: one of NORMALIZATIONS.
 
   Returns:
     float32 scalar.
@@ -55,8 +73,13 @@ def cross_entropy(
   batch = labels.shape[0]
   if batch % groups:
     raise ValueError(f'loss groups ({groups}) must divide the batch ({batch}).')
+  if normalization not in NORMALIZATIONS:
+    raise ValueError(f'normalization {normalization!r} must be one of {NORMALIZATIONS}.')
   loss_sum, count = cross_entropy_sums(logits, labels, ignore_label)
   loss_sum = loss_sum.reshape(groups, -1).sum(1)
+  if normalization == 'all':
+    # mmseg adds float32 eps to the divisor (against 0); a pixel count is never 0 here.
+    return jnp.mean(loss_sum / float(labels.size // groups))
   count = count.reshape(groups, -1).sum(1)
   return jnp.mean(loss_sum / jnp.maximum(count, 1.0))
 

@@ -31,6 +31,7 @@ def make_train_step(
   aux_weight: float = 0.4,
   ignore_label: int = 255,
   loss_groups: int = 1,
+  loss_normalization: str = 'labelled',
   grad_accum_steps: int = 1,
   mesh: Mesh | None = None,
 ) -> TrainStep:
@@ -49,6 +50,8 @@ def make_train_step(
     aux_weight: weight of the auxiliary loss.
     ignore_label: label skipped by the loss.
     loss_groups: see psp_jax.train.losses.cross_entropy (per micro-batch).
+    loss_normalization: 'labelled' (the original) or 'all' (mmseg); the same for both heads,
+      see psp_jax.train.losses.cross_entropy.
     grad_accum_steps: micro-batches per optimiser step.
     mesh: the mesh, to keep micro-batches sharded on 'data' (None: no constraint).
 
@@ -65,8 +68,10 @@ def make_train_step(
       rngs={'dropout': key},
       mutable=['batch_stats'],
     )
-    main_loss = losses.cross_entropy(logits, labels, ignore_label, loss_groups)
-    aux_loss = losses.cross_entropy(aux_logits, labels, ignore_label, loss_groups)
+    main_loss = losses.cross_entropy(logits, labels, ignore_label, loss_groups, loss_normalization)
+    aux_loss = losses.cross_entropy(
+      aux_logits, labels, ignore_label, loss_groups, loss_normalization
+    )
     loss = main_loss + aux_weight * aux_loss
     out = dict(
       loss=loss,
@@ -135,6 +140,7 @@ def train_step_of_config(
     aux_weight=config.optim.aux_weight,
     ignore_label=config.data.ignore_label,
     loss_groups=config.optim.loss_groups,
+    loss_normalization=config.optim.get('loss_normalization', 'labelled'),
     grad_accum_steps=config.optim.grad_accum_steps,
     mesh=mesh,
   )
