@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_cli_errors import refused
 from test_inference import random_variables
 
 from psp_jax import weights
@@ -234,18 +235,6 @@ def cli(module: str, *args: str) -> subprocess.CompletedProcess:
     env=environ,
     timeout=600,
   )
-
-
-def refused(proc: subprocess.CompletedProcess, status: int, *words: str) -> str:
-  """Asserts one `error:` line on stderr naming words, no traceback; returns it."""
-  err = proc.stderr.strip()
-  assert proc.returncode == status, (proc.returncode, err[-3000:])
-  assert 'Traceback' not in err, err[-3000:]
-  lines = [line for line in err.splitlines() if line.startswith('error: ')]
-  assert len(lines) == 1, err[-3000:]
-  for word in words:
-    assert word in lines[0], (word, lines[0])
-  return lines[0]
 
 
 def snapshot(folder) -> dict[str, bytes]:

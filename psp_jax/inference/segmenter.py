@@ -142,6 +142,15 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
     raise errors.InvalidInputError(f'cannot read image {path}: {e}') from e
 
 
+def as_rgb(image) -> np.ndarray:
+  """uint8 RGB [H, W, 3] of an array, a PIL image or an image file."""
+  if isinstance(image, str | os.PathLike):
+    return read_image(image)
+  if isinstance(image, Image.Image):
+    return np.asarray(image.convert('RGB'))
+  return np.asarray(image)
+
+
 class Segmenter:
   """A trained PSPNet with its test procedure (official or mmseg's), palette and class names."""
 
@@ -241,20 +250,13 @@ class Segmenter:
     """Images per predict_batch step (one per local device), as predict_files reads it."""
     return self.inference.batch_size
 
-  def _as_array(self, image) -> np.ndarray:
-    if isinstance(image, str | os.PathLike):
-      return read_image(image)
-    if isinstance(image, Image.Image):
-      return np.asarray(image.convert('RGB'))
-    return np.asarray(image)
-
   def predict(self, image) -> np.ndarray:
     """Class indices int32 [H, W] of an image (array [H, W, 3] RGB, PIL image or path)."""
-    return self.inference.predict(self._as_array(image))
+    return self.inference.predict(as_rgb(image))
 
   def predict_batch(self, images: Sequence) -> list[np.ndarray]:
     """predict on several images, one per local device at a time."""
-    arrays = [self._as_array(im) for im in images]
+    arrays = [as_rgb(im) for im in images]
     plans = [self.inference.plan(a) for a in arrays]
     out: list[np.ndarray | None] = [None] * len(plans)
     groups: dict[tuple, list[int]] = {}
@@ -270,7 +272,7 @@ class Segmenter:
 
   def probabilities(self, image) -> np.ndarray:
     """Class probabilities float32 [H, W, K] (flip- and scale-averaged softmax)."""
-    return self.inference.probabilities(self._as_array(image))
+    return self.inference.probabilities(as_rgb(image))
 
   def colorize(self, labels: np.ndarray) -> np.ndarray:
     """RGB uint8 [H, W, 3] of a label map in the data set's palette."""
@@ -278,7 +280,7 @@ class Segmenter:
 
   def overlay(self, image, labels: np.ndarray | None = None, alpha: float = 0.5) -> Image.Image:
     """The image blended with its (predicted) label colours, and a legend of the classes."""
-    image = self._as_array(image)
+    image = as_rgb(image)
     labels = self.predict(image) if labels is None else labels
     return visualize.overlay_with_legend(image, labels, self.palette, self.class_names, alpha=alpha)
 

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from psp_jax import visualize
-from psp_jax.inference.segmenter import Segmenter, read_image
+from psp_jax.inference.segmenter import Segmenter, as_rgb
 from psp_jax.serving import backends, runner
 
 
@@ -47,25 +47,16 @@ class ExportedSegmenter:
     """An artifact folder of any format (psp_jax.serving.backends.open_artifact)."""
     return cls(backends.open_artifact(path))
 
-  @staticmethod
-  def as_array(image) -> np.ndarray:
-    """uint8 RGB [H, W, 3] of an array, PIL image or image file."""
-    if isinstance(image, str | os.PathLike):
-      return read_image(image)
-    if isinstance(image, Image.Image):
-      return np.asarray(image.convert('RGB'))
-    return np.asarray(image)
-
   def predict(self, image) -> np.ndarray:
     """int32 [H, W] label map of an image at its own size."""
-    return self.runner.predict(self.as_array(image))
+    return self.runner.predict(as_rgb(image))
 
   def predict_batch(self, images: Sequence) -> list[np.ndarray]:
     """predict for several images, the artifact's batch at a time."""
-    return self.runner.predict_batch([self.as_array(image) for image in images])
+    return self.runner.predict_batch([as_rgb(image) for image in images])
 
   def overlay(self, image, labels: np.ndarray | None = None, alpha: float = 0.5) -> Image.Image:
     """The image blended with its (predicted) label colours, and a legend of the classes."""
-    image = self.as_array(image)
+    image = as_rgb(image)
     labels = self.predict(image) if labels is None else labels
     return visualize.overlay_with_legend(image, labels, self.palette, self.class_names, alpha=alpha)
