@@ -139,18 +139,39 @@ def linear_weights(
   return i0.astype(np.int32), i1.astype(np.int32), lam
 
 
+def interpolation_matrix(
+  in_size: int, out_size: int, align_corners: bool, dtype: Any = np.float32
+) -> np.ndarray:
+  """[out, in] matrix of 1-D linear interpolation (PyTorch's rule): two weights a row.
+
+  Row i holds 1 - lambda1 at i0 and lambda1 at i1 of `linear_weights` (their sum where the
+  two indices meet at the border).
+  """
+  i0, i1, lam = linear_weights(in_size, out_size, align_corners, dtype)
+  matrix = np.zeros((out_size, in_size), np.dtype(dtype))
+  rows = np.arange(out_size)
+  np.add.at(matrix, (rows, i0), 1 - lam)
+  np.add.at(matrix, (rows, i1), lam)
+  return matrix
+
+
 def _resize_axis(x: jax.Array, axis: int, out_size: int, align_corners: bool) -> jax.Array:
-  """Linear interpolation along one axis: two static gathers and a lerp (exact everywhere)."""
+  """Linear interpolation along one axis, as a product with the interpolation matrix.
+
+  A product, not two gathers and a lerp: XLA materialises both gathered tensors (each of the
+  output's size) in the forward and differentiates them into scatter-adds. For the logits'
+  upsample ([B, 473, 473, 150]) the gathers were the largest tensors live at the peak of the
+  compiled TPU training step (benchmarks/NOTES.md). HIGHEST precision keeps float32 exact
+  on TPU, whose default matmul precision is bfloat16; the zeros add nothing.
+  """
   in_size = x.shape[axis]
   if in_size == out_size:
     # Both conventions give the identity when the size does not change.
     return x
-  i0, i1, lam = linear_weights(in_size, out_size, align_corners, x.dtype)
-  shape = [1] * x.ndim
-  shape[axis] = out_size
-  w1 = jnp.asarray(lam.reshape(shape), x.dtype)
-  w0 = jnp.asarray((1 - lam).reshape(shape), x.dtype)
-  return jnp.take(x, i0, axis=axis) * w0 + jnp.take(x, i1, axis=axis) * w1
+  matrix = jnp.asarray(interpolation_matrix(in_size, out_size, align_corners, x.dtype))
+  dims = 'abcdefgh'[: x.ndim]
+  out = dims.replace(dims[axis], 'z')
+  return jnp.einsum(f'{dims},z{dims[axis]}->{out}', x, matrix, precision=jax.lax.Precision.HIGHEST)
 
 
 def resize_bilinear(x: jax.Array, size: Size, align_corners: bool = True) -> jax.Array:
