@@ -75,6 +75,17 @@ def quiet_abandoned_reads() -> None:
 
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
+  # Some callbacks report it through PyErr_Print, i.e. sys.excepthook, instead (seen in
+  # psp_jax.evaluate on Python 3.12): the same error, dropped the same way.
+  previous_excepthook = sys.excepthook
+  if not getattr(previous_excepthook, 'drops_abandoned_reads', False):
+
+    def excepthook(kind: type, error: BaseException, tb: Any) -> None:
+      if not _loop_closed_in_asyncio(error, tb):
+        previous_excepthook(kind, error, tb)
+
+    excepthook.drops_abandoned_reads = True
+    sys.excepthook = excepthook
   asyncio_log = logging.getLogger('asyncio')
   if _abandoned_task not in asyncio_log.filters:
     asyncio_log.addFilter(_abandoned_task)
@@ -87,12 +98,19 @@ def _abandoned_task(record: logging.LogRecord) -> bool:
   return not (unretrieved and '[tensorstore_spec=' in str(error))
 
 
+def _loop_closed_in_asyncio(error: BaseException, tb: Any) -> bool:
+  """A closed event loop's error raised in asyncio itself, called from no Python frame (a
+  tensorstore callback thread's)."""
+  if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+    return False
+  return tb is not None and tb.tb_frame.f_code.co_filename.endswith(_ASYNCIO_LOOP)
+
+
 def _abandoned_read(unraisable: Any) -> bool:
   """Whether an unraisable exception is an abandoned orbax read's (quiet_abandoned_reads)."""
   error, tb = unraisable.exc_value, unraisable.exc_traceback
-  if isinstance(error, RuntimeError) and str(error) == 'Event loop is closed':
-    # Raised in asyncio itself, called from no Python frame: tensorstore's callback thread.
-    return tb is not None and tb.tb_frame.f_code.co_filename.endswith(_ASYNCIO_LOOP)
+  if _loop_closed_in_asyncio(error, tb):
+    return True
   code = getattr(unraisable.object, 'cr_code', None)  # A coroutine, closed...
   in_orbax = code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
   return in_orbax and isinstance(getattr(error, '__context__', None), GeneratorExit)  # ...early.
