@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from psp_jax import runtime  # noqa: E402
 from psp_jax.models import PSPNet  # noqa: E402
-from psp_jax.serving import backends, contract, exporter, exporters, parity  # noqa: E402
+from psp_jax.serving import artifact, contract, exporter, formats, parity  # noqa: E402
 
 
 def random_model(num_classes: int, depth: int, seed: int = 0) -> exporter.Exporter:
@@ -86,7 +86,7 @@ def main() -> None:
   workdir = args.workdir or tempfile.mkdtemp(prefix='export_latency_')
   images = parity.images(args.batch, size, seed=1)
 
-  serve = jax.jit(exporters.serving_function(model.apply_fn, args.outputs))
+  serve = jax.jit(formats.serving_function(model.apply_fn, args.outputs))
   calls = {'in-process JAX (jit)': lambda x: np.asarray(serve(model.variables, x))}
   sizes = {'in-process JAX (jit)': None}
   for fmt in contract.FORMATS:
@@ -94,7 +94,7 @@ def main() -> None:
     model.export(
       fmt, folder, size=size, batch=args.batch, outputs=args.outputs, overwrite=True, log=print
     )
-    calls[fmt] = backends.open_artifact(folder).call
+    calls[fmt] = artifact.open_artifact(folder).call
     sizes[fmt] = exporter.folder_size(folder, fmt)
 
   times: dict[str, list[float]] = {name: [] for name in calls}

@@ -39,8 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from psp_jax.data import synthetic  # noqa: E402
-from psp_jax.inference import plan as inference_plan  # noqa: E402
-from psp_jax.inference import segmenter  # noqa: E402
+from psp_jax.inference import planning, segmenter  # noqa: E402
 
 FRACTIONS = (0.5, 0.9)
 
@@ -71,7 +70,7 @@ def gradient_map(apply_fn, variables, images: np.ndarray, point: tuple[int, int]
     return logits[jax.lax.stop_gradient(jnp.argmax(logits))]
 
   grads = jax.jit(jax.vmap(jax.grad(winning_logit)))
-  x = (images.astype(np.float32) - inference_plan.MEAN) / inference_plan.STD
+  x = (images.astype(np.float32) - planning.MEAN) / planning.STD
   total = np.zeros(images.shape[1:3], np.float64)
   for start in range(0, len(x), 4):  # Four at a time: a full-size backward pass is large.
     total += np.abs(np.asarray(grads(jnp.asarray(x[start : start + 4])))).sum((0, 3))

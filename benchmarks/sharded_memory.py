@@ -43,9 +43,12 @@ def main() -> None:
   import jax.numpy as jnp  # noqa: PLC0415
   import ml_collections  # noqa: PLC0415
 
-  from psp_jax.train import aot, optim  # noqa: PLC0415
-  from psp_jax.train import state as train_state  # noqa: PLC0415
-  from psp_jax.train import step as train_step  # noqa: PLC0415
+  from psp_jax.train import (  # noqa: PLC0415
+    aot,
+    optim,
+    train_state,  # noqa: PLC0415
+    train_step,  # noqa: PLC0415
+  )
 
   devices = jax.devices()[: args.devices]
   if len(devices) < args.devices:

@@ -25,9 +25,11 @@ distributed.set_cpu_xla_flags()
 import jax  # noqa: E402
 
 from psp_jax.models import cpu_conv_grad  # noqa: E402
-from psp_jax.train import optim  # noqa: E402
-from psp_jax.train import state as train_state  # noqa: E402
-from psp_jax.train import step as train_step  # noqa: E402
+from psp_jax.train import (  # noqa: E402
+  optim,
+  train_state,
+  train_step,
+)
 
 VARIANTS = {'XLA weight grads': (), '1x1 as dots': (1,), '1x1 and 3x3 as dots': (1, 3)}
 

@@ -164,9 +164,11 @@ class JaxSide:
     from flax import traverse_util  # noqa: PLC0415
 
     from psp_jax.models import codec  # noqa: PLC0415
-    from psp_jax.train import optim  # noqa: PLC0415
-    from psp_jax.train import state as train_state  # noqa: PLC0415
-    from psp_jax.train import step as train_step  # noqa: PLC0415
+    from psp_jax.train import (
+      optim,  # noqa: PLC0415
+      train_state,  # noqa: PLC0415
+      train_step,  # noqa: PLC0415
+    )
 
     self.jax, self.spec = jax, spec
     self.device = jax.devices()[0]

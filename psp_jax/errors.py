@@ -98,7 +98,7 @@ def none_overrides(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS)
   ml_collections parses an override of a tuple key element by element, so `None` becomes
   the one-element tuple (None,), which nothing can use; None (for a range: off) is what
   was meant. Whether None suits the key is then for the config's checks to say
-  (psp_jax.train.config, the data pipeline), naming the key.
+  (psp_jax.train.config_checks, the data pipeline), naming the key.
 
   Args:
     argv: the command line, as parse_flags got it (already parsed).

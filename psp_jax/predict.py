@@ -6,7 +6,7 @@
 writes, for each image NAME, NAME.png (class indices, like tool/test.py's gray output),
 NAME_color.png (the data set's palette) and NAME_overlay.png (blend with a legend of the
 classes present). --exported runs an artifact of python -m psp_jax.export instead (any
-format, at its fixed size: psp_jax.serving.predictor). In a notebook,
+format, at its fixed size: psp_jax.serving.artifact). In a notebook,
 psp_jax.inference.segmenter.Segmenter does the same in memory.
 """
 
@@ -23,7 +23,7 @@ from psp_jax.inference.segmenter import (
   output_name,
   predict_files,
 )
-from psp_jax.serving.predictor import ExportedSegmenter
+from psp_jax.serving.artifact import ExportedSegmenter
 
 FLAGS = flags.FLAGS
 

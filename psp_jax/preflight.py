@@ -30,11 +30,15 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from psp_jax.inference import plan as plan_lib  # noqa: E402
-from psp_jax.inference import sliding_window  # noqa: E402
+from psp_jax.inference import (
+  planning,  # noqa: E402
+  sliding_window,  # noqa: E402
+)
 from psp_jax.models import codec  # noqa: E402
-from psp_jax.train import aot  # noqa: E402
-from psp_jax.train import config as train_config  # noqa: E402
+from psp_jax.train import (
+  aot,  # noqa: E402
+  config_checks,  # noqa: E402
+)
 
 FLAGS = flags.FLAGS
 
@@ -65,13 +69,13 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
   mesh = Mesh(np.asarray(devices), ('data',), axis_types=(AxisType.Auto,))
   windows = max(1, config.eval.batch_size // topology.mesh.size)
   scale = max(config.eval.scales)
-  inference = plan_lib.InferenceConfig.from_config(
+  inference = planning.InferenceConfig.from_config(
     config, windows_per_step=windows, scales=(scale,)
   )
   size = (config.eval.base_size,) * 2
   if inference.resize == 'fit':  # The largest image that fits (long, short) lies wide.
     size = (min(inference.fit_scale), max(inference.fit_scale))
-  (first,) = plan_lib.plan_image(np.zeros((*size, 3), np.uint8), inference).scales
+  (first,) = planning.plan_image(np.zeros((*size, 3), np.uint8), inference).scales
   model_config = codec.of_experiment(config, 'tpu')
   model = codec.build_model(model_config, 'tpu')
   image = jax.ShapeDtypeStruct((1, *first.crop, 3), np.float32)
@@ -151,7 +155,7 @@ def recipe(config: ml_collections.ConfigDict, steps: int) -> str:
   if config.num_train_steps > 0:
     return f'{steps:,} steps (num_train_steps)'
   images = aot.SPLIT_SIZES[config.data.name][0]
-  per_epoch = train_config.steps_per_epoch(images, config.batch_size)
+  per_epoch = config_checks.steps_per_epoch(images, config.batch_size)
   return (
     f'{steps:,} steps ({config.num_epochs} epochs x {per_epoch:,} steps of {config.batch_size} '
     f"of {config.data.name}'s {images:,} training images)"
@@ -194,7 +198,7 @@ def main(argv: list[str]) -> None:
     topology = aot.topology_mesh(FLAGS.topology)
     steps = aot.total_steps(config)
     train = aot.train_program(config, topology)
-  except (aot.TopologyError, train_config.ConfigError) as e:
+  except (aot.TopologyError, config_checks.ConfigError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   chip = topology.chip

@@ -7,7 +7,7 @@ A weights directory (what `python -m psp_jax.convert X.pth DIR` and save_variabl
   DIR/dataset_meta.json   class names and palette, when the source had them (mmseg's meta)
 
 load_variables also reads a training workdir (its best checkpoint by validation mIoU, else
-the newest; see psp_jax.train.checkpoints), one step directory of it, and PyTorch files: PSPNet
+the newest; see psp_jax.train.checkpointing), one step directory of it, and PyTorch files: PSPNet
 checkpoints in semseg's or mmseg's layout (recognised from their keys) and ImageNet ResNet
 backbones, converted on the fly (psp_jax.convert).
 Paths may be local or remote (gs://bucket/..., through etils.epath as orbax reads them).
@@ -39,7 +39,7 @@ VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
 META_FILE = 'dataset_meta.json'  # {'classes': [...], 'palette': [[r, g, b], ...]}
 # The resolved experiment config a training run writes beside its checkpoints (summaries.py).
 RUN_CONFIG_FILE = 'config.json'
-TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.train.checkpoints.BEST_DIR, LATEST_DIR
+TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.train.checkpointing.BEST_DIR, LATEST_DIR
 COLLECTIONS = ('params', 'batch_stats')
 REASON_CHARS = 240  # of an error's first line in a message: tensorstore's run to kilobytes
 _ASYNCIO_LOOP = os.path.join('asyncio', 'base_events.py')

@@ -25,7 +25,7 @@ def poison_step(step: int) -> None:
   """Makes train_step.make_train_step's step feed NaN images at optimiser step `step`."""
   import jax.numpy as jnp
 
-  from psp_jax.train import step as train_step
+  from psp_jax.train import train_step
 
   make = train_step.make_train_step
 

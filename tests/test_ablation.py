@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from psp_jax.models import codec
-from psp_jax.train import config as train_config
+from psp_jax.train import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / 'benchmarks'):
@@ -35,7 +35,7 @@ def test_every_variant_is_a_valid_config_that_changes_only_its_row():
   assert default.model.to_dict() == ablation_config.get_config('b1236-avg-dr').model.to_dict()
   for name, (model, optim) in ablation_config.VARIANTS.items():
     config = ablation_config.get_config(name)
-    train_config.validate(config, device_count=1, process_count=1)
+    config_checks.validate(config, device_count=1, process_count=1)
     assert config.num_train_steps == ablation_config.STEPS
     assert config.eval_every_steps == config.checkpoint_every_steps == config.num_train_steps
     # Every variant trains and is evaluated on the same scenes, crops and batch.

@@ -22,8 +22,8 @@ from faults import DAMAGES, damage  # noqa: I001 (tests/ is on sys.path)
 from test_train_run import ROOT, SHRINK, assert_same_state, check, snapshot, steps, train, user_env
 
 from psp_jax import errors, weights
-from psp_jax.train import checkpoints as checkpointing
-from psp_jax.train.state import TrainState
+from psp_jax.train import checkpointing
+from psp_jax.train.train_state import TrainState
 
 MODEL_CONFIG = {'num_classes': 3, 'depth': 18}
 

@@ -235,8 +235,8 @@ def test_save_and_load_variables(tmp_path):
 
 
 def test_load_variables_of_training_workdir(tmp_path):
-  from psp_jax.train import checkpoints as checkpointing  # noqa: PLC0415
-  from psp_jax.train.state import TrainState  # noqa: PLC0415
+  from psp_jax.train import checkpointing  # noqa: PLC0415
+  from psp_jax.train.train_state import TrainState  # noqa: PLC0415
 
   variables = random_variables(PSPNet(**TINY))
   state = TrainState(

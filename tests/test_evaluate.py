@@ -12,7 +12,7 @@ import pytest
 from test_metrics import intersection_and_union  # noqa: I001 (tests/ is on sys.path)
 
 from psp_jax.inference import evaluation
-from psp_jax.inference.plan import MEAN, STD
+from psp_jax.inference.planning import MEAN, STD
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
 
 K = 6  # Class 5 never occurs: absent from prediction and ground truth.

@@ -20,14 +20,14 @@ from test_cli_errors import refused
 from test_inference import random_variables
 
 from psp_jax import weights
-from psp_jax.inference import plan
+from psp_jax.inference import planning
 from psp_jax.models import PSPNet
 from psp_jax.serving import (
-  backends,
+  artifact,
   contract,
   deps,
   exporter,
-  exporters,
+  formats,
   onnx_graph,
   parity,
   runner,
@@ -70,8 +70,8 @@ def model(checkpoint):
 
 
 @pytest.fixture(scope='module')
-def artifact(model, tmp_path_factory):
-  """artifact(fmt): the folder of the model's dynamic-batch logits export (made once)."""
+def exported(model, tmp_path_factory):
+  """exported(fmt): the folder of the model's dynamic-batch logits export (made once)."""
   root, made = tmp_path_factory.mktemp('artifacts'), {}
 
   def get(fmt: str):
@@ -86,8 +86,8 @@ def artifact(model, tmp_path_factory):
 
 
 @pytest.mark.parametrize('fmt', contract.FORMATS)
-def test_each_format_gives_the_models_logits(fmt, model, artifact):
-  out, meta = artifact(fmt)
+def test_each_format_gives_the_models_logits(fmt, model, exported):
+  out, meta = exported(fmt)
   assert meta['parity']['passed'] and meta['parity']['rel_l2'] <= parity.MAX_REL_L2
   written = json.loads((out / contract.METADATA_FILE).read_text())
   assert written['input'] == {
@@ -105,7 +105,7 @@ def test_each_format_gives_the_models_logits(fmt, model, artifact):
     assert (out / name).exists() or name == 'assets', name
   # Checked again here on other images and another batch size, not taken from the report.
   images = parity.images(3, SIZE, seed=5)
-  got = backends.open_artifact(out).run(images)
+  got = artifact.open_artifact(out).run(images)
   reference = model.reference(images)
   assert got.shape == reference.shape and got.dtype == np.float32
   assert rel_l2(got, reference) <= parity.MAX_REL_L2
@@ -126,7 +126,7 @@ def test_labels_and_probabilities(fmt, outputs, model, tmp_path):
     exported = jax.export.deserialize(bytearray((tmp_path / 'a' / 'model.stablehlo').read_bytes()))
     assert exported.platforms == ('cpu', 'cuda') and meta['platforms'] == ['cpu', 'cuda']
   images = parity.images(2, SIZE, seed=11)
-  got = backends.open_artifact(tmp_path / 'a').run(images)
+  got = artifact.open_artifact(tmp_path / 'a').run(images)
   labels = model.reference(images).argmax(-1)
   if outputs == 'labels':
     assert got.dtype == np.int32 and got.shape == (2, 65, 65)
@@ -135,12 +135,12 @@ def test_labels_and_probabilities(fmt, outputs, model, tmp_path):
     np.testing.assert_allclose(got.sum(-1), 1.0, atol=1e-5)
     assert rel_l2(got, np.asarray(jax.nn.softmax(model.reference(images)))) <= 1e-5
   # A fixed batch of 2 still serves 3 images (the last chunk padded).
-  assert backends.open_artifact(tmp_path / 'a').run(parity.images(3, SIZE)).shape[0] == 3
+  assert artifact.open_artifact(tmp_path / 'a').run(parity.images(3, SIZE)).shape[0] == 3
 
 
-def test_runner_needs_only_jax_and_numpy(artifact):
+def test_runner_needs_only_jax_and_numpy(exported):
   """run_stablehlo.py, loaded from the artifact by path, imports nothing of psp_jax."""
-  folder, _ = artifact('stablehlo')
+  folder, _ = exported('stablehlo')
   tree = ast.parse((folder / 'run_stablehlo.py').read_text())
   imported = {
     a.name.split('.')[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names
@@ -169,11 +169,11 @@ def test_runner_needs_only_jax_and_numpy(artifact):
   np.testing.assert_array_equal(labels, runner.Runner.stablehlo(folder).predict(image))
 
 
-def test_letterbox_keeps_the_aspect_and_maps_back(artifact, model):
+def test_letterbox_keeps_the_aspect_and_maps_back(exported, model):
   assert runner.letterbox(40, 90, (65, 65)) == (18, 0, 29, 65)
   assert runner.letterbox(130, 65, (65, 65)) == (0, 16, 65, 32)  # round(32.5): even
   assert runner.letterbox(65, 65, (65, 65)) == (0, 0, 65, 65)
-  run = runner.Runner.stablehlo(artifact('stablehlo')[0])
+  run = runner.Runner.stablehlo(exported('stablehlo')[0])
   # At the artifact's size nothing is resized: the in-process argmax exactly.
   image = parity.images(1, SIZE, seed=4)
   expected = model.reference(image)[0].argmax(-1)
@@ -189,23 +189,25 @@ def test_letterbox_keeps_the_aspect_and_maps_back(artifact, model):
 
 
 def test_runner_resizes_by_the_inference_rule():
-  """runner.py repeats inference.plan's cv2-style bilinear resize (it cannot import it)."""
+  """runner.py repeats inference.planning's cv2-style bilinear resize (it cannot import it)."""
   for in_size, out_size in ((40, 29), (29, 130), (90, 65)):
     for ours, theirs in zip(
-      runner.linear_indices(in_size, out_size), plan.linear_indices(in_size, out_size), strict=True
+      runner.linear_indices(in_size, out_size),
+      planning.linear_indices(in_size, out_size),
+      strict=True,
     ):
       np.testing.assert_array_equal(ours, theirs)
   image = parity.images(1, (40, 90), seed=6)[0]
   np.testing.assert_array_equal(
-    runner.resize_bilinear(image, 29, 65), plan.resize_bilinear(image, 29, 65)
+    runner.resize_bilinear(image, 29, 65), planning.resize_bilinear(image, 29, 65)
   )
   labels = np.arange(12).reshape(3, 4)
   np.testing.assert_array_equal(runner.resize_nearest(labels, 6, 8)[::2, ::2], labels)
 
 
 @pytest.mark.parametrize('fmt', ['stablehlo', 'onnx'])
-def test_predict_exported_writes_the_pngs(fmt, artifact, tmp_path):
-  folder, _ = artifact(fmt)
+def test_predict_exported_writes_the_pngs(fmt, exported, tmp_path):
+  folder, _ = exported(fmt)
   images = tmp_path / 'images'
   images.mkdir()
   picture = parity.images(1, (50, 70), seed=8)[0]
@@ -216,7 +218,7 @@ def test_predict_exported_writes_the_pngs(fmt, artifact, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   labels = np.asarray(Image.open(tmp_path / 'out' / 'scene.png'))
   assert labels.shape == (50, 70)
-  np.testing.assert_array_equal(labels, backends.open_artifact(folder).predict(picture))
+  np.testing.assert_array_equal(labels, artifact.open_artifact(folder).predict(picture))
   overlay = Image.open(tmp_path / 'out' / 'scene_overlay.png')
   assert overlay.size[1] >= 50 and (tmp_path / 'out' / 'scene_color.png').is_file()
 
@@ -285,7 +287,7 @@ def test_failures_leave_the_output_as_it_was(model, tmp_path, monkeypatch):
     raise NotImplementedError('no ONNX lowering for primitive frobnicate')
 
   monkeypatch.setattr(onnx_graph, 'to_onnx', broken)
-  with pytest.raises(exporters.ConversionError, match='jax2onnx could not.*frobnicate'):
+  with pytest.raises(formats.ConversionError, match='jax2onnx could not.*frobnicate'):
     model.export('onnx', tmp_path / 'onnx', size=SIZE, log=lambda _: None)
   assert not (tmp_path / 'onnx').exists()
   assert [p.name for p in tmp_path.iterdir()] == []  # The staging folder is gone too.
@@ -311,7 +313,7 @@ def test_a_missing_optional_package_is_named_with_the_extra(monkeypatch):
   code = (
     f'import sys\nfor m in {blocked!r}: sys.modules[m] = None\n'
     'import psp_jax.export, psp_jax.predict\n'
-    'from psp_jax.serving import backends, exporter, exporters, onnx_graph, predictor, runner\n'
+    'from psp_jax.serving import artifact, exporter, formats, onnx_graph, runner\n'
   )
   proc = subprocess.run(
     [sys.executable, '-c', code], capture_output=True, text=True, cwd=ROOT, timeout=300

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax import monitoring
 
-from psp_jax.inference.plan import (
+from psp_jax.inference.planning import (
   MEAN,
   STD,
   linear_indices,

@@ -197,7 +197,7 @@ def test_the_checks_catch_what_they_should(tmp_path):
   sample = PACKAGE / 'data' / 'pipeline.py'
   assert 'psp_jax.data.sources' in imports_of(sample)
   fake = tmp_path / 'fake.py'
-  fake.write_text('from psp_jax.data import transforms as T\nT._hidden(1)\n')
+  fake.write_text('from psp_jax.data import transforms\ntransforms._hidden(1)\n')
   assert private_uses(fake) == ['psp_jax.data.transforms._hidden']
   assert room_of('psp_jax.train.loop') == 'psp_jax.train'
   assert 'psp_jax.inference' not in ALLOWED['psp_jax.train']

@@ -24,14 +24,14 @@ from test_parity import compare_eval, errors, flax_model, nhwc, randomize  # noq
 from psp_jax import convert as convert_cli  # noqa: E402
 from psp_jax import weights  # noqa: E402
 from psp_jax.data import classes  # noqa: E402
-from psp_jax.inference import segmenter as segmenter_lib  # noqa: E402
+from psp_jax.inference import segmenter  # noqa: E402
 from psp_jax.interop import mmseg, pth, semseg  # noqa: E402
 from psp_jax.interop.torch_mmseg import TorchMMSegPSPNet  # noqa: E402
 from psp_jax.models import PSPNet  # noqa: E402
-from psp_jax.train import config as config_lib  # noqa: E402
+from psp_jax.train import config_checks  # noqa: E402
 from psp_jax.train import defaults  # noqa: E402
 from psp_jax.train.loop import load_init_checkpoint  # noqa: E402
-from psp_jax.train.state import TrainState  # noqa: E402
+from psp_jax.train.train_state import TrainState  # noqa: E402
 
 pytestmark = pytest.mark.torch
 DATA = pathlib.Path(__file__).parent / 'data'
@@ -233,7 +233,7 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
   palette = [[i, 2 * i, 3 * i] for i in range(11)]
   _zoo_file(tmp_path / 'zoo.pth', torch_model, names, palette)
   # mmseg's test by default (an mmseg model, no run config); fit_scale kept small here.
-  seg = segmenter_lib.Segmenter.from_checkpoint(tmp_path / 'zoo.pth', fit_scale=(64, 48))
+  seg = segmenter.Segmenter.from_checkpoint(tmp_path / 'zoo.pth', fit_scale=(64, 48))
   got = seg.inference.config
   assert (got.mode, got.resize, got.fit_scale, got.flip, got.average) == (
     'whole',
@@ -246,7 +246,7 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
   np.testing.assert_array_equal(seg.palette, np.array(palette, np.uint8))
   labels = seg.predict(np.zeros((37, 45, 3), np.uint8))
   assert labels.shape == (37, 45)
-  named = segmenter_lib.Segmenter.from_checkpoint(tmp_path / 'zoo.pth', dataset='synthetic')
+  named = segmenter.Segmenter.from_checkpoint(tmp_path / 'zoo.pth', dataset='synthetic')
   assert named.class_names == classes.CLASS_NAMES['synthetic']  # an explicit data set wins
 
   from psp_jax.inference import evaluation  # noqa: PLC0415
@@ -265,8 +265,8 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
 
 
 def test_mmseg_variant_defaults_to_mmseg_test_settings():
-  official = segmenter_lib.InferenceConfig(base_size=512, crop_size=(473, 473))
-  mmseg_test = segmenter_lib.InferenceConfig(
+  official = segmenter.InferenceConfig(base_size=512, crop_size=(473, 473))
+  mmseg_test = segmenter.InferenceConfig(
     mode='whole',
     resize='fit',
     fit_scale=(2048, 512),
@@ -277,22 +277,22 @@ def test_mmseg_variant_defaults_to_mmseg_test_settings():
     whole_multiple=1,
   )
   _, _, mmseg_config = tiny()
-  assert segmenter_lib.is_mmseg_variant(mmseg_config)
-  assert segmenter_lib.default_inference('ade20k', mmseg_config) == mmseg_test
-  assert segmenter_lib.default_inference(None, mmseg_config) == mmseg_test
-  assert segmenter_lib.default_inference('cityscapes', mmseg_config).fit_scale == (2048, 1024)
+  assert segmenter.is_mmseg_variant(mmseg_config)
+  assert segmenter.default_inference('ade20k', mmseg_config) == mmseg_test
+  assert segmenter.default_inference(None, mmseg_config) == mmseg_test
+  assert segmenter.default_inference('cityscapes', mmseg_config).fit_scale == (2048, 1024)
   # Either mark of the variant is enough (a converted dir records both).
-  assert segmenter_lib.is_mmseg_variant({'stem': 'deep_v1c'})
-  assert segmenter_lib.is_mmseg_variant({'stem': 'deep', 'align_corners': False})
+  assert segmenter.is_mmseg_variant({'stem': 'deep_v1c'})
+  assert segmenter.is_mmseg_variant({'stem': 'deep', 'align_corners': False})
   # The official network (or no model config) keeps tool/test.py's slide with flip.
   official_config = dict(TINY, stem='deep', align_corners=True)
-  assert not segmenter_lib.is_mmseg_variant(official_config)
-  assert segmenter_lib.default_inference('ade20k', official_config) == official
-  assert segmenter_lib.default_inference('ade20k') == official
+  assert not segmenter.is_mmseg_variant(official_config)
+  assert segmenter.default_inference('ade20k', official_config) == official
+  assert segmenter.default_inference('ade20k') == official
   # The caller's settings win one by one; base_size alone asks for the long-side resize.
-  got = segmenter_lib.default_inference('ade20k', mmseg_config, flip=True, scales=(0.5, 1.0))
+  got = segmenter.default_inference('ade20k', mmseg_config, flip=True, scales=(0.5, 1.0))
   assert (got.flip, got.scales, got.resize, got.mode) == (True, (0.5, 1.0), 'fit', 'whole')
-  got = segmenter_lib.default_inference('ade20k', mmseg_config, base_size=512)
+  got = segmenter.default_inference('ade20k', mmseg_config, base_size=512)
   assert (got.resize, got.base_size, got.average) == ('long_side', 512, 'logits')
 
 
@@ -360,12 +360,12 @@ def test_model_config_keys_are_validated():
     bad = defaults.get_config()
     # A config file may build config.model afresh: the types are then its own.
     bad.model = ml_collections.ConfigDict({**bad.model.to_dict(), key: value})
-    with pytest.raises(config_lib.ConfigError, match=message):
-      config_lib.validate(bad, device_count=1, process_count=1)
+    with pytest.raises(config_checks.ConfigError, match=message):
+      config_checks.validate(bad, device_count=1, process_count=1)
   bad = defaults.get_config()
   bad.model.stem, bad.model.width = 'deep_v1c', 9
-  with pytest.raises(config_lib.ConfigError, match='config.model.width'):
-    config_lib.validate(bad, device_count=1, process_count=1)
+  with pytest.raises(config_checks.ConfigError, match='config.model.width'):
+    config_checks.validate(bad, device_count=1, process_count=1)
 
 
 def test_model_configs_written_before_the_options_mean_the_official_network():

@@ -13,11 +13,9 @@ import pytest
 import tensorflow as tf
 from test_pipeline import assert_same_batches, data_config, source, take  # noqa: I001
 
-from psp_jax.data import mmseg_augment as M
-from psp_jax.data import pipeline
-from psp_jax.data import transforms as T
+from psp_jax.data import mmseg_augment, pipeline, transforms
 from psp_jax.data.normalization import MEAN_RGB, STD_RGB
-from psp_jax.inference import plan
+from psp_jax.inference import planning
 
 REFERENCE = np.load(pathlib.Path(__file__).parent / 'data' / 'mmseg_reference.npz')
 MEAN, STD = np.array(MEAN_RGB), np.array(STD_RGB)
@@ -102,11 +100,11 @@ def np_photometric(image, d, rgb2hsv, hsv2rgb):
 
 
 def tf_rgb2hsv(x):
-  return M.rgb_to_hsv(tf.constant(x)).numpy().astype(np.uint8)
+  return mmseg_augment.rgb_to_hsv(tf.constant(x)).numpy().astype(np.uint8)
 
 
 def tf_hsv2rgb(x):
-  return M.hsv_to_rgb(tf.constant(x)).numpy().astype(np.uint8)
+  return mmseg_augment.hsv_to_rgb(tf.constant(x)).numpy().astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------
@@ -126,13 +124,13 @@ def test_resize_equals_opencv_bit_for_bit():
     if key.startswith('resize_') and key != 'resize_source':
       h, w = (int(v) for v in key.removeprefix('resize_').split('x'))
       expected = REFERENCE[key]
-      np.testing.assert_array_equal(plan.resize_uint8(source, h, w), expected, err_msg=key)
+      np.testing.assert_array_equal(planning.resize_uint8(source, h, w), expected, err_msg=key)
       whole = (0, 0, h, w)
-      got = M.resize_window(tf.constant(source), tf.constant([h, w]), whole).numpy()
+      got = mmseg_augment.resize_window(tf.constant(source), tf.constant([h, w]), whole).numpy()
       np.testing.assert_array_equal(got, expected, err_msg=key)
       # Any window is that part of the whole resize.
       window = (h // 3, w // 4, h - h // 3, max(1, w // 2))
-      got = M.resize_window(tf.constant(source), tf.constant([h, w]), window).numpy()
+      got = mmseg_augment.resize_window(tf.constant(source), tf.constant([h, w]), window).numpy()
       np.testing.assert_array_equal(got, expected[h // 3 :, w // 4 : w // 4 + window[3]])
 
 
@@ -142,7 +140,7 @@ def test_chain_equals_mmseg_itself(case):
   prefix = f'chain{case}_'
   example = {'image': REFERENCE[prefix + 'image'], 'label': REFERENCE[prefix + 'label']}
   example = {k: tf.constant(v) for k, v in example.items()}
-  out = M.mmseg_augment(
+  out = mmseg_augment.mmseg_augment(
     example, tf.constant(REFERENCE[prefix + 'seed']), crop_size=CROP, scale=SCALE
   )
   expected_image, expected_label = REFERENCE[prefix + 'out_image'], REFERENCE[prefix + 'out_label']
@@ -162,10 +160,12 @@ def test_reference_chain_cases_cover_the_branches():
   for i in range(8):
     seed = tf.constant(REFERENCE[f'chain{i}_seed'])
     label = tf.constant(REFERENCE[f'chain{i}_label'])
-    s = T.split_seed(seed, 4)
-    size = tf.stack(M.rescale_size(*label.shape, SCALE, M.resize_ratio(s[0], (0.5, 2.0))))
-    top, left, _, _ = M.choose_crop(label, size, s[1], CROP, 0.75, 255)
-    first = M.crop_candidates(s[1], size, CROP)[0].numpy().tolist()
+    s = transforms.split_seed(seed, 4)
+    size = tf.stack(
+      mmseg_augment.rescale_size(*label.shape, SCALE, mmseg_augment.resize_ratio(s[0], (0.5, 2.0)))
+    )
+    top, left, _, _ = mmseg_augment.choose_crop(label, size, s[1], CROP, 0.75, 255)
+    first = mmseg_augment.crop_candidates(s[1], size, CROP)[0].numpy().tolist()
     redrawn += [int(top), int(left)] != first
   assert redrawn >= 1
 
@@ -185,13 +185,13 @@ def test_reference_chain_cases_cover_the_branches():
 )
 def test_rescale_size_is_mmcv(h, w, scale):
   for ratio in (0.5, 0.61803, 1.0, 1.37, 1.999):
-    got = tuple(int(v) for v in M.rescale_size(h, w, scale, ratio))
+    got = tuple(int(v) for v in mmseg_augment.rescale_size(h, w, scale, ratio))
     assert got == np_rescale_size(h, w, scale, ratio)
-  assert tuple(int(v) for v in M.rescale_size(375, 500, (2048, 512), 1.0)) == (512, 683)
+  assert tuple(int(v) for v in mmseg_augment.rescale_size(375, 500, (2048, 512), 1.0)) == (512, 683)
 
 
 def test_resize_ratio_is_uniform_in_range():
-  ratios = np.array([float(M.resize_ratio(s, (0.5, 2.0))) for s in seeds(200)])
+  ratios = np.array([float(mmseg_augment.resize_ratio(s, (0.5, 2.0))) for s in seeds(200)])
   assert ratios.min() >= 0.5 and ratios.max() < 2.0 and ratios.std() > 0.3
 
 
@@ -200,7 +200,7 @@ def test_label_window_is_cv2_nearest():
   for size in [(58, 82), (13, 20), (40, 29)]:
     full = np_nearest(label, *size)
     window = (3, 5, size[0] - 3, size[1] - 7)
-    got = M.label_window(tf.constant(label), tf.constant(size), window).numpy()
+    got = mmseg_augment.label_window(tf.constant(label), tf.constant(size), window).numpy()
     np.testing.assert_array_equal(got, full[3:, 5 : size[1] - 2])
 
 
@@ -209,13 +209,15 @@ def test_cat_max_ratio_test_and_crop_choice_equal_mmseg_rules():
   # Two classes 3:1 -> share 0.75, not < 0.75; 0.7 passes; one class fails; ignore excluded.
   quarter = np.zeros((4, 4), np.uint8)
   quarter[0] = 1
-  assert not bool(M.crop_accepted(crop(quarter), 0.75, 255))
-  assert bool(M.crop_accepted(crop(quarter), 0.76, 255))
-  assert not bool(M.crop_accepted(crop(np.full((4, 4), 2, np.uint8)), 0.75, 255))
+  assert not bool(mmseg_augment.crop_accepted(crop(quarter), 0.75, 255))
+  assert bool(mmseg_augment.crop_accepted(crop(quarter), 0.76, 255))
+  assert not bool(mmseg_augment.crop_accepted(crop(np.full((4, 4), 2, np.uint8)), 0.75, 255))
   mostly_ignored = np.full((4, 4), 255, np.uint8)
   mostly_ignored[0, :2], mostly_ignored[1, :2] = 3, 4
-  assert bool(M.crop_accepted(crop(mostly_ignored), 0.75, 255))
-  assert not bool(M.crop_accepted(crop(mostly_ignored), 0.75, 3))  # 3 ignored: one class left
+  assert bool(mmseg_augment.crop_accepted(crop(mostly_ignored), 0.75, 255))
+  assert not bool(
+    mmseg_augment.crop_accepted(crop(mostly_ignored), 0.75, 3)
+  )  # 3 ignored: one class left
 
   chosen_later = 0
   for i, seed in enumerate(seeds(30, start=100)):
@@ -223,12 +225,12 @@ def test_cat_max_ratio_test_and_crop_choice_equal_mmseg_rules():
     label = ex['label'].numpy()
     label[: 30 + i % 15] = 1  # often dominated by class 1
     size = tf.constant([55, 70])
-    candidates = M.crop_candidates(seed, size, CROP).numpy()
+    candidates = mmseg_augment.crop_candidates(seed, size, CROP).numpy()
     assert candidates[:, 0].max() <= 55 - 33 and candidates[:, 1].max() <= 70 - 41
     resized = np_nearest(label, 55, 70)
     box = np_random_crop(resized, candidates.tolist(), CROP)
     top, left, height, width = (
-      int(v) for v in M.choose_crop(tf.constant(label), size, seed, CROP, 0.75, 255)
+      int(v) for v in mmseg_augment.choose_crop(tf.constant(label), size, seed, CROP, 0.75, 255)
     )
     assert (top, left, height, width) == (box[0], box[2], 33, 41)
     chosen_later += (top, left) != tuple(candidates[0])
@@ -237,7 +239,9 @@ def test_cat_max_ratio_test_and_crop_choice_equal_mmseg_rules():
 
 def test_crop_of_a_small_image_is_the_image():
   ex = random_example(20, 30, 1)
-  window = M.choose_crop(ex['label'], tf.constant([20, 30]), seeds(1)[0], CROP, 0.75, 255)
+  window = mmseg_augment.choose_crop(
+    ex['label'], tf.constant([20, 30]), seeds(1)[0], CROP, 0.75, 255
+  )
   assert [int(v) for v in window] == [0, 0, 20, 30]
 
 
@@ -246,12 +250,12 @@ def test_photometric_equals_numpy_restatement_and_each_step_happens():
   opencv_like = (tf_rgb2hsv, tf_hsv2rgb)  # The HSV conversions are checked against OpenCV.
   seen = {k: set() for k in ('brightness', 'contrast', 'contrast_last', 'saturation', 'hue')}
   for seed in seeds(24, start=40):
-    draws = {k: v.numpy() for k, v in M.photometric_draws(seed).items()}
+    draws = {k: v.numpy() for k, v in mmseg_augment.photometric_draws(seed).items()}
     for k in seen:
       seen[k].add(bool(draws[k]))
     assert -32 <= draws['beta'] <= 32 and 0.5 <= draws['alpha'] <= 1.5
     assert 0.5 <= draws['saturation_alpha'] <= 1.5 and -18 <= draws['hue_delta'] < 18
-    got = M.photometric_distortion(tf.constant(image), seed).numpy()
+    got = mmseg_augment.photometric_distortion(tf.constant(image), seed).numpy()
     np.testing.assert_array_equal(got, np_photometric(image, draws, *opencv_like))
   assert all(v == {False, True} for v in seen.values())
 
@@ -260,11 +264,15 @@ def test_photometric_equals_numpy_restatement_and_each_step_happens():
 # Seeds: eager = tf.data, same seed same output, and the pipeline's exact resume.
 
 OPS = {
-  'chain': lambda e, s: M.mmseg_augment(e, s, crop_size=CROP, scale=SCALE),
-  'chain_black_pad': lambda e, s: M.mmseg_augment(e, s, crop_size=CROP, scale=SCALE, pad='black'),
-  'photometric': lambda e, s: {'image': M.photometric_distortion(e['image'], s)},
+  'chain': lambda e, s: mmseg_augment.mmseg_augment(e, s, crop_size=CROP, scale=SCALE),
+  'chain_black_pad': lambda e, s: mmseg_augment.mmseg_augment(
+    e, s, crop_size=CROP, scale=SCALE, pad='black'
+  ),
+  'photometric': lambda e, s: {'image': mmseg_augment.photometric_distortion(e['image'], s)},
   'crop': lambda e, s: {
-    'image': tf.stack(M.choose_crop(e['label'], tf.constant([45, 64]), s, CROP, 0.75, 255))
+    'image': tf.stack(
+      mmseg_augment.choose_crop(e['label'], tf.constant([45, 64]), s, CROP, 0.75, 255)
+    )
   },
 }
 
@@ -292,7 +300,7 @@ def test_same_seed_same_result_other_seed_differs():
 
 def test_black_padding_is_raw_zero():
   example = random_example(12, 16, 2)  # smaller than the crop at any ratio here
-  out = M.mmseg_augment(
+  out = mmseg_augment.mmseg_augment(
     example, seeds(1)[0], crop_size=CROP, scale=(16, 12), ratio_range=None, pad='black'
   )
   image = out['image'].numpy() * STD + MEAN

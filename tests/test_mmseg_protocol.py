@@ -3,7 +3,7 @@
 The restatement follows mmseg 1.2.2 (mmseg/models/segmentors/encoder_decoder.py
 slide_inference / whole_inference, base.py postprocess_result) and mmcv 2.1.0 (Resize with
 keep_ratio: rescale_size): the image resized to fit the scale (cv2 on uint8:
-plan.resize_uint8, checked against OpenCV in tests/test_mmseg_augment.py), windows clipped
+planning.resize_uint8, checked against OpenCV in tests/test_mmseg_augment.py), windows clipped
 to the image, logits summed and divided by the count, then torch's bilinear resize
 (align_corners=False) to the original size and argmax.
 """
@@ -23,12 +23,11 @@ from test_inference import random_variables  # noqa: I001 (tests/ is on sys.path
 
 from psp_jax import metrics, weights
 from psp_jax.data import pipeline, sources
-from psp_jax.inference import evaluation, plan
-from psp_jax.inference.plan import MEAN, STD, InferenceConfig, fit_size, window_grid
+from psp_jax.inference import evaluation, planning
+from psp_jax.inference.planning import MEAN, STD, InferenceConfig, fit_size, window_grid
 from psp_jax.inference.sliding_window import SlidingWindowInference
 from psp_jax.models import PSPNet
-from psp_jax.train import config as train_config
-from psp_jax.train import defaults
+from psp_jax.train import config_checks, defaults
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 K = 5
@@ -69,7 +68,7 @@ def mmseg_logits(apply_fn, variables, image, *, scale, mode, crop=None, stride=N
   """mmseg's test of one uint8 image: logits [H, W, K] at the original size."""
   h, w = image.shape[:2]
   new_h, new_w = np_fit_size(h, w, scale)
-  x = ((plan.resize_uint8(image, new_h, new_w) - MEAN) / STD).astype(np.float32)
+  x = ((planning.resize_uint8(image, new_h, new_w) - MEAN) / STD).astype(np.float32)
   if mode == 'whole':
     logits = np.asarray(apply_fn(variables, x[None]))[0]
   else:
@@ -121,7 +120,7 @@ def test_defaults_are_the_official_protocol():
     0,
   )
   assert official.strides == (316, 316)  # ceil(473 * 2/3)
-  assert train_config.RESIZES == plan.RESIZES and train_config.AVERAGES == plan.AVERAGES
+  assert config_checks.RESIZES == planning.RESIZES and config_checks.AVERAGES == planning.AVERAGES
 
 
 @pytest.mark.parametrize(
@@ -164,7 +163,7 @@ def test_window_grid_is_slide_inference_for_images_larger_than_the_crop(h, w, cr
 def test_windows_clipped_to_a_small_image():
   config = mmseg_config(fit_scale=(64, 40), stride=20)
   image = np.zeros((10, 60, 3), np.uint8)  # fits as 11 x 64: shorter than the crop
-  (scale_plan,) = plan.plan_image(image, config).scales
+  (scale_plan,) = planning.plan_image(image, config).scales
   assert scale_plan.crop == (11, 33)  # mmseg runs the window at the image's own height
   expected = [(y1, x1) for y1, _, x1, _ in mmseg_windows(11, 64, (33, 33), (20, 20))]
   got = [tuple(o) for o in scale_plan.offsets[: scale_plan.num_windows].tolist()]
@@ -221,7 +220,7 @@ def test_mmseg_configs_hold_mmseg_settings(name):
   module = importlib.import_module(f'configs.{name}')
   for variant, (depth, steps, miou, checkpoint) in module.VARIANTS.items():
     config = module.get_config(variant)
-    train_config.validate(config, device_count=8, process_count=1)
+    config_checks.validate(config, device_count=8, process_count=1)
     assert f'{miou:.2f}' in module.__doc__ and checkpoint in module.__doc__
     assert checkpoint.startswith(f'pspnet_r{depth}-d8_') and (
       config.model.depth,
@@ -274,8 +273,8 @@ def test_bad_eval_keys_name_the_key():
   ]:
     config = defaults.get_config()
     config.eval[key] = value
-    with pytest.raises(train_config.ConfigError, match=match):
-      train_config.validate(config, device_count=1, process_count=1)
+    with pytest.raises(config_checks.ConfigError, match=match):
+      config_checks.validate(config, device_count=1, process_count=1)
 
 
 def test_command_line_mmseg_protocol_equals_restatement(tmp_path):

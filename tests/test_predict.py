@@ -12,7 +12,7 @@ from test_inference import random_variables
 
 from psp_jax import visualize
 from psp_jax.data import classes
-from psp_jax.inference import segmenter as segmenter_lib
+from psp_jax.inference.segmenter import Segmenter, list_images, predict_files, read_image
 from psp_jax.inference.sliding_window import InferenceConfig
 from psp_jax.models import PSPNet
 
@@ -36,7 +36,7 @@ def tiny():
 def segmenter(tiny):
   model, variables = tiny
   config = InferenceConfig(crop_size=(33, 33), base_size=48, tile_size=32)
-  return segmenter_lib.Segmenter(
+  return Segmenter(
     lambda v, x: model.apply(v, x, train=False),
     variables,
     num_classes=NUM_CLASSES,
@@ -94,13 +94,13 @@ def test_predict_files_writes_palette_pngs(segmenter, tmp_path):
   rng = np.random.default_rng(3)
   Image.fromarray(rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(src / 'a.png')
   Image.fromarray(rng.integers(0, 256, (37, 29, 3), dtype=np.uint8)).save(src / 'sub' / 'b.jpg')
-  files = segmenter_lib.list_images(src)
+  files = list_images(src)
   assert [f.name for f in files] == ['a.png', 'b.jpg']
   out = tmp_path / 'out'
-  segmenter_lib.predict_files(segmenter, files, out, root=src, progress=False)
+  predict_files(segmenter, files, out, root=src, progress=False)
   palette = classes.PALETTES['voc2012']
   for name, path in (('a', src / 'a.png'), ('sub/b', src / 'sub' / 'b.jpg')):
-    image = segmenter_lib.read_image(path)
+    image = read_image(path)
     with Image.open(out / f'{name}.png') as f:
       assert f.mode == 'L'
       labels = np.asarray(f)
@@ -125,25 +125,25 @@ def test_a_training_workdir_sets_dataset_and_test_geometry(tmp_path):
   model_config = dict(num_classes=11, depth=18, width=8, head_channels=16, aux_channels=8)
   variables = random_variables(PSPNet(**model_config), seed=2)
   weights.save_variables(tmp_path, variables, model_config)
-  seg = segmenter_lib.Segmenter.from_checkpoint(tmp_path)
+  seg = Segmenter.from_checkpoint(tmp_path)
   assert seg.dataset is None and seg.inference.config.base_size == 512  # No run config.
   config = load_config('synthetic')
   (tmp_path / weights.RUN_CONFIG_FILE).write_text(config.to_json())
-  seg = segmenter_lib.Segmenter.from_checkpoint(tmp_path, flip=False)
+  seg = Segmenter.from_checkpoint(tmp_path, flip=False)
   assert seg.dataset == 'synthetic' and seg.class_names[7] == 'car'
   np.testing.assert_array_equal(seg.palette, classes.PALETTES['synthetic'])
   got = seg.inference.config
   assert (got.mode, got.base_size, got.flip) == ('whole', config.eval.base_size, False)
   (tmp_path / weights.RUN_CONFIG_FILE).write_text('{not json')
   with pytest.raises(ValueError, match='config.json is not a run config'):
-    segmenter_lib.Segmenter.from_checkpoint(tmp_path)
+    Segmenter.from_checkpoint(tmp_path)
 
 
 def test_list_images_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='no such file'):
-    segmenter_lib.list_images(tmp_path / 'missing')
+    list_images(tmp_path / 'missing')
   with pytest.raises(FileNotFoundError, match='no images'):
-    segmenter_lib.list_images(tmp_path)
+    list_images(tmp_path)
 
 
 @pytest.mark.torch

@@ -14,10 +14,8 @@ import pytest
 from test_train import tiny_config  # noqa: I001 (tests/ is on sys.path)
 
 from psp_jax import experiment
-from psp_jax.train import checkpoints as checkpointing
-from psp_jax.train import loop as train_lib
-from psp_jax.train import safeguards
-from psp_jax.train.state import TrainState
+from psp_jax.train import checkpointing, loop, safeguards
+from psp_jax.train.train_state import TrainState
 
 
 def test_stop_request_sets_a_flag_and_restores_the_handlers():
@@ -137,11 +135,11 @@ def test_full_workdir_fails_before_anything_compiles(tmp_path, monkeypatch):
 def test_differences_name_the_model_settings():
   saved = dict(depth=50, num_classes=150, dtype='bfloat16', width=64)
   wanted = dict(depth=101, num_classes=21, dtype='float32', width=64)
-  assert train_lib._differences(saved, wanted) == [
+  assert loop._differences(saved, wanted) == [
     'depth: checkpoint 50, config 101',
     'num_classes: checkpoint 150, config 21',
   ]
-  assert train_lib._differences(saved, dict(saved, dtype='float32')) == []
+  assert loop._differences(saved, dict(saved, dtype='float32')) == []
 
 
 def test_several_processes_stop_together_at_sync_points(monkeypatch):

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from psp_jax.data import classes, sources, synthetic
-from psp_jax.data import synthetic as S
 from psp_jax.data.builders import synthetic as synthetic_builder
 
 
@@ -56,8 +55,8 @@ def test_swapping_the_scene_changes_only_the_object_label():
   """Car and boat (cow and seal) have the same pixels; only the scene around them differs."""
   for index in range(12):
     for scene_a, scene_b, a, b, ground_a, ground_b in (
-      ('street', 'harbour', S.CAR, S.BOAT, S.ROAD, S.WATER),
-      ('pasture', 'beach', S.COW, S.SEAL, S.GRASS, S.SAND),
+      ('street', 'harbour', synthetic.CAR, synthetic.BOAT, synthetic.ROAD, synthetic.WATER),
+      ('pasture', 'beach', synthetic.COW, synthetic.SEAL, synthetic.GRASS, synthetic.SAND),
     ):
       image_a, label_a, _ = synthetic.render(5, 'train', index, 65, scene=scene_a)
       image_b, label_b, _ = synthetic.render(5, 'train', index, 65, scene=scene_b)
@@ -76,15 +75,25 @@ def test_scene_decides_the_object_class():
     present = set(np.unique(label).tolist())
     counts[list(present)] += 1
     band, ground, _, thing = synthetic.SCENE_LAYOUT[scene]
-    assert {S.SKY, ground, thing} <= present
-    assert present - {S.SKY, band, ground, thing} == set()  # Nothing from other scenes.
+    assert {synthetic.SKY, ground, thing} <= present
+    assert present - {synthetic.SKY, band, ground, thing} == set()  # Nothing from other scenes.
     assert (label == ground).sum() >= 0.06 * label.size  # The ground always shows.
   assert (counts > 15).all()  # Every class occurs in many images.
 
 
 def test_ambiguous_classes_share_appearance_statistics():
   """Per-image object colour and size: same distribution for car/boat and cow/seal."""
-  stats = {c: [] for c in (S.CAR, S.BOAT, S.COW, S.SEAL, S.ROAD, S.WATER)}
+  stats = {
+    c: []
+    for c in (
+      synthetic.CAR,
+      synthetic.BOAT,
+      synthetic.COW,
+      synthetic.SEAL,
+      synthetic.ROAD,
+      synthetic.WATER,
+    )
+  }
   for index in range(400):
     image, label, _ = synthetic.render(1, 'train', index, 33)
     for c, values in stats.items():
@@ -96,15 +105,22 @@ def test_ambiguous_classes_share_appearance_statistics():
     a, b = np.array(stats[a]), np.array(stats[b])
     return np.abs(a.mean(0) - b.mean(0)) / np.sqrt(a.var(0) / len(a) + b.var(0) / len(b))
 
-  assert z_scores(S.CAR, S.BOAT).max() < 3.5
-  assert z_scores(S.COW, S.SEAL).max() < 3.5
-  assert z_scores(S.ROAD, S.WATER)[:3].max() > 20  # The test can see a real difference.
+  assert z_scores(synthetic.CAR, synthetic.BOAT).max() < 3.5
+  assert z_scores(synthetic.COW, synthetic.SEAL).max() < 3.5
+  assert (
+    z_scores(synthetic.ROAD, synthetic.WATER)[:3].max() > 20
+  )  # The test can see a real difference.
 
 
 def test_classes_and_palette_cover_the_data_set():
   assert classes.CLASS_NAMES['synthetic'] == synthetic.CLASS_NAMES
   assert len(np.unique(classes.PALETTES['synthetic'], axis=0)) == synthetic.NUM_CLASSES
-  assert {p for pair in synthetic.AMBIGUOUS_PAIRS for p in pair} == {S.CAR, S.BOAT, S.COW, S.SEAL}
+  assert {p for pair in synthetic.AMBIGUOUS_PAIRS for p in pair} == {
+    synthetic.CAR,
+    synthetic.BOAT,
+    synthetic.COW,
+    synthetic.SEAL,
+  }
 
 
 def test_source_prepares_on_first_use(tmp_path):
@@ -141,15 +157,15 @@ def test_objects_need_context_from_far_away():
 
 
 def test_scene_cues_are_what_tells_the_look_alike_scenes_apart():
-  assert synthetic.scene_cues('street') == (S.ROAD,)  # Harbours have buildings too.
-  assert synthetic.scene_cues('harbour') == (S.WATER,)
-  assert synthetic.scene_cues('pasture') == (S.TREE, S.GRASS)
-  assert synthetic.scene_cues('beach') == (S.WATER, S.SAND)
-  label = np.full((5, 9), S.CAR, np.uint8)
-  label[0, 0] = S.ROAD
-  label[0, 8] = S.WATER  # Not a cue in a street.
+  assert synthetic.scene_cues('street') == (synthetic.ROAD,)  # Harbours have buildings too.
+  assert synthetic.scene_cues('harbour') == (synthetic.WATER,)
+  assert synthetic.scene_cues('pasture') == (synthetic.TREE, synthetic.GRASS)
+  assert synthetic.scene_cues('beach') == (synthetic.WATER, synthetic.SAND)
+  label = np.full((5, 9), synthetic.CAR, np.uint8)
+  label[0, 0] = synthetic.ROAD
+  label[0, 8] = synthetic.WATER  # Not a cue in a street.
   distance = synthetic.cue_distances(label, 'street')
   assert distance.shape == (43,) and distance[0] == 1 and distance[-1] == np.hypot(4, 8)
   assert distance[6] == 7  # (0, 7) is 7 from the road, not 1 from the water.
-  label[0, 0] = S.CAR
+  label[0, 0] = synthetic.CAR
   assert np.isinf(synthetic.cue_distances(label, 'street')).all()

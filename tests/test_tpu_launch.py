@@ -2,7 +2,7 @@
 
 The train, evaluate and prepare commands the launcher prints are parsed by the programs'
 own flag definitions (train.py's absl flags and config file, psp_jax.evaluate's, the
-prepare parser) and the resulting config is checked by train_config.validate for the
+prepare parser) and the resulting config is checked by config_checks.validate for the
 slice's devices and hosts, so a renamed flag or config key fails here, not on a TPU.
 """
 
@@ -73,9 +73,9 @@ else:
   evaluate.define_flags()
 sys.argv = [kind, *args]  # config_flags finds the --config.KEY overrides in sys.argv.
 flags.FLAGS(sys.argv)
-from psp_jax.train import config as train_config
+from psp_jax.train import config_checks
 config = flags.FLAGS.config
-train_config.validate(config, device_count={devices}, process_count={hosts})
+config_checks.validate(config, device_count={devices}, process_count={hosts})
 print(json.dumps(dict(
   data_dir=config.data.data_dir, name=config.data.name, batch_size=config.batch_size,
   init_checkpoint=config.init_checkpoint, scales=list(config.eval.scales),

@@ -15,9 +15,7 @@ import pytest
 
 from psp_jax import distributed
 from psp_jax.models import codec
-from psp_jax.train import optim
-from psp_jax.train import state as train_state
-from psp_jax.train import step as train_step
+from psp_jax.train import optim, train_state, train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NUM_CLASSES, CROP, BATCH = 5, 41, 8
@@ -337,7 +335,7 @@ if __name__ == '__main__' and sys.argv[1:2] == ['worker']:
 
 def test_init_checkpoint_copies_the_weights_that_fit(initial_state, tmp_path):
   from psp_jax import weights
-  from psp_jax.train import loop as train_lib
+  from psp_jax.train import loop
 
   host = {'params': initial_state.params, 'batch_stats': initial_state.batch_stats}
   saved = jax.tree.map(lambda x: np.asarray(x) + 1.0, host)
@@ -346,7 +344,7 @@ def test_init_checkpoint_copies_the_weights_that_fit(initial_state, tmp_path):
   cls['kernel'], cls['bias'] = np.ones((*cls['kernel'].shape[:3], 7)), np.ones(7)
   weights.save_variables(tmp_path / 'weights', saved, {'num_classes': 7})
   mesh = distributed.create_mesh()
-  state = train_lib.load_init_checkpoint(place(initial_state, mesh), str(tmp_path / 'weights'))
+  state = loop.load_init_checkpoint(place(initial_state, mesh), str(tmp_path / 'weights'))
   got, fresh = as_numpy(state), as_numpy(place(initial_state, mesh))
   for key in got:
     if "['cls']['conv2']" in key:

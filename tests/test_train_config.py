@@ -1,4 +1,4 @@
-"""Tests of the configs and of psp_jax.train.config: bad values fail early, naming the key."""
+"""The configs and psp_jax.train.config_checks: bad values fail early, naming the key."""
 
 import jax
 import pytest
@@ -8,12 +8,12 @@ from test_train import ROOT, load_config, tiny_config  # noqa: I001 (tests/ is o
 
 from psp_jax import experiment
 from psp_jax.models import codec
-from psp_jax.train import config as train_config
-from psp_jax.train.config import ConfigError
+from psp_jax.train import config_checks
+from psp_jax.train.config_checks import ConfigError
 
 
 def validate(config):
-  train_config.validate(config, device_count=8, process_count=1)
+  config_checks.validate(config, device_count=8, process_count=1)
 
 
 @pytest.mark.parametrize('name', ['default', 'synthetic', 'ade20k', 'voc2012', 'cityscapes'])
@@ -47,7 +47,7 @@ def test_paper_configs_hold_the_published_recipe():
     assert tuple(config.data.scale_range) == (0.5, 2.0)
     assert tuple(config.data.rotate_range) == (-10.0, 10.0)
   ade = load_config('ade20k')
-  assert train_config.num_train_steps(ade, 20_210) == 100 * 1263  # max_iter of tool/train.py
+  assert config_checks.num_train_steps(ade, 20_210) == 100 * 1263  # max_iter of tool/train.py
 
 
 def parse_command_line(*args: str) -> flags.FlagValues:
@@ -144,9 +144,9 @@ def test_each_gradient_step_needs_two_images_for_the_bin1_batchnorm():
   config = tiny_config()
   config.batch_size = 1
   with pytest.raises(ConfigError, match='config.batch_size.*>= 2 images'):
-    train_config.validate(config, device_count=1, process_count=1)
+    config_checks.validate(config, device_count=1, process_count=1)
   config.model.use_ppm = False  # No pyramid, no bin-1 branch: one image is fine.
-  train_config.validate(config, device_count=1, process_count=1)
+  config_checks.validate(config, device_count=1, process_count=1)
 
 
 def test_bad_config_fails_before_anything_compiles(tmp_path, monkeypatch):

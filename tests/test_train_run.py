@@ -260,7 +260,7 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shared, straight_run
   names = os.listdir(workdir / 'checkpoints')
   assert '3' in names and '6' not in names, names
   assert any(n.startswith('6.orbax-checkpoint-tmp') for n in names), names
-  from psp_jax.train import checkpoints as checkpointing
+  from psp_jax.train import checkpointing
 
   checkpoints = checkpointing.Checkpoints(str(workdir), keep=2)
   assert checkpoints.latest_step() == 3

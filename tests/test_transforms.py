@@ -7,8 +7,7 @@ import pytest
 import tensorflow as tf
 from augment_reference import augment_reference  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax.data import augment, geometry, normalization
-from psp_jax.data import transforms as T
+from psp_jax.data import augment, geometry, normalization, transforms
 
 MEAN = np.array(normalization.MEAN_RGB, np.float32)
 STD = np.array(normalization.STD_RGB, np.float32)
@@ -136,30 +135,32 @@ def chain(example, seed, **kwargs):
 
 
 def test_gaussian_kernel_is_opencv_small_table():
-  np.testing.assert_array_equal(T.gaussian_kernel_1d(5), np.array([1, 4, 6, 4, 1]) / 16)
-  np.testing.assert_array_equal(T.gaussian_kernel_1d(3), [0.25, 0.5, 0.25])
+  np.testing.assert_array_equal(transforms.gaussian_kernel_1d(5), np.array([1, 4, 6, 4, 1]) / 16)
+  np.testing.assert_array_equal(transforms.gaussian_kernel_1d(3), [0.25, 0.5, 0.25])
   # Beyond 7 taps OpenCV derives sigma from the size.
   sigma = 0.3 * ((9 - 1) * 0.5 - 1) + 0.8
   x = np.arange(9) - 4.0
   expected = np.exp(-(x**2) / (2 * sigma**2))
-  np.testing.assert_allclose(T.gaussian_kernel_1d(9), expected / expected.sum(), rtol=1e-12)
+  np.testing.assert_allclose(
+    transforms.gaussian_kernel_1d(9), expected / expected.sum(), rtol=1e-12
+  )
   with pytest.raises(ValueError, match='odd'):
-    T.gaussian_kernel_1d(4)
+    transforms.gaussian_kernel_1d(4)
 
 
 def test_gaussian_blur_matches_numpy():
   image = np.random.default_rng(0).uniform(0, 255, (17, 23, 3)).astype(np.float32)
-  out = T.gaussian_blur(tf.constant(image)).numpy()
-  np.testing.assert_allclose(out, np_blur(image, T.gaussian_kernel_1d(5)), atol=2e-4)
+  out = transforms.gaussian_blur(tf.constant(image)).numpy()
+  np.testing.assert_allclose(out, np_blur(image, transforms.gaussian_kernel_1d(5)), atol=2e-4)
   flat = np.full((9, 9, 3), 77.0, np.float32)
-  np.testing.assert_allclose(T.gaussian_blur(tf.constant(flat)).numpy(), flat, atol=1e-5)
+  np.testing.assert_allclose(transforms.gaussian_blur(tf.constant(flat)).numpy(), flat, atol=1e-5)
 
 
 def test_flip_is_exact_and_follows_its_coin():
   example, _ = coord_example(40, 53, 8)
   flipped = 0
   for seed in seeds(12):
-    out = T.random_horizontal_flip(example, seed)
+    out = transforms.random_horizontal_flip(example, seed)
     image, label = example['image'].numpy(), example['label'].numpy()
     if not np.array_equal(out['label'].numpy(), label):
       image, label = image[:, ::-1], label[:, ::-1]
@@ -167,7 +168,7 @@ def test_flip_is_exact_and_follows_its_coin():
     np.testing.assert_array_equal(out['image'].numpy(), image)
     np.testing.assert_array_equal(out['label'].numpy(), label)
   assert 0 < flipped < 12
-  always = T.random_horizontal_flip(example, seeds(1)[0], p=1.0)
+  always = transforms.random_horizontal_flip(example, seeds(1)[0], p=1.0)
   np.testing.assert_array_equal(always['label'].numpy(), example['label'].numpy()[:, ::-1])
 
 
@@ -177,8 +178,8 @@ def test_crop_is_exact_and_offsets_cover_both_ends():
   label = example['label'].numpy()
   offsets = set()
   for seed in seeds(150):
-    out = T.random_crop(example, seed, (33, 41))
-    top, left = (int(v) for v in T.crop_offsets(seed, tf.constant([40, 50]), (33, 41)))
+    out = transforms.random_crop(example, seed, (33, 41))
+    top, left = (int(v) for v in transforms.crop_offsets(seed, tf.constant([40, 50]), (33, 41)))
     np.testing.assert_array_equal(out['image'].numpy(), image[top : top + 33, left : left + 41])
     np.testing.assert_array_equal(out['label'].numpy(), label[top : top + 33, left : left + 41])
     offsets.add((top, left))
@@ -188,7 +189,7 @@ def test_crop_is_exact_and_offsets_cover_both_ends():
 
 def test_crop_pads_centred_with_mean_and_ignore():
   example, _ = coord_example(20, 30, 8)
-  out = T.random_crop(example, seeds(1)[0], (33, 41), ignore_label=250)
+  out = transforms.random_crop(example, seeds(1)[0], (33, 41), ignore_label=250)
   image, label = out['image'].numpy(), out['label'].numpy()
   # pad_h = 13: int(13 / 2) = 6 rows on top, 7 below; pad_w = 11: 5 left, 6 right.
   np.testing.assert_array_equal(image[6:26, 5:35], example['image'].numpy())
@@ -197,7 +198,7 @@ def test_crop_pads_centred_with_mean_and_ignore():
   inside[6:26, 5:35] = True
   np.testing.assert_array_equal(image[~inside], np.broadcast_to(MEAN, image[~inside].shape))
   assert (label[~inside] == 250).all()
-  assert (T.normalize(image).numpy()[~inside] == 0).all()  # mean padding normalises to 0
+  assert (transforms.normalize(image).numpy()[~inside] == 0).all()  # mean padding normalises to 0
 
 
 @pytest.mark.parametrize(('factor', 'size'), [(1.37, (88, 68)), (1.25, (80, 62)), (0.5, (32, 25))])
@@ -205,7 +206,9 @@ def test_rescale_size_and_values_match_cv2(factor, size):
   rng = np.random.default_rng(1)
   image = rng.uniform(0, 255, (64, 50, 3)).astype(np.float32)
   label = rng.integers(0, 9, (64, 50)).astype(np.uint8)
-  out = T.rescale({'image': tf.constant(image), 'label': tf.constant(label)}, factor, factor)
+  out = transforms.rescale(
+    {'image': tf.constant(image), 'label': tf.constant(label)}, factor, factor
+  )
   # cv2's dsize = cvRound(size * fx) in double, half to even: 50 * 1.25 = 62.5 -> 62.
   assert size == (round(64 * factor), round(50 * factor))
   assert out['label'].shape == size and out['image'].dtype == tf.float32
@@ -218,7 +221,7 @@ def test_rotate_matches_cv2_warp_affine(angle):
   rng = np.random.default_rng(2)
   image = rng.uniform(0, 255, (37, 53, 3)).astype(np.float32)
   label = rng.integers(0, 9, (37, 53)).astype(np.uint8)
-  out = T.rotate({'image': tf.constant(image), 'label': tf.constant(label)}, angle, 250)
+  out = transforms.rotate({'image': tf.constant(image), 'label': tf.constant(label)}, angle, 250)
   matrix = np_rotation_matrix(53 / 2, 37 / 2, angle)
   np.testing.assert_allclose(
     out['image'].numpy(), np_warp_affine(image, matrix, MEAN, nearest=False), atol=5e-3
@@ -234,15 +237,15 @@ def test_ops_keep_image_and_label_aligned():
   assert_aligned(example['image'], example['label'], ncols)
   for seed in seeds(4):
     for op in (
-      lambda e, s: T.random_rotate(e, s, p=1.0),
-      T.random_horizontal_flip,
-      lambda e, s: T.random_crop(e, s, (65, 65)),
-      lambda e, s: T.random_crop(e, s, (113, 65)),  # padded on top and bottom
-      lambda e, s: T.random_gaussian_blur(e, s, p=1.0),
+      lambda e, s: transforms.random_rotate(e, s, p=1.0),
+      transforms.random_horizontal_flip,
+      lambda e, s: transforms.random_crop(e, s, (65, 65)),
+      lambda e, s: transforms.random_crop(e, s, (113, 65)),  # padded on top and bottom
+      lambda e, s: transforms.random_gaussian_blur(e, s, p=1.0),
     ):
       out = op(example, seed)
       assert_aligned(out['image'], out['label'], ncols)
-    out = T.random_scale(example, seed)  # cv2 INTER_NEAREST is shifted by up to one pixel
+    out = transforms.random_scale(example, seed)  # cv2 INTER_NEAREST is shifted by up to one pixel
     assert_aligned(out['image'], out['label'], ncols, reach=1)
     out = chain(example, seed, crop_size=(65, 65))
     image = out['image'].numpy() * STD + MEAN
@@ -258,10 +261,10 @@ def test_labels_only_take_input_values_or_ignore():
   allowed = set(values.tolist()) | {255}
   for seed in seeds(6):
     for op in (
-      T.random_scale,
-      lambda e, s: T.random_rotate(e, s, p=1.0),
-      T.random_horizontal_flip,
-      lambda e, s: T.random_crop(e, s, (65, 33)),
+      transforms.random_scale,
+      lambda e, s: transforms.random_rotate(e, s, p=1.0),
+      transforms.random_horizontal_flip,
+      lambda e, s: transforms.random_crop(e, s, (65, 33)),
       chain,
       lambda e, s: augment_reference(e, s, crop_size=(33, 41)),
     ):
@@ -280,11 +283,11 @@ def test_chain_pads_with_zero_image_and_ignore_label():
 
 
 RANDOM_OPS = {
-  'scale': T.random_scale,
-  'rotate': T.random_rotate,
-  'blur': T.random_gaussian_blur,
-  'flip': T.random_horizontal_flip,
-  'crop': lambda e, s: T.random_crop(e, s, (33, 41)),
+  'scale': transforms.random_scale,
+  'rotate': transforms.random_rotate,
+  'blur': transforms.random_gaussian_blur,
+  'flip': transforms.random_horizontal_flip,
+  'crop': lambda e, s: transforms.random_crop(e, s, (33, 41)),
   'chain': chain,
 }
 
@@ -345,7 +348,7 @@ def test_long_side_size_is_tool_test_formula(h, w, long_size):
 
 def test_resize_long_side_matches_cv2():
   image = np.random.default_rng(4).uniform(0, 255, (30, 45, 3)).astype(np.float32)
-  out = T.resize_long_side(tf.constant(image), 64).numpy()
+  out = transforms.resize_long_side(tf.constant(image), 64).numpy()
   assert out.shape == (43, 64, 3)  # round(64 / 45 * 30) = round(42.67)
   np.testing.assert_allclose(out, np_resize_bilinear(image, 43, 64), atol=2e-3)
 
@@ -353,21 +356,21 @@ def test_resize_long_side_matches_cv2():
 def test_pad_to_size_bottom_right_and_centred():
   example, _ = coord_example(20, 30, 8)
   image = example['image'].numpy()
-  out = T.pad_to_size(example, 25, 33)
+  out = transforms.pad_to_size(example, 25, 33)
   np.testing.assert_array_equal(out['image'].numpy()[:20, :30], image)
   np.testing.assert_array_equal(out['image'].numpy()[20:, :], np.broadcast_to(MEAN, (5, 33, 3)))
   assert (out['label'].numpy()[:, 30:] == 255).all()
-  centred = T.pad_to_size(example, 25, 33, centred=True)
+  centred = transforms.pad_to_size(example, 25, 33, centred=True)
   np.testing.assert_array_equal(centred['image'].numpy()[2:22, 1:31], image)  # int(5/2), int(3/2)
   np.testing.assert_array_equal(centred['label'].numpy()[2:22, 1:31], example['label'].numpy())
   with pytest.raises(tf.errors.InvalidArgumentError, match='larger than the pad size'):
-    T.pad_to_size(example, 19, 33)
+    transforms.pad_to_size(example, 19, 33)
 
 
 def test_normalize_is_imagenet_on_0_255():
-  out = T.normalize(tf.constant([[[255.0, 0.0, 127.5]]])).numpy()[0, 0]
+  out = transforms.normalize(tf.constant([[[255.0, 0.0, 127.5]]])).numpy()[0, 0]
   expected = (np.array([255.0, 0.0, 127.5]) - np.array([0.485, 0.456, 0.406]) * 255) / (
     np.array([0.229, 0.224, 0.225]) * 255
   )
   np.testing.assert_allclose(out, expected, rtol=1e-6)
-  assert (T.normalize(tf.constant(MEAN)).numpy() == 0).all()
+  assert (transforms.normalize(tf.constant(MEAN)).numpy() == 0).all()

@@ -11,8 +11,7 @@ from collections.abc import Sequence
 
 import tensorflow as tf
 
-from psp_jax.data import geometry
-from psp_jax.data import transforms as T
+from psp_jax.data import geometry, transforms
 from psp_jax.data.normalization import STD_RGB
 
 ROTATE_P = 0.5  # RandRotate(p=0.5)
@@ -21,7 +20,7 @@ FLIP_P = 0.5  # RandomHorizontalFlip(p=0.5)
 
 
 def train_augment(
-  example: T.Example,
+  example: transforms.Example,
   seed: tf.Tensor,
   *,
   crop_size: Sequence[int],
@@ -31,7 +30,7 @@ def train_augment(
   flip: bool = True,
   ignore_label: int = 255,
   aspect_ratio_range: Sequence[float] | None = None,
-) -> T.Example:
+) -> transforms.Example:
   """The official training augmentation of one example, computing only the crop window.
 
   Args:
@@ -50,12 +49,12 @@ def train_augment(
     equal to the op-by-op chain up to float32 rounding (image within ~1e-4).
   """
   crop_h, crop_w = crop_size
-  seeds = T.split_seed(seed, 5)
+  seeds = transforms.split_seed(seed, 5)
   # Every step below is linear with weights summing to 1, or pads with the mean colour, so it
   # commutes with subtracting the mean: work on image - mean, pad with 0, divide by std last.
-  out = {'image': T.centre(example['image']), 'label': example['label']}
+  out = {'image': transforms.centre(example['image']), 'label': example['label']}
   if scale_range is not None:
-    out = T.random_scale(out, seeds[0], scale_range, aspect_ratio_range)
+    out = transforms.random_scale(out, seeds[0], scale_range, aspect_ratio_range)
   image, label = out['image'], out['label']
   shape = tf.shape(label)
   height, width = shape[0], shape[1]
@@ -63,13 +62,13 @@ def train_augment(
   no = tf.constant(False)
   do_rotate, angle = no, tf.constant(0.0, tf.float64)
   if rotate_range is not None:
-    do_rotate, angle = T.rotate_draw(seeds[1], rotate_range, ROTATE_P)
-  do_blur = T.coin(seeds[2], BLUR_P) if blur else no
-  do_flip = T.coin(seeds[3], FLIP_P) if flip else no
+    do_rotate, angle = transforms.rotate_draw(seeds[1], rotate_range, ROTATE_P)
+  do_blur = transforms.coin(seeds[2], BLUR_P) if blur else no
+  do_flip = transforms.coin(seeds[3], FLIP_P) if flip else no
   pad_top, pad_bottom = geometry.centred_padding(height, crop_h)
   pad_left, pad_right = geometry.centred_padding(width, crop_w)
   padded_shape = tf.stack([height + pad_top + pad_bottom, width + pad_left + pad_right])
-  top, left = T.crop_offsets(seeds[4], padded_shape, crop_size)
+  top, left = transforms.crop_offsets(seeds[4], padded_shape, crop_size)
 
   # The crop window in the coordinates of the rotated image, before blur, flip and padding.
   # A window at column c of the flipped image covers columns [W - c - crop_w, W - c) unflipped.
@@ -80,7 +79,7 @@ def train_augment(
   r0, r1 = tf.maximum(win_top, 0), tf.minimum(win_top + crop_h, height)
   c0, c1 = tf.maximum(win_left, 0), tf.minimum(win_left + crop_w, width)
   # The blur reads `margin` more pixels on each side, where the image has them.
-  margin = T.BLUR_SIZE // 2 if blur else 0
+  margin = transforms.BLUR_SIZE // 2 if blur else 0
   rr0, rr1 = tf.maximum(r0 - margin, 0), tf.minimum(r1 + margin, height)
   cc0, cc1 = tf.maximum(c0 - margin, 0), tf.minimum(c1 + margin, width)
   region_size = tf.stack([rr1 - rr0, cc1 - cc0])
@@ -107,7 +106,7 @@ def train_augment(
       [tf.maximum(margin - c0, 0), tf.maximum(c1 + margin - width, 0)],
       [0, 0],
     ]
-    return T.blur_padded(tf.pad(region, paddings, mode='REFLECT'), T.BLUR_SIZE)
+    return transforms.blur_padded(tf.pad(region, paddings, mode='REFLECT'), transforms.BLUR_SIZE)
 
   def sharp():
     return tf.slice(region, [r0 - rr0, c0 - cc0, 0], [r1 - r0, c1 - c0, -1])
@@ -115,7 +114,7 @@ def train_augment(
   image = tf.cond(do_blur, blurred, sharp) if blur else sharp()
 
   paddings = [[r0 - win_top, win_top + crop_h - r1], [c0 - win_left, win_left + crop_w - c1]]
-  image = tf.pad(T.per_channel(image, tf.divide, STD_RGB), paddings + [[0, 0]])
+  image = tf.pad(transforms.per_channel(image, tf.divide, STD_RGB), paddings + [[0, 0]])
   label = tf.pad(label, paddings, constant_values=ignore_label)
   image, label = geometry.flip_if(do_flip, image, label)
   return {

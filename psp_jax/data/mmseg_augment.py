@@ -24,8 +24,7 @@ from collections.abc import Sequence
 import numpy as np
 import tensorflow as tf
 
-from psp_jax.data import geometry
-from psp_jax.data import transforms as T
+from psp_jax.data import geometry, transforms
 
 FLIP_P = 0.5  # RandomFlip(prob=0.5)
 CROP_TRIES = 10  # RandomCrop re-draws at most 10 times; the 11th window is kept unchecked
@@ -153,7 +152,7 @@ def crop_candidates(seed: tf.Tensor, size: tf.Tensor, crop_size: Sequence[int]) 
 
   Each offset is uniform in [0, max(side - crop, 0)] (np.random.randint(0, margin + 1)).
   """
-  seeds = T.split_seed(seed, 2)
+  seeds = transforms.split_seed(seed, 2)
   return tf.stack(
     [
       tf.random.stateless_uniform(
@@ -273,21 +272,21 @@ def photometric_draws(
     'contrast_last': bool (mmseg's mode 0: contrast after the HSV steps), 'beta',
     'alpha', 'saturation_alpha': float32, 'hue_delta': int32 in [-delta, delta)}.
   """
-  seeds = T.split_seed(seed, 9)
+  seeds = transforms.split_seed(seed, 9)
 
   def uniform(s, low, high):
     # numpy's uniform is float64; the float32 image arithmetic rounds it to float32.
     return tf.cast(tf.random.stateless_uniform([], s, low, high, dtype=tf.float64), tf.float32)
 
   return dict(
-    brightness=T.coin(seeds[0], 0.5),
+    brightness=transforms.coin(seeds[0], 0.5),
     beta=uniform(seeds[1], -brightness_delta, brightness_delta),
-    contrast_last=T.coin(seeds[2], 0.5),
-    contrast=T.coin(seeds[3], 0.5),
+    contrast_last=transforms.coin(seeds[2], 0.5),
+    contrast=transforms.coin(seeds[3], 0.5),
     alpha=uniform(seeds[4], *contrast_range),
-    saturation=T.coin(seeds[5], 0.5),
+    saturation=transforms.coin(seeds[5], 0.5),
     saturation_alpha=uniform(seeds[6], *saturation_range),
-    hue=T.coin(seeds[7], 0.5),
+    hue=transforms.coin(seeds[7], 0.5),
     # np.random.randint(-delta, delta) excludes delta.
     hue_delta=tf.random.stateless_uniform([], seeds[8], -hue_delta, hue_delta, dtype=tf.int32),
   )
@@ -337,7 +336,7 @@ def photometric_distortion(image: tf.Tensor, seed: tf.Tensor, **ranges) -> tf.Te
 
 
 def mmseg_augment(
-  example: T.Example,
+  example: transforms.Example,
   seed: tf.Tensor,
   *,
   crop_size: Sequence[int],
@@ -348,7 +347,7 @@ def mmseg_augment(
   photometric: bool = True,
   pad: str = 'mean',
   ignore_label: int = 255,
-) -> T.Example:
+) -> transforms.Example:
   """mmseg's training augmentation of one example.
 
   Args:
@@ -371,7 +370,7 @@ def mmseg_augment(
   if pad not in PADS:
     raise ValueError(f'pad must be one of {PADS}, got {pad!r}')
   crop_h, crop_w = crop_size
-  seeds = T.split_seed(seed, 4)
+  seeds = transforms.split_seed(seed, 4)
   image, label = example['image'], example['label']
   shape = tf.shape(label)
   ratio = resize_ratio(seeds[0], ratio_range) if ratio_range is not None else 1.0
@@ -381,15 +380,15 @@ def mmseg_augment(
   image = resize_window(image, size, window)
   label = label_window(label, size, window)
   if flip:
-    image, label = geometry.flip_if(T.coin(seeds[2], FLIP_P), image, label)
+    image, label = geometry.flip_if(transforms.coin(seeds[2], FLIP_P), image, label)
   if photometric:
     image = photometric_distortion(image, seeds[3])
 
   paddings = [[0, crop_h - window[2]], [0, crop_w - window[3]], [0, 0]]
   if pad == 'black':  # Raw 0 before normalising.
-    image = T.normalize(tf.pad(image, paddings))
+    image = transforms.normalize(tf.pad(image, paddings))
   else:  # 0 after normalising: the mean colour.
-    image = tf.pad(T.normalize(image), paddings)
+    image = tf.pad(transforms.normalize(image), paddings)
   label = tf.pad(label, paddings[:2], constant_values=ignore_label)
   return {
     'image': tf.ensure_shape(image, [crop_h, crop_w, 3]),

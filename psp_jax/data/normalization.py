@@ -1,7 +1,7 @@
 """The ImageNet statistics every image is normalised with (RGB, on the 0..255 scale).
 
 tool/train.py and tool/test.py: mean [0.485, 0.456, 0.406] and std [0.229, 0.224, 0.225]
-times value_scale 255. Training (psp_jax.data.transforms), inference (psp_jax.inference.plan)
+times value_scale 255. Training (psp_jax.data.transforms), inference (psp_jax.inference.planning)
 and TensorBoard's pictures all read them here. NumPy-free and TF-free on purpose: predict
 imports it without TensorFlow.
 """

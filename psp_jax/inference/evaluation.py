@@ -9,7 +9,7 @@ absent from both prediction and ground truth counting 0; 'mmseg' averages over t
 present. The flip is a separate switch: the official single-scale numbers use it,
 mmsegmentation's default test pipeline does not. mmseg's whole test is further
 config.eval.resize='fit' (fit_scale), average='logits' and, sliding, clip_windows and
-stride (psp_jax.inference.plan; configs/mmseg_*.py set them all).
+stride (psp_jax.inference.planning; configs/mmseg_*.py set them all).
 
 Multi-host: each host evaluates its own part of the split on its own devices; the
 confusion matrices are summed over hosts at the end.

@@ -328,7 +328,7 @@ def predict_files(
 
   Args:
     seg: a Segmenter, or another model with its batch_size, predict_batch and save (the
-      exported model of psp_jax.serving.predictor).
+      exported model of psp_jax.serving.artifact).
     root: output names keep the path relative to it (a folder input), else the file stem.
   """
   step = seg.batch_size

@@ -1,7 +1,7 @@
 """Sliding-window, multi-scale, flip-averaged inference of tool/test.py, run on device.
 
 With InferenceConfig(resize='fit', clip_windows=True, average='logits', flip=False) it is
-mmsegmentation's test instead (psp_jax.inference.plan): the same machinery, averaging raw
+mmsegmentation's test instead (psp_jax.inference.planning): the same machinery, averaging raw
 logits rather than probabilities.
 
 The host plans each image: the resize to each scale, the mean padding and the window
@@ -32,7 +32,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from psp_jax import metrics
-from psp_jax.inference.plan import ImagePlan, InferenceConfig, plan_image
+from psp_jax.inference.planning import ImagePlan, InferenceConfig, plan_image
 
 __all__ = ['InferenceConfig', 'ImagePlan', 'SlidingWindowInference', 'net_process', 'plan_image']
 

@@ -24,8 +24,8 @@ import numpy as np
 
 from psp_jax import errors, paths
 from psp_jax.data import classes
-from psp_jax.inference import plan, segmenter
-from psp_jax.serving import backends, contract, deps, exporters, parity
+from psp_jax.inference import planning, segmenter
+from psp_jax.serving import artifact, contract, deps, formats, parity
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 NUMBER_LIST = re.compile(r'\[\s*((?:-?[\d.eE+-]+,\s*)*-?[\d.eE+-]+)\s*\]')
@@ -101,7 +101,7 @@ class Exporter:
 
   def __init__(
     self,
-    apply_fn: exporters.ApplyFn,
+    apply_fn: formats.ApplyFn,
     variables: Mapping[str, Any],
     model_config: Mapping[str, Any],
     *,
@@ -139,7 +139,7 @@ class Exporter:
     images = np.ascontiguousarray(images)
     key = (images.shape, hashlib.sha256(images.tobytes()).hexdigest())
     if key not in self._references:
-      normalised = (images.astype(np.float32) - plan.MEAN) / plan.STD
+      normalised = (images.astype(np.float32) - planning.MEAN) / planning.STD
       with jax.default_device(jax.devices('cpu')[0]):
         logits = jax.jit(self.apply_fn)(self.variables, normalised)
       self._references[key] = np.asarray(logits, np.float32)
@@ -173,7 +173,7 @@ class Exporter:
       errors.InvalidInputError: a size the model cannot take.
       paths.OutputPathError: output holds a previous export and overwrite is False.
       deps.MissingDependencyError: the format's packages are not installed.
-      exporters.ConversionError: the converter cannot convert the program.
+      formats.ConversionError: the converter cannot convert the program.
       parity.ParityError: the artifact's output is not the in-process model's.
     """
     platforms = tuple(platforms)
@@ -216,25 +216,25 @@ class Exporter:
     return meta
 
   def _write(self, fmt, directory, size, batch, outputs, platforms) -> dict[str, Any]:
-    serve = exporters.serving_function(self.apply_fn, outputs)
-    shape = exporters.input_shape(batch, size)
+    serve = formats.serving_function(self.apply_fn, outputs)
+    shape = formats.input_shape(batch, size)
     variables = self.variables
 
     def closed(images):  # The weights become constants of the program.
       return serve(variables, images)
 
     if fmt == 'stablehlo':
-      return exporters.write_stablehlo(closed, shape, platforms, directory)
+      return formats.write_stablehlo(closed, shape, platforms, directory)
     if fmt == 'savedmodel':
-      return exporters.write_savedmodel(serve, variables, shape, platforms, outputs, directory)
-    return exporters.write_onnx(closed, shape, outputs, directory)
+      return formats.write_savedmodel(serve, variables, shape, platforms, outputs, directory)
+    return formats.write_onnx(closed, shape, outputs, directory)
 
   def check(self, directory: str, size: Sequence[int], batch: int | None, outputs: str):
     """ParityReport of the artifact in directory on parity.images (batch or 2 of them)."""
     images = parity.images(batch or PARITY_IMAGES_DYNAMIC, tuple(size))
     with jax.default_device(jax.devices('cpu')[0]):
-      artifact = backends.open_artifact(directory)
-      got = artifact.run(images)
+      opened = artifact.open_artifact(directory)
+      got = opened.run(images)
     return parity.compare(outputs, got, self.reference(images))
 
 

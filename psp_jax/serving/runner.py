@@ -7,12 +7,12 @@ StableHLO artifact (run_stablehlo.py). In Python:
   runner = Runner.stablehlo('exported/pspnet')     # the folder `export --output` wrote
   labels = runner.predict(image)                   # uint8 RGB [h, w, 3] -> int32 [h, w]
 
-ONNX and SavedModel artifacts are run the same way through psp_jax.serving.backends, which
+ONNX and SavedModel artifacts are run the same way through psp_jax.serving.artifact, which
 hands this class the call of onnxruntime or TensorFlow.
 
 An artifact takes one fixed image size (its HxW in serving.json): adaptive pooling and the
 resizes inside PSPNet need static sizes. Other images are *letterboxed*: scaled, aspect kept,
-until they fit (bilinear, cv2.resize INTER_LINEAR rounding, as psp_jax.inference.plan), and
+until they fit (bilinear, cv2.resize INTER_LINEAR rounding, as psp_jax.inference.planning), and
 centred on a canvas of the mean colour, which normalises to about 0, as tool/test.py pads
 with the mean; the label map (or logits, bilinearly) is then cropped back to the image's
 place and resized to its size. Why not stretch: the network was trained on crops of images
@@ -56,7 +56,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
 def linear_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Source rows and weights of a bilinear resize along one axis (cv2 INTER_LINEAR).
 
-  The rule of psp_jax.inference.plan.linear_indices (pixel centres at +0.5, clamped at the
+  The rule of psp_jax.inference.planning.linear_indices (pixel centres at +0.5, clamped at the
   borders, no antialiasing), repeated here so this file needs no psp_jax.
 
   Returns:

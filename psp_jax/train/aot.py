@@ -27,10 +27,7 @@ from jax.sharding import Mesh
 
 from psp_jax import distributed
 from psp_jax.models import codec
-from psp_jax.train import config as train_config
-from psp_jax.train import optim, safeguards
-from psp_jax.train import state as train_state_lib
-from psp_jax.train import step as train_step_lib
+from psp_jax.train import config_checks, optim, safeguards, train_state, train_step
 
 GiB = 2**30
 
@@ -188,15 +185,15 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
   """Optimiser steps of the run: num_train_steps, or num_epochs x SPLIT_SIZES' train split.
 
   Raises:
-    train_config.ConfigError: an epoch recipe on a data set of unknown size.
+    config_checks.ConfigError: an epoch recipe on a data set of unknown size.
   """
   num_train = SPLIT_SIZES.get(config.data.name, (None,))[0]
   if config.num_train_steps <= 0 and num_train is None:
-    raise train_config.ConfigError(
+    raise config_checks.ConfigError(
       f'config.num_epochs: the size of {config.data.name!r} is unknown here '
       f'(known: {sorted(SPLIT_SIZES)}); set config.num_train_steps.'
     )
-  return train_config.num_train_steps(config, num_train)
+  return config_checks.num_train_steps(config, num_train)
 
 
 def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Program:
@@ -207,7 +204,7 @@ def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Prog
   guard_nonfinite, compile_train_step's shardings and donation.
 
   Args:
-    config: the training config (checked by train_config.validate for the slice).
+    config: the training config (checked by config_checks.validate for the slice).
     topology: from topology_mesh.
 
   Returns:
@@ -215,16 +212,16 @@ def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Prog
     dropout key uint32 [2]).
   """
   mesh = topology.mesh
-  train_config.validate(config, device_count=mesh.size, process_count=topology.hosts)
+  config_checks.validate(config, device_count=mesh.size, process_count=topology.hosts)
   model_config = codec.of_experiment(config, 'tpu')
   model = codec.build_model(model_config, 'tpu')
   tx, schedule = optim.create_optimizer(config.optim, total_steps(config))
-  crop = train_config.crop_pair(config.data.crop_size)
+  crop = config_checks.crop_pair(config.data.crop_size)
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
-  state = train_state_lib.abstract_state(model, tx, init_key, (1, *crop, 3), mesh)
+  state = train_state.abstract_state(model, tx, init_key, (1, *crop, 3), mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = train_step_lib.train_step_of_config(model, tx, schedule, config, mesh)
-  jitted = train_step_lib.compile_train_step(safeguards.guard_nonfinite(step_fn), shardings, mesh)
+  step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
+  jitted = train_step.compile_train_step(safeguards.guard_nonfinite(step_fn), shardings, mesh)
   sharded = distributed.batch_sharded(mesh)
   size = (config.batch_size, *crop)
   batch = {

@@ -1,7 +1,7 @@
 """Default configuration: PSPNet-50 with the official recipe (hszhao/semseg, ADE20K yaml).
 
 It is also the schema: every key a config may have is declared here, and
-psp_jax.train.config checks configs against it. configs/*.py start from this one (through
+psp_jax.train.config_checks checks configs against it. configs/*.py start from this one (through
 configs/default.py) and override a few keys. Values copied from the
 original name the yaml key they mirror. Any key can be overridden on the command line:
 

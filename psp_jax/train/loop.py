@@ -22,12 +22,16 @@ from jax.sharding import Mesh
 from psp_jax import distributed, errors, runtime, weights
 from psp_jax.data import classes, pipeline, sources
 from psp_jax.models import codec
-from psp_jax.train import checkpoints as checkpointing
-from psp_jax.train import config as train_config
-from psp_jax.train import optim, safeguards, summaries
-from psp_jax.train import state as train_state_lib
-from psp_jax.train import step as train_step_lib
-from psp_jax.train.state import TrainState
+from psp_jax.train import (
+  checkpointing,
+  config_checks,
+  optim,
+  safeguards,
+  summaries,
+  train_state,
+  train_step,
+)
+from psp_jax.train.train_state import TrainState
 
 
 def distributed_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -90,7 +94,7 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
   that moves a damaged checkpoint aside (Checkpoints.restore_newest), to resume from the
   one before it.
   """
-  crop = train_config.crop_pair(config.data.crop_size)
+  crop = config_checks.crop_pair(config.data.crop_size)
   image_shape = (1, *crop, 3)  # Parameters do not depend on the batch or image size.
   init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
   checkpoints = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
@@ -105,7 +109,7 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
       )
 
   try:
-    target = train_state_lib.abstract_state(model, tx, init_key, image_shape, mesh)
+    target = train_state.abstract_state(model, tx, init_key, image_shape, mesh)
     checkpointing.check_free_space(
       workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
     )
@@ -115,7 +119,7 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
     raise
   if state is None:
     started = time.perf_counter()
-    state, shardings = train_state_lib.create_train_state(model, tx, init_key, image_shape, mesh)
+    state, shardings = train_state.create_train_state(model, tx, init_key, image_shape, mesh)
     logging.info('Initialised the model in %.1f s.', time.perf_counter() - started)
     if config.get('init_checkpoint'):
       state = load_init_checkpoint(state, config.init_checkpoint)
@@ -157,13 +161,13 @@ def train(
     whether a signal stopped the run, 'skipped_steps': steps skipped for a non-finite loss}.
 
   Raises:
-    train_config.ConfigError, checkpointing.WorkdirError: before anything is compiled.
+    config_checks.ConfigError, checkpointing.WorkdirError: before anything is compiled.
     safeguards.NonFiniteLossError: a step's loss was not finite (unless
       config.optim.skip_nonfinite_steps).
     psp_jax.data.files.BadExampleError: a bad data file (unless
       config.data.skip_bad_examples).
   """
-  train_config.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
+  config_checks.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
   pipeline.train_augmenter(config.data)  # The data pipeline's keys, before anything is written.
   checkpointing.check_workdir(workdir)
   with safeguards.StopRequest() as stop:
@@ -180,7 +184,7 @@ def _train(config, workdir, stop_at_step, stop, validate: Validate) -> dict[str,
   num_train = None
   if config.num_train_steps <= 0:
     num_train = sources.num_examples(config.data, config.data.train_split)
-  total_steps = train_config.num_train_steps(config, num_train)
+  total_steps = config_checks.num_train_steps(config, num_train)
   tx, schedule = optim.create_optimizer(config.optim, total_steps)
   mesh = distributed.create_mesh()
   pc, pi = jax.process_count(), jax.process_index()
@@ -201,10 +205,8 @@ def _train(config, workdir, stop_at_step, stop, validate: Validate) -> dict[str,
   summaries.write_config(workdir, config, model_config)
   writer = summaries.create_writer(workdir)
 
-  step_fn = train_step_lib.train_step_of_config(model, tx, schedule, config, mesh)
-  p_train_step = train_step_lib.compile_train_step(
-    safeguards.guard_nonfinite(step_fn), shardings, mesh
-  )
+  step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
+  p_train_step = train_step.compile_train_step(safeguards.guard_nonfinite(step_fn), shardings, mesh)
   dropout_key = jax.device_put(
     jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), distributed.replicated(mesh)
   )

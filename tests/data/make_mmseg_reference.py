@@ -32,8 +32,10 @@ import mmseg.datasets.transforms.transforms as mmseg_transforms  # noqa: E402
 from mmcv.transforms import RandomFlip, RandomResize  # noqa: E402
 from mmseg.registry import TRANSFORMS  # noqa: E402
 
-from psp_jax.data import mmseg_augment as M  # noqa: E402
-from psp_jax.data import transforms as T  # noqa: E402
+from psp_jax.data import (  # noqa: E402
+  mmseg_augment,
+  transforms,
+)
 
 OUT = pathlib.Path(__file__).with_name('mmseg_reference.npz')
 CROP = (33, 41)
@@ -55,13 +57,13 @@ def example(i, rng):
 
 def mmseg_chain(image, label, seed):
   """mmseg's four transforms with the draws mmseg_augment makes from `seed`."""
-  seeds = T.split_seed(tf.constant(seed, tf.int64), 4)
+  seeds = transforms.split_seed(tf.constant(seed, tf.int64), 4)
   h, w = label.shape
-  ratio = float(M.resize_ratio(seeds[0], (0.5, 2.0)))
-  size = tf.stack(M.rescale_size(h, w, SCALE, ratio))
-  offsets = iter(M.crop_candidates(seeds[1], size, CROP).numpy().reshape(-1).tolist())
-  flip = bool(T.coin(seeds[2], M.FLIP_P))
-  d = {k: v.numpy() for k, v in M.photometric_draws(seeds[3]).items()}
+  ratio = float(mmseg_augment.resize_ratio(seeds[0], (0.5, 2.0)))
+  size = tf.stack(mmseg_augment.rescale_size(h, w, SCALE, ratio))
+  offsets = iter(mmseg_augment.crop_candidates(seeds[1], size, CROP).numpy().reshape(-1).tolist())
+  flip = bool(transforms.coin(seeds[2], mmseg_augment.FLIP_P))
+  d = {k: v.numpy() for k, v in mmseg_augment.photometric_draws(seeds[3]).items()}
   mode = 0 if d['contrast_last'] else 1
   contrast = [int(d['contrast'])] + ([float(d['alpha'])] if d['contrast'] else [])
   queue = [int(d['brightness'])] + ([float(d['beta'])] if d['brightness'] else []) + [mode]

@@ -1,12 +1,24 @@
-"""Opens an artifact of any format as a runner.Runner: StableHLO by JAX, ONNX by
-onnxruntime, a SavedModel by TensorFlow, each as a serving stack would run it."""
+"""An exported artifact, opened and run: any format as a runner.Runner, and as a Segmenter.
+
+  seg = ExportedSegmenter.open('exported/onnx')   # any format python -m psp_jax.export wrote
+  labels = seg.predict(image)
+  seg.overlay(image, labels).save('overlay.png')
+
+open_artifact runs StableHLO by JAX, ONNX by onnxruntime, a SavedModel by TensorFlow, each as
+a serving stack would run it. `python -m psp_jax.predict --exported DIR` uses ExportedSegmenter:
+the procedure is the artifact's (one pass at its fixed size, each image letterboxed to it by
+psp_jax.serving.runner), not the official test's sliding window, flip or scales.
+"""
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
-from psp_jax import errors, runtime
+from psp_jax import errors, runtime, visualize
+from psp_jax.inference.segmenter import Segmenter, as_rgb
 from psp_jax.serving import contract, deps, runner
 
 
@@ -78,3 +90,45 @@ def open_artifact(path: str | os.PathLike) -> runner.Runner:
   if fmt == 'onnx':
     return open_onnx(path, metadata)
   return open_savedmodel(path, metadata)
+
+
+class ExportedSegmenter:
+  """Segmenter's predict / colorize / overlay / save on an artifact's Runner.
+
+  Attributes:
+    runner: the artifact (psp_jax.serving.runner.Runner).
+    num_classes, class_names, palette, dataset: from its serving.json.
+    batch_size: images per predict_batch call of predict_files.
+  """
+
+  # The same PNGs and colours as the in-process Segmenter (they read only the attributes
+  # above and the methods below).
+  save = Segmenter.save
+  colorize = Segmenter.colorize
+
+  def __init__(self, opened: runner.Runner):
+    self.runner = opened
+    self.num_classes = opened.num_classes
+    self.class_names = opened.class_names
+    self.palette = opened.palette
+    self.dataset = opened.metadata.get('dataset')
+    self.batch_size = opened.batch or runner.DEFAULT_CHUNK
+
+  @classmethod
+  def open(cls, path: str | os.PathLike) -> 'ExportedSegmenter':
+    """An artifact folder of any format (open_artifact)."""
+    return cls(open_artifact(path))
+
+  def predict(self, image) -> np.ndarray:
+    """int32 [H, W] label map of an image at its own size."""
+    return self.runner.predict(as_rgb(image))
+
+  def predict_batch(self, images: Sequence) -> list[np.ndarray]:
+    """predict for several images, the artifact's batch at a time."""
+    return self.runner.predict_batch([as_rgb(image) for image in images])
+
+  def overlay(self, image, labels: np.ndarray | None = None, alpha: float = 0.5) -> Image.Image:
+    """The image blended with its (predicted) label colours, and a legend of the classes."""
+    image = as_rgb(image)
+    labels = self.predict(image) if labels is None else labels
+    return visualize.overlay_with_legend(image, labels, self.palette, self.class_names, alpha=alpha)

@@ -20,7 +20,7 @@ TOP_KEYS = frozenset(_DEFAULTS.keys())
 OPTIM_KEYS = frozenset(_DEFAULTS.optim.keys())
 EVAL_KEYS = frozenset(_DEFAULTS.eval.keys())
 DATA_REQUIRED = ('name', 'num_classes', 'ignore_label', 'crop_size', 'train_split', 'eval_split')
-# config.eval.resize and .average values; psp_jax.inference.plan has the same (train/ and
+# config.eval.resize and .average values; psp_jax.inference.planning has the same (train/ and
 # inference/ do not import each other; tests/test_mmseg_protocol.py checks they agree).
 RESIZES = ('long_side', 'fit')
 AVERAGES = ('probs', 'logits')

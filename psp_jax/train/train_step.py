@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from psp_jax import distributed
 from psp_jax.models import PSPNet
 from psp_jax.train import losses
-from psp_jax.train.state import TrainState
+from psp_jax.train.train_state import TrainState
 
 Batch = dict[str, jax.Array]
 TrainStep = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from psp_jax import errors, paths, weights
-from psp_jax.train.state import TrainState
+from psp_jax.train.train_state import TrainState
 
 ITEMS = ('state', 'model_config')
 LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
