@@ -25,11 +25,7 @@ distributed.set_cpu_xla_flags()
 import jax  # noqa: E402
 
 from psp_jax.models import cpu_conv_grad  # noqa: E402
-from psp_jax.train import (  # noqa: E402
-  optim,
-  train_state,
-  train_step,
-)
+from psp_jax.train import optim, train_state, train_step  # noqa: E402
 
 VARIANTS = {'XLA weight grads': (), '1x1 as dots': (1,), '1x1 and 3x3 as dots': (1, 3)}
 

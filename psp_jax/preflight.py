@@ -6,12 +6,12 @@
 compiles, with libtpu for the described slice, the train step exactly as train.py runs it
 and the window step of psp_jax.evaluate, and prints per chip the memory XLA assigns against
 the chip's HBM, the FLOPs and bytes of a step, its collectives, and a roofline bound on the
-step and run time. Exit status 1, with one message, when the step does not fit a chip;
-2 for a bad topology or config. `make preflight-setup` creates .venv-tpu (jax[tpu]).
+step and run time. Exit status 1, with one message, when the step does not fit a chip or a
+config value cannot work; 2 for a bad topology, flag or config key. `make preflight-setup`
+creates .venv-tpu (jax[tpu]).
 """
 
 import os
-import sys
 
 # The pre-flight only compiles: JAX runs on the CPU, and never probes for (or takes) a TPU
 # that libtpu, installed in .venv-tpu, would otherwise look for at backend start.
@@ -30,15 +30,10 @@ from absl import app, flags  # noqa: E402
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from psp_jax.inference import (
-  planning,  # noqa: E402
-  sliding_window,  # noqa: E402
-)
+from psp_jax import errors  # noqa: E402
+from psp_jax.inference import planning, sliding_window  # noqa: E402
 from psp_jax.models import codec  # noqa: E402
-from psp_jax.train import (
-  aot,  # noqa: E402
-  config_checks,  # noqa: E402
-)
+from psp_jax.train import aot, config_checks  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -185,22 +180,19 @@ def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> li
   return lines
 
 
+@errors.report
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    raise errors.UsageError(f'unexpected arguments: {argv[1:]}')
   config = FLAGS.config
   if config is None:
-    raise app.UsageError('--config is required')
+    raise errors.UsageError('--config is required')
   # The persistent cache cannot read back programs of compile-only devices: writing them
   # (a JAX_COMPILATION_CACHE_DIR in the environment) would only fill the disk.
   jax.config.update('jax_enable_compilation_cache', False)
-  try:
-    topology = aot.topology_mesh(FLAGS.topology)
-    steps = aot.total_steps(config)
-    train = aot.train_program(config, topology)
-  except (aot.TopologyError, config_checks.ConfigError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    sys.exit(2)
+  topology = aot.topology_mesh(FLAGS.topology)
+  steps = aot.total_steps(config)
+  train = aot.train_program(config, topology)
   chip = topology.chip
   head = (
     f'TPU pre-flight: {FLAGS["config"].config_filename} on {topology.name} '
@@ -237,11 +229,10 @@ def main(argv: list[str]) -> None:
     with open(FLAGS.json, 'w') as f:
       json.dump(result, f, indent=1)
   if failure is not None:
-    print(f'error: {failure}', file=sys.stderr)
-    sys.exit(1)
+    raise errors.UserError(failure)
   print(f'fits: yes, {topology.name} can run this config.')
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=errors.parse_flags)

@@ -140,3 +140,15 @@ def test_the_largest_batch_is_found_by_doubling_then_bisecting(monkeypatch):
   best, tried = aot.largest_batch(config, topology, build=build, known={16: True})
   assert best == 40
   assert tried == [(16, True), (32, True), (64, False), (48, False), (40, True), (44, False)]
+
+
+def test_config_mistakes_get_the_commands_one_message(tpu_python):
+  """errors.report, as every command: a misspelt key says the closest one (status 2), a value
+  that cannot work names its key (status 1), no traceback."""
+  proc = preflight(tpu_python, *COMMON, '--config.optim.base_lrr=0.1')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert "Did you mean 'base_lr'?" in proc.stderr and 'Traceback' not in proc.stderr
+  proc = preflight(tpu_python, *COMMON, '--config.batch_size=3')
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  (error,) = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+  assert 'batch_size' in error and 'Traceback' not in proc.stderr

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from psp_jax import distributed
+from psp_jax import distributed, errors
 from psp_jax.models import codec
 from psp_jax.train import config_checks, optim, safeguards, train_state, train_step
 
@@ -71,11 +71,11 @@ _SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
 _HBM_OOM = re.compile(r'\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)')
 
 
-class TopologyError(ValueError):
+class TopologyError(errors.UsageError, ValueError):
   """A topology name that libtpu does not describe; the message lists the accepted forms."""
 
 
-class DoesNotFitError(RuntimeError):
+class DoesNotFitError(errors.UserError, RuntimeError):
   """A program needs more HBM than a chip has (libtpu's compile fails); str() says all.
 
   Attributes:

@@ -32,10 +32,7 @@ import mmseg.datasets.transforms.transforms as mmseg_transforms  # noqa: E402
 from mmcv.transforms import RandomFlip, RandomResize  # noqa: E402
 from mmseg.registry import TRANSFORMS  # noqa: E402
 
-from psp_jax.data import (  # noqa: E402
-  mmseg_augment,
-  transforms,
-)
+from psp_jax.data import mmseg_augment, transforms  # noqa: E402
 
 OUT = pathlib.Path(__file__).with_name('mmseg_reference.npz')
 CROP = (33, 41)
