@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
   runtime.setup()
   # Imported only now: XLA reads XLA_FLAGS when a backend starts, which importing the model
   # may do, and TensorFlow is imported after runtime.setup quieted it.
-  from psp_jax import experiment
+  from psp_jax import experiment  # noqa: PLC0415 (after runtime.setup: see above)
 
   # A bad config, workdir, data file or checkpoint, or a non-finite loss, is a UserError:
   # errors.report prints its message (no traceback) and exits 1; train_and_evaluate has

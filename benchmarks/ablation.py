@@ -116,7 +116,7 @@ def run_one(variant: str, seed: int, config, run_dir: pathlib.Path) -> tuple[dic
     RuntimeError: run_dir holds a result of another config.
     KeyboardInterrupt: a signal stopped training (its checkpoint is saved).
   """
-  from psp_jax import experiment
+  from psp_jax import experiment  # noqa: PLC0415 (imports TensorFlow)
   from psp_jax.inference import evaluation  # noqa: PLC0415 (imports TensorFlow)
 
   path = run_dir / RESULT_FILE

@@ -32,23 +32,18 @@ def main() -> None:
   args = parser.parse_args()
 
   sys.path.insert(0, os.path.dirname(HERE))
-  from psp_jax import distributed  # noqa: PLC0415
-  from psp_jax.models import codec
+  from psp_jax import distributed  # noqa: PLC0415 (after sys.path is set)
+  from psp_jax.models import codec  # noqa: PLC0415 (after sys.path is set)
 
   if distributed.cpu_only() and 'XLA_FLAGS' not in os.environ:
     os.environ['XLA_FLAGS'] = (
       f'{distributed.CPU_XLA_FLAGS} --xla_force_host_platform_device_count={args.devices}'
     )
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
-  import ml_collections  # noqa: PLC0415
+  import jax  # noqa: PLC0415 (after XLA_FLAGS is set)
+  import jax.numpy as jnp  # noqa: PLC0415 (after XLA_FLAGS is set)
+  import ml_collections  # noqa: PLC0415 (after XLA_FLAGS is set)
 
-  from psp_jax.train import (  # noqa: PLC0415
-    aot,
-    optim,
-    train_state,  # noqa: PLC0415
-    train_step,  # noqa: PLC0415
-  )
+  from psp_jax.train import aot, optim, train_state, train_step  # noqa: PLC0415 (as jax)
 
   devices = jax.devices()[: args.devices]
   if len(devices) < args.devices:

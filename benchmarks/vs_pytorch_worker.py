@@ -153,22 +153,18 @@ class JaxSide:
   """The Flax PSPNet and the project's real jitted train step, on JAX's default device."""
 
   def __init__(self, spec: dict):
-    from psp_jax import distributed  # noqa: PLC0415
+    from psp_jax import distributed  # noqa: PLC0415 (the JAX side only, after XLA_FLAGS)
 
     if spec.get('xla_flags') is not None:
       os.environ['XLA_FLAGS'] = spec['xla_flags']
     else:
       distributed.set_cpu_xla_flags()
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import traverse_util  # noqa: PLC0415
+    import jax  # noqa: PLC0415 (the JAX side only, after XLA_FLAGS)
+    import jax.numpy as jnp  # noqa: PLC0415 (the JAX side only, after XLA_FLAGS)
+    from flax import traverse_util  # noqa: PLC0415 (the JAX side only, after XLA_FLAGS)
 
-    from psp_jax.models import codec  # noqa: PLC0415
-    from psp_jax.train import (
-      optim,  # noqa: PLC0415
-      train_state,  # noqa: PLC0415
-      train_step,  # noqa: PLC0415
-    )
+    from psp_jax.models import codec  # noqa: PLC0415 (the JAX side only, after XLA_FLAGS)
+    from psp_jax.train import optim, train_state, train_step  # noqa: PLC0415 (the JAX side only, after XLA_FLAGS)
 
     self.jax, self.spec = jax, spec
     self.device = jax.devices()[0]

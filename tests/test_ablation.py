@@ -58,7 +58,7 @@ def test_variant_builds_the_pyramid_of_its_row(name):
   config = ablation.make_config(name, 0, 2, quick=True, data_dir=None)
   model = codec.build_model(codec.of_experiment(config, 'cpu'))
   shapes = jax.eval_shape(
-    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((2, 41, 41, 3)), train=False)
+    lambda: model.init(jax.random.key(0), jnp.zeros((2, 41, 41, 3)), train=False)
   )
   params = shapes['params']
   if name == 'baseline':

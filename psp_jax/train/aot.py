@@ -209,7 +209,7 @@ def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Prog
 
   Returns:
     Program with args (state, batch {'image' float32 [B, H, W, 3], 'label' int32 [B, H, W]},
-    dropout key uint32 [2]).
+    dropout key, a typed jax.random.key).
   """
   mesh = topology.mesh
   config_checks.validate(config, device_count=mesh.size, process_count=topology.hosts)
@@ -217,7 +217,7 @@ def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Prog
   model = codec.build_model(model_config, 'tpu')
   tx, schedule = optim.create_optimizer(config.optim, total_steps(config))
   crop = config_checks.crop_pair(config.data.crop_size)
-  init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   state = train_state.abstract_state(model, tx, init_key, (1, *crop, 3), mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
@@ -228,7 +228,8 @@ def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Prog
     'image': jax.ShapeDtypeStruct((*size, 3), jnp.float32, sharding=sharded),
     'label': jax.ShapeDtypeStruct(size, jnp.int32, sharding=sharded),
   }
-  key = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=distributed.replicated(mesh))
+  key = jax.eval_shape(jax.random.key, 0)
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=distributed.replicated(mesh))
   what = (
     f'train step (PSPNet-{config.model.depth}, batch {config.batch_size}, crop '
     f'{crop[0]}x{crop[1]}, {model_config["dtype"]})'

@@ -96,7 +96,7 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
   """
   crop = config_checks.crop_pair(config.data.crop_size)
   image_shape = (1, *crop, 3)  # Parameters do not depend on the batch or image size.
-  init_key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 0)
+  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   checkpoints = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
 
   def same_model(step: int, saved: dict[str, Any]) -> None:
@@ -208,7 +208,7 @@ def _train(config, workdir, stop_at_step, stop, validate: Validate) -> dict[str,
   step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
   p_train_step = train_step.compile_train_step(safeguards.guard_nonfinite(step_fn), shardings, mesh)
   dropout_key = jax.device_put(
-    jax.random.fold_in(jax.random.PRNGKey(config.seed), 1), distributed.replicated(mesh)
+    jax.random.fold_in(jax.random.key(config.seed), 1), distributed.replicated(mesh)
   )
   train_iter = pipeline.numpy_batches(
     pipeline.create_train_dataset(
