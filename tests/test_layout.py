@@ -1,4 +1,5 @@
-"""The package's layout: imports run one way, no cycle, no private names across modules.
+"""The package's layout: imports run one way, no cycle, no private names across modules, one
+name per module.
 
   command lines (train.py, psp_jax.{evaluate,predict,convert,preflight,experiment,export},
   data.prepare)
@@ -137,6 +138,21 @@ def test_imports_run_one_way(module):
   assert not wrong, f'{module} ({room}) must not import {wrong}'
 
 
+def module_bindings(path: pathlib.Path) -> dict[str, set[str]]:
+  """{psp_jax module: the local names a file binds the module object to}."""
+  found: dict[str, set[str]] = {}
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      for alias in node.names:
+        if (submodule := f'{node.module}.{alias.name}') in MODULES:
+          found.setdefault(submodule, set()).add(alias.asname or alias.name)
+    elif isinstance(node, ast.Import):
+      for alias in node.names:
+        if alias.name in MODULES and alias.asname:
+          found.setdefault(alias.name, set()).add(alias.asname)
+  return found
+
+
 def python_files_outside_tests() -> list[pathlib.Path]:
   files = list(PACKAGE.rglob('*.py')) + [ROOT / 'train.py']
   for folder in ('benchmarks', 'tools', 'configs'):
@@ -184,6 +200,17 @@ def test_no_private_names_of_other_modules(path):
   assert not private_uses(path), f'{path.relative_to(ROOT)} uses private names'
 
 
+def test_each_module_is_imported_under_one_name():
+  """A module is bound to one local name in every file (package, tests, benchmarks, tools)."""
+  names: dict[str, dict[str, str]] = {}  # module -> {local name: first file binding it}
+  for path in python_files_outside_tests() + sorted((ROOT / 'tests').rglob('*.py')):
+    for module, bound in module_bindings(path).items():
+      for name in bound:
+        names.setdefault(module, {}).setdefault(name, str(path.relative_to(ROOT)))
+  twice = {module: seen for module, seen in names.items() if len(seen) > 1}
+  assert not twice, f'modules imported under several names (name: a file): {twice}'
+
+
 @pytest.mark.parametrize(
   'path', sorted(PACKAGE.rglob('*.py')), ids=lambda p: str(p.relative_to(ROOT))
 )
@@ -199,5 +226,7 @@ def test_the_checks_catch_what_they_should(tmp_path):
   fake = tmp_path / 'fake.py'
   fake.write_text('from psp_jax.data import transforms\ntransforms._hidden(1)\n')
   assert private_uses(fake) == ['psp_jax.data.transforms._hidden']
+  fake.write_text('from psp_jax.train import loop as train_lib\nimport psp_jax.train.loop as L\n')
+  assert module_bindings(fake) == {'psp_jax.train.loop': {'train_lib', 'L'}}
   assert room_of('psp_jax.train.loop') == 'psp_jax.train'
   assert 'psp_jax.inference' not in ALLOWED['psp_jax.train']
