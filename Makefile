@@ -9,7 +9,7 @@ TPU_VENV ?= .venv-tpu
 TPU_PY := $(TPU_VENV)/bin/python
 CONFIG ?= configs/ade20k.py
 TOPOLOGY ?= v5e:2x4
-# Quiet TensorFlow's start-up lines (both variables are needed; see docs).
+# Quiet TensorFlow's start-up lines (both variables are needed: psp_jax/runtime.py).
 export TF_CPP_MIN_LOG_LEVEL := 2
 export TF_ENABLE_ONEDNN_OPTS := 0
 

@@ -1,12 +1,11 @@
 """Command line: weights between PyTorch PSPNet checkpoints (semseg, mmseg) and the Flax PSPNet.
 
-  python -m psp_jax.convert train_epoch_100.pth OUT_DIR   # .pth -> orbax dir + model_config
-  python -m psp_jax.convert OUT_DIR pspnet.pth            # orbax dir -> .pth
+  python -m psp_jax.convert train_epoch_100.pth OUT_DIR   # .pth -> weights dir
+  python -m psp_jax.convert OUT_DIR pspnet.pth            # weights dir (or workdir) -> .pth
 
 A .pth's layout (hszhao/semseg's or mmsegmentation's) is recognised from its keys; the .pth
 written is in the layout that holds the model as it is (mmseg's for an mmseg-variant model),
-or the one --layout names. The naming tables and the checks are in psp_jax.interop.semseg and
-psp_jax.interop.mmseg; files in psp_jax.weights.
+or the one --layout names. The checkpoint kinds: docs/design.md#checkpoints
 """
 
 import argparse

@@ -11,7 +11,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 DATA_AXIS = 'data'
 # jaxlib 0.10 sends convolutions to YNNPACK on CPU, whose weight gradient is a badly shaped
 # convolution; leaving individual convolutions to XLA's own emitter made a conv's backward
-# pass about 2x faster on the machines we measured (docs: CPU speed facts).
+# pass about 2x faster on the machines we measured (benchmarks/NOTES.md, What was tried, 1).
 CPU_XLA_FLAGS = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 _ACCELERATOR_PLUGINS = ('libtpu', 'jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm7_plugin')
 

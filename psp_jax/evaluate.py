@@ -7,8 +7,8 @@
       # mmsegmentation's test (eval.resize=fit, average=logits, no flip, nanmean mIoU)
 
 prints mIoU / mAcc / allAcc and a per-class table, and writes results.{txt,md,json} to
---output_dir. The checkpoint is a training workdir, a converted checkpoint directory or an
-official PyTorch .pth (converted on the fly). psp_jax.inference.evaluation does the work.
+--output_dir. The checkpoint is of any kind (docs/design.md#checkpoints), a .pth converted
+on the fly. psp_jax.inference.evaluation does the work.
 """
 
 from collections.abc import Sequence

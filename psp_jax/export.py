@@ -3,14 +3,12 @@
   python -m psp_jax.export --checkpoint CKPT --format onnx --size 512x512 --output DIR
       [--batch 1 | --batch dynamic] [--outputs labels|logits|probs] [--overwrite]
 
-CKPT is anything predict takes (a training workdir, a converted weights folder, a semseg or
-mmseg .pth). The artifact takes uint8 RGB images [B, H, W, 3] of the one --size,
-normalises them inside and returns labels int32 [B, H, W] (or float32 logits or
-probabilities [B, H, W, K]), weights embedded. DIR also gets serving.json (the contract:
-input, output, preprocessing, class names, palette, versions, the parity result). Before
-anything is written to DIR the artifact is run by its own runtime and compared with the
-in-process model; the command fails, writing nothing, if they differ (psp_jax.serving).
+CKPT is any checkpoint predict takes (docs/design.md#checkpoints). The artifact takes uint8
+RGB images [B, H, W, 3] of the one --size and returns labels int32 [B, H, W] (or float32
+logits or probabilities [B, H, W, K]), weights embedded, serving.json beside. It is run by
+its own runtime and compared with the in-process model before anything is written to DIR.
 See them with `python -m psp_jax.predict --exported DIR --input IMAGES --output PNGS`.
+Design: docs/serving.md
 """
 
 import os

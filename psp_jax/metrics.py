@@ -1,12 +1,8 @@
 """Segmentation metrics: confusion matrices on device, mIoU / mAcc / allAcc on the host.
 
-The official protocol (hszhao/semseg util.intersectionAndUnion and tool/test.py cal_acc)
-sums intersection, union and target pixels per class over the whole split, then
-IoU_c = I_c / (U_c + 1e-10), mIoU = mean over ALL classes (a class absent from prediction
-and ground truth counts 0); Acc_c = I_c / (T_c + 1e-10), mAcc = mean over all classes;
-allAcc = sum(I) / (sum(T) + 1e-10). All three come from one confusion matrix:
-I_c = C[c, c], T_c = sum_j C[c, j] (rows: ground truth), P_c = sum_i C[i, c] (columns:
-prediction), U_c = T_c + P_c - I_c.
+The official protocol (hszhao/semseg util.intersectionAndUnion, tool/test.py cal_acc), or
+mmseg's, from one confusion matrix summed over the split (rows ground truth, columns
+prediction). Design: docs/design.md#evaluation-protocols
 """
 
 from typing import Any

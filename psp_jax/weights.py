@@ -1,20 +1,10 @@
 """Model weights on disk: save/load {'params', 'batch_stats'} + model_config, any source.
 
-A weights directory (what `python -m psp_jax.convert X.pth DIR` and save_variables write):
+  variables, model_config = load_variables('runs/synthetic')   # any checkpoint kind
 
-  DIR/variables/          orbax checkpoint of {'params', 'batch_stats'} (numpy leaves)
-  DIR/model_config.json   psp_jax.models.PSPNet keyword arguments
-  DIR/dataset_meta.json   class names and palette, when the source had them (mmseg's meta)
-
-load_variables also reads a training workdir (its best checkpoint by validation mIoU, else
-the newest; see psp_jax.train.checkpointing), one step directory of it, and PyTorch files: PSPNet
-checkpoints in semseg's or mmseg's layout (recognised from their keys) and ImageNet ResNet
-backbones, converted on the fly (psp_jax.convert).
-Paths may be local or remote (gs://bucket/..., through etils.epath as orbax reads them).
-
-A checkpoint is read whole or not at all: a truncated, garbled or missing file raises
-DamagedCheckpointError (orbax reads every array of the tree and never fills a missing one
-with zeros). In a training workdir a damaged checkpoint is skipped for the next good one.
+load_variables reads a training workdir, one of its step directories, a weights directory
+(save_variables, `python -m psp_jax.convert`) or a PyTorch .pth, whole or not at all
+(DamagedCheckpointError). The kinds and what is read from each: docs/design.md#checkpoints
 """
 
 import contextlib
@@ -288,10 +278,8 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
   """(variables, model_config) of a weights dir, training workdir, step dir or .pth file.
 
   Args:
-    path: see the module docstring. A training workdir gives its best checkpoint (by
-      validation mIoU) if it has one, else the newest; a damaged one is skipped for the
-      next (older best steps, then checkpoints/<step> newest first), with one warning that
-      names what was skipped and what is used.
+    path: a checkpoint of any kind; a workdir gives its best checkpoint, else the newest,
+      skipping damaged ones with one warning (docs/design.md#checkpoints).
   Returns:
     ({'params', 'batch_stats'} of numpy arrays, PSPNet kwargs).
   Raises:

@@ -1,10 +1,8 @@
 """The official training augmentation chain (tool/train.py's train_transform) on one example.
 
-Composing the ops of `transforms` one after another, as the original does, gives the chain
-op by op (tests/augment_reference.py). `train_augment` draws the same random numbers from the
-same seed and gives the same result, but rotates and blurs only the crop window (plus the
-blur's 2-pixel margin) instead of the whole rescaled image: at crop 473 and scale up to 2 that
-is up to 4x less work.
+`train_augment` draws the same random numbers as the op-by-op chain of `transforms` and gives
+the same result, but rotates and blurs only the crop window.
+Design: docs/design.md#training-augmentation
 """
 
 from collections.abc import Sequence

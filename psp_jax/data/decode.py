@@ -1,29 +1,9 @@
 """Image and label files decoded by TensorFlow ops alone, for the list/folder sources.
 
-Why no Python: these files used to be decoded with PIL in a parallel tf.numpy_function, and a
-tf.data iterator destroyed while such a call waited for the GIL deadlocked (the destroying
-thread holds the GIL and waits for the call). Here every step is a graph op, so tf.data never
-needs the GIL; even skipped examples are only queued in-graph, and logged by the Python
-consumer (`reported`), as tf.print would call back into Python in notebooks.
-
-The rules are files.py's (PIL's). Images (JPEG, decoded with the accurate integer DCT as PIL
-and cv2 do; PNG; GIF, its first frame; BMP of 24 or 32 bits, or 8 with a palette) become
-uint8 [H, W, 3] RGB: gray expanded, alpha dropped, 16 bits cut to their high byte. Labels
-become raw values: a palette PNG (or BMP) its indices, 8/16-bit gray its values, RGB(A) only
-where its channels agree. TensorFlow's PNG decoder expands a palette to colours, so the PLTE
-chunk is first swapped for the palette i -> (i, i, i): the colours are then the indices,
-exact as in PIL even where the file's palette repeats a colour (inverting the colours could
-not tell those indices apart). PGM/PPM files are not read: TensorFlow has no decoder for them.
-
-A decode op raises on a corrupt file, which inside tf.data would lose the file's name.
-`_attempt` runs the op in a one-element dataset with ignore_errors, tf.data's try/except,
-so the code that holds the path learns that it failed and which file it was. (The
-alternative, one ignore_errors on the whole stream and a scan that spots the missing
-positions, needs a shuffle order computable in-graph and cannot tell image from label.)
-
-Cost: tf.data runs these functions without lowering tf.cond, and every call pays for each
-node of every branch, taken or not (about 6 us each, 2 us for a plain node): the header
-parsing and the messages are straight-line, conds only choose between one-op decodes.
+The rules are files.py's (PIL's): images become uint8 [H, W, 3] RGB, labels their raw values
+(a palette PNG its indices). No Python runs inside tf.data, and a corrupt file is reported
+with its name (`_attempt`, `drop_or_raise`, `reported`).
+Design: docs/design.md#decoding-with-tensorflow-ops
 """
 
 import base64

@@ -1,10 +1,8 @@
 """Validated reading of image and label files, shared by the builders and the file sources.
 
-Images become uint8 [H, W, 3] RGB whatever their mode; labels become class indices (palette
-PNGs are read as indices, never as colours), mapped through a 256-entry lookup table that
-marks invalid raw values, so a bad file fails with its name and its bad values. The TFDS
-builders decode here, with PIL, once when they prepare; the list/folder sources read every
-pass, inside tf.data, so decode.py applies the same rules with TensorFlow ops.
+Images become uint8 [H, W, 3] RGB whatever their mode; labels become class indices through a
+256-entry lookup table that marks invalid raw values, so a bad file fails with its name and
+its bad values. Design: docs/design.md#decoding-with-tensorflow-ops
 """
 
 import io

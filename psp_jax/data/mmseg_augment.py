@@ -1,22 +1,8 @@
 """mmsegmentation's training augmentation (its PSPNet 512 configs) on one example, in TF.
 
-The chain of mmseg's ADE20K, Cityscapes and VOC configs (mmseg 1.2.2 / mmcv 2.1.0; the 0.x
-code that trained the model zoo has the same rules):
-
-  RandomResize(scale, ratio_range, keep_ratio=True)   mmcv imrescale, cv2 on uint8
-  RandomCrop(crop_size, cat_max_ratio=0.75)           re-drawn while one class dominates
-  RandomFlip(prob=0.5)
-  PhotoMetricDistortion()                              uint8 brightness, contrast, HSV
-  SegDataPreProcessor: normalise, pad to the crop      bottom / right, label 255
-
-Like psp_jax.data.augment, each random op takes its own stateless seed split from one, so
-an output depends on (example, seed) alone: the pipeline's same-seed and exact-resume
-guarantees hold. The image is only resized where the crop reads it.
-
-OpenCV's uint8 arithmetic is reproduced bit for bit as OpenCV 4.10 computes it on x86 with
-AVX2 (cv2.resize INTER_LINEAR's fixed point, the HSV conversions checked on every colour):
-with the same random draws the chain gives mmseg's crop exactly. Other OpenCV builds (ARM,
-no FMA) differ by 1 here and there.
+RandomResize, RandomCrop (cat_max_ratio 0.75), RandomFlip, PhotoMetricDistortion and the pad
+to the crop, as mmseg 1.2.2 / mmcv 2.1.0 run them, each random op on its own stateless seed,
+OpenCV's uint8 arithmetic bit for bit. Design: docs/design.md#mmseg-augmentation
 """
 
 from collections.abc import Sequence

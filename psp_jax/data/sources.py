@@ -1,20 +1,12 @@
 """Data sources: one process's examples {'image': uint8 [H, W, 3], 'label': uint8 [H, W]}.
 
-config.data.name picks the source:
-  synthetic                    the built-in data set, prepared into data_dir on first use;
-  ade20k | voc2012 | cityscapes  TFDS builders of this package, prepared once with
-                               `python -m psp_jax.data.prepare NAME --manual_dir DIR`;
-  list                         semseg list files, `image_path label_path` a line, relative to
-                               config.data.root (train_list / val_list), read as they are;
-  folder                       root/images/<split>/**/*.{jpg,png,...} with labels
-                               root/labels/<split>/**/<same stem>.png, read as they are.
-Labels come out mapped (255 = ignore). list/folder files are decoded by TensorFlow ops
-(decode.py); a bad one stops the source with the file's name (pipeline.numpy_batches raises
-it as files.BadExampleError), or is skipped and counted with config.data.skip_bad_examples
-(numpy_batches logs it); the TFDS builders check every file once, when prepared (their
---skip_bad_examples flag). Each of process_count processes gets a disjoint part of the split
-(contiguous for TFDS, every process_count-th file for list/folder), and together they see
-every example once.
+config.data.name picks the source: synthetic, ade20k | voc2012 | cityscapes (TFDS builders,
+`python -m psp_jax.data.prepare NAME`), list (semseg list files) or folder
+(root/images/<split> beside root/labels/<split>). Labels come out mapped (255 = ignore).
+
+  examples = get_source(config.data, 'validation', process_index=0, process_count=1)
+
+Design: docs/design.md#data-sources
 """
 
 import contextlib

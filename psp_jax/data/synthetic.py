@@ -1,46 +1,12 @@
 """A synthetic scene-parsing data set in which what an object is depends on its scene.
 
-PSPNet's motivation (Zhao et al. 2017, Fig. 2) is that local appearance is often not enough:
-a boat on a river and a car on a road look alike, and only the scene around them tells
-which is which. This data set makes that the whole point, with no download, generated
-deterministically from a seed in a few milliseconds an image.
+Four scene types (street, harbour, pasture, beach) and 11 classes; cars and boats (cows and
+seals) are drawn alike, so only the scene tells them apart, as in PSPNet's motivation.
+Example `index` of a split is a pure function of (seed, split, index, image_size).
 
-Scenes and classes. Every image shows one of four scene types, drawn from top to bottom as
-sky, a far band and a ground, with one to three objects standing on the ground:
+  image, label, scene = render(0, 'validation', 22, scene='harbour')
 
-  | scene   | far band  | ground | objects |
-  |---------|-----------|--------|---------|
-  | street  | buildings | road   | car     |
-  | harbour | buildings | water  | boat    |
-  | pasture | trees     | grass  | cow     |
-  | beach   | sea       | sand   | seal    |
-
-The 11 classes are sky, building, tree, road, water, grass, sand, car, boat, cow and seal
-(no ignore pixels). Stuff classes have distinct textures: a sky gradient with soft clouds,
-skylines of blocks with window grids, blobby tree canopies, asphalt with dashed lane marks,
-water with horizontal ripples, grass with vertical blades, speckled sand.
-
-The context ambiguity. Cars and boats are drawn by the same function ("vehicle": a rounded
-body with a stripe and a cabin with two dark windows, in one of six colours), and cows and
-seals by another ("animal": an ellipse body with a head and spots). The object's pixels come
-from a random stream that does not depend on the scene type, so swapping a street for a
-harbour (or a pasture for a beach) leaves every object pixel and the object's mask unchanged
-and only changes its label: car <-> boat, cow <-> seal (`render(..., scene=...)` shows it and
-the tests check it). Objects can be large: in half of the images the first object is a
-close-up, 1.3-1.9 times the image width, its top just below the horizon and cut by the
-bottom edge, so the pixels of its lower part are over half an image away from the nearest
-ground pixel (a strip of ground always shows above
-the objects, so every image stays decidable). A classifier that sees only a window around a
-pixel cannot tell car from boat there; one that pools over the whole image (PSPNet's bin-1
-and bin-2 pyramid branches) can. Street and harbour share their far band (buildings), so
-the ground is the only cue between them. Global brightness and contrast jitter and Gaussian
-pixel noise (sigma 6 on 0..255) keep the textures learnable but not constant.
-
-Determinism. Example `index` of split `split` is a pure function of (seed, split, index,
-image_size): its random streams come from `numpy.random.SeedSequence([seed, split, index])`,
-so the first N examples are the same whatever the number asked for, and the same seed gives
-the same bytes (on the same numpy; its transcendental functions may differ in the last bit
-between CPUs, which rounding to uint8 almost always hides).
+Design: docs/design.md#the-synthetic-data-set
 """
 
 from collections.abc import Iterator

@@ -1,14 +1,9 @@
 """Training augmentation and evaluation preprocessing as plain TF functions on example dicts.
 
 An example is {'image': [H, W, 3] uint8 or float32 RGB, 'label': [H, W] uint8}. Every random
-op takes ONE stateless seed (a [2] int tensor) and applies the same draw to image and label, so
-a result depends only on the seed, never on thread scheduling. The ops mirror
-hszhao/semseg util/transform.py (RandScale, RandRotate, RandomGaussianBlur,
-RandomHorizontalFlip, Crop, Normalize) and tool/test.py (long-side resize, mean padding).
-
-The official SemData casts the decoded image to float32 before any transform, so every cv2
-call there works on float32 and nothing is rounded back to uint8; interpolating ops here also
-return float32 images, and padding with the mean colour therefore normalises to exactly 0.
+op takes ONE stateless seed (a [2] int tensor) and applies the same draw to image and label.
+The ops mirror hszhao/semseg util/transform.py and tool/test.py, in float32 as the
+original's SemData. Design: docs/design.md#training-augmentation
 """
 
 from collections.abc import Sequence

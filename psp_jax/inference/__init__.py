@@ -1,1 +1,1 @@
-"""Inference: the official test procedure (plan, sliding window), evaluation, Segmenter."""
+"""Inference: the official test procedure (planning, sliding window), evaluation, Segmenter."""

@@ -1,18 +1,9 @@
 """Evaluation of a checkpoint on a data set split with the official protocol (tool/test.py).
 
-`python -m psp_jax.evaluate` is its command line: mIoU / mAcc / allAcc, a per-class table,
-results.{txt,md,json}. The checkpoint is a training workdir, a converted checkpoint
-directory or an official PyTorch .pth (converted on the fly).
-
-Protocols: 'official' (hszhao/semseg) averages IoU and accuracy over *all* classes, a class
-absent from both prediction and ground truth counting 0; 'mmseg' averages over the classes
-present. The flip is a separate switch: the official single-scale numbers use it,
-mmsegmentation's default test pipeline does not. mmseg's whole test is further
-config.eval.resize='fit' (fit_scale), average='logits' and, sliding, clip_windows and
-stride (psp_jax.inference.planning; configs/mmseg_*.py set them all).
-
-Multi-host: each host evaluates its own part of the split on its own devices; the
-confusion matrices are summed over hosts at the end.
+`python -m psp_jax.evaluate` is its command line (mIoU / mAcc / allAcc, a per-class table,
+results.{txt,md,json}); in-training validation (`validator`) runs the same `evaluate_model`.
+Protocol 'official' averages over all classes, 'mmseg' over those present; each host
+evaluates its own part of the split. Design: docs/design.md#evaluation-protocols
 """
 
 import json

@@ -3,18 +3,9 @@
 Pure NumPy on three-channel images and index vectors, so it runs on the host while the
 devices compute; psp_jax.inference.sliding_window turns the plans into device work.
 
-Why the image resize is NumPy, on the host: images differ in size, so a JAX resize would
-compile once per size, and TF would make predict depend on TensorFlow; three channels cost
-little. The resize of the K-channel probabilities back to the original size runs on device
-(sliding_window.py), as gathers with the index vectors computed here, so its shapes stay
-fixed. Both follow cv2.resize INTER_LINEAR (align_corners=False), which tool/test.py uses.
+  plan = plan_image(image, InferenceConfig(mode='whole'))
 
-mmsegmentation's test (resize='fit', clip_windows, average='logits'): mmcv's Resize with
-keep_ratio scales the image by min(long / max(h, w), short / min(h, w)) for a scale
-(long, short), each side int(side * factor + 0.5), with cv2 bilinear on the uint8 image
-(reproduced in fixed point: resize_uint8); no padding at test time; a sliding window
-is clipped to the image (an image smaller than the crop is one smaller window); raw logits,
-not probabilities, are averaged where windows overlap and resized back to the original size.
+Design: docs/design.md#host-planning
 """
 
 import dataclasses

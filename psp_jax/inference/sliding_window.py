@@ -1,24 +1,10 @@
 """Sliding-window, multi-scale, flip-averaged inference of tool/test.py, run on device.
 
-With InferenceConfig(resize='fit', clip_windows=True, average='logits', flip=False) it is
-mmsegmentation's test instead (psp_jax.inference.planning): the same machinery, averaging raw
-logits rather than probabilities.
+  labels = SlidingWindowInference(apply_fn, variables, num_classes=150).predict(image)
 
-The host plans each image: the resize to each scale, the mean padding and the window
-offsets (cheap: three channels, integers). The devices do the rest: forward passes of
-crop-sized windows, softmax averaged with the horizontal flip, accumulation into one
-probability canvas per scale, overlap-count normalisation, bilinear resize back to the
-original size, the average over scales, argmax and the confusion matrix.
-
-Bounded compilation: a step holds one image per device. Each scale's canvas has a fixed
-shape (the long side of a resized image is always round(scale * base_size)), windows have
-the crop shape, and the resize back to the original size runs on fixed-size tiles of the
-original image, so the compiled functions never see an image's own size. Whole-image mode
-is the same computation with one window per image, padded to a multiple of
-`whole_multiple`: a few buckets, one compilation each.
-
-Each host works on its own images with its own devices (a mesh of local devices); only the
-final confusion matrix is summed over hosts (see psp_jax.evaluate).
+The host plans each image (psp_jax.inference.planning); the devices run the windows, the
+averages and the resize back, in compiled functions that never see an image's own size.
+Design: docs/design.md#sliding-window-on-device
 """
 
 import functools

@@ -3,15 +3,8 @@
   python -m psp_jax.convert pspnet_r50-d8_512x512_160k_ade20k_20200615_184358-1890b0bd.pth DIR
   python -m psp_jax.convert DIR pspnet_mmseg.pth            # back, in mmseg's layout
 
-mmseg's `pspnet_r*-d8` is the official network with ResNetV1c's stem (3x3 convs of w/2, w/2,
-w: PSPNet(stem='deep_v1c')), `contract_dilation` (block 0 of layer3 at dilation 1, of layer4
-at 2) and `align_corners=False` in every resize: MMSEG_VARIANT, which the weights cannot tell
-and every mmseg file is read with. Its keys map one to one onto the official names (NAMES),
-so the official machinery (psp_jax.interop.semseg) does the rest; the expected keys and
-shapes come from psp_jax.interop.torch_mmseg on the meta device, every key is consumed, and
-all missing, unexpected or mis-shaped keys are listed in one CheckpointMismatchError, named
-as in the file. Zoo files are {'meta', 'state_dict'}; the class names and palette of `meta`
-(0.x CLASSES / PALETTE, 1.x dataset_meta) are read by `dataset_meta`.
+mmseg's network is the official one with ResNetV1c's stem and MMSEG_VARIANT; its keys map
+one to one onto the official names (NAMES). Design: docs/design.md#pytorch-layouts
 """
 
 import collections

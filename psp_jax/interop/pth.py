@@ -1,10 +1,8 @@
 """PyTorch files: PSPNet checkpoints (semseg or mmseg layout) and ImageNet backbones.
 
-A file's layout is recognised from its keys (detect_layout): hszhao/semseg's PSPNet
-(layer0..4, ppm, cls, aux), mmsegmentation's (backbone, decode_head, auxiliary_head) or an
-ImageNet ResNet (semseg's resnet50_v2, torchvision's, open-mmlab's resnet50_v1c). Files are
-read with torch.load(weights_only=True) only: tensors and plain containers, never code.
-torch is imported only when a file is read or written, so the rest of psp_jax runs without it.
+A file's layout is recognised from its keys (detect_layout). Files are read with
+torch.load(weights_only=True) only, and torch is imported only when a file is read or
+written. Design: docs/design.md#pytorch-layouts
 """
 
 import os

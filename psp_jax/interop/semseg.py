@@ -1,14 +1,11 @@
 """Weights between official PyTorch PSPNet checkpoints (hszhao/semseg) and the Flax PSPNet.
 
-  python -m psp_jax.convert train_epoch_100.pth OUT_DIR   # .pth -> orbax dir + model_config
-  python -m psp_jax.convert OUT_DIR pspnet.pth            # orbax dir -> official .pth
+  python -m psp_jax.convert train_epoch_100.pth OUT_DIR   # .pth -> weights dir
+  python -m psp_jax.convert OUT_DIR pspnet.pth            # weights dir -> official .pth
 
-The Flax tree is the official one renamed (see the naming table below): conv kernels are
-transposed OIHW -> HWIO, BatchNorm weight/bias/running_mean/running_var become
-params scale/bias and batch_stats mean/var. The expected keys and shapes of a configuration
-come from psp_jax.interop.torch_pspnet built on the meta device, so a checkpoint is checked against
-the exact official layout: every key is consumed, and every missing, unexpected or mis-shaped
-key is reported in one CheckpointMismatchError.
+The Flax tree is the official one renamed (the naming tables below), kernels transposed
+OIHW -> HWIO; a checkpoint is checked against the exact official layout.
+Design: docs/design.md#pytorch-layouts
 """
 
 import collections

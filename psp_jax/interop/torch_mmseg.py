@@ -1,12 +1,7 @@
 """PSPNet in PyTorch with mmsegmentation's state_dict layout (parity reference, no mmseg).
 
-Written for this project from the facts of mmseg 1.x (`configs/pspnet/pspnet_r50-d8_*`:
-an EncoderDecoder of ResNetV1c, PSPHead and an FCNHead auxiliary head): its `state_dict()`
-has exactly the keys, shapes and order of the zoo checkpoints (`backbone.stem.*`,
-`backbone.layerN.*`, `decode_head.{conv_seg, psp_modules, bottleneck}`,
-`auxiliary_head.{conv_seg, convs}`), so they load with strict=True. The blocks are those of
-psp_jax.interop.torch_pspnet; what differs is the names and mmseg's defaults: the ResNetV1c
-stem (3x3 convs of w/2, w/2, w), `contract_dilation` and `align_corners=False`.
+Its `state_dict()` has exactly the keys, shapes and order of the zoo checkpoints, so they
+load with strict=True. Design: docs/design.md#pytorch-layouts
 """
 
 from collections.abc import Sequence

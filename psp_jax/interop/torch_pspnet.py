@@ -1,10 +1,8 @@
 """PSPNet in PyTorch with the official hszhao/semseg state_dict layout (parity reference).
 
-Written for this project from the facts of the original (model/pspnet.py, model/resnet.py):
-its `state_dict()` has exactly the keys and shapes of the released checkpoints, so they load
-with strict=True, and psp_jax.convert maps it onto the Flax PSPNet leaf by leaf. Unlike the
-original, `forward` never computes a loss, accepts any input size, and dilation is a
-constructor argument rather than patched in afterwards.
+Its `state_dict()` has exactly the keys and shapes of the released checkpoints, so they load
+with strict=True; `forward` never computes a loss and takes any input size.
+Design: docs/design.md#pytorch-layouts
 """
 
 from collections.abc import Sequence

@@ -1,11 +1,7 @@
 """The convolution weight gradient as matrix products on the CPU, and which convolutions use it.
 
-Why: XLA's CPU convolution emitter is slow at the weight gradient of 1x1 kernels; written as
-one [in, B H' W'] x [B H' W', out] matrix product it runs faster, and the whole train step
-with it is faster too (benchmarks/NOTES.md, benchmarks/conv_grads.py and step_variants.py).
-For 3x3 kernels XLA's own convolution wins. The choice is made when the program is lowered
-(jax.lax.platform_dependent), so GPU and TPU programs are exactly what autodiff of the plain
-convolution gives.
+1x1 kernels on the CPU only, chosen when the program is lowered: GPU and TPU programs are
+plain autodiff. Design: docs/design.md#the-cpu-weight-gradient
 """
 
 import functools

@@ -4,10 +4,9 @@
   labels = seg.predict(image)
   seg.overlay(image, labels).save('overlay.png')
 
-open_artifact runs StableHLO by JAX, ONNX by onnxruntime, a SavedModel by TensorFlow, each as
-a serving stack would run it. `python -m psp_jax.predict --exported DIR` uses ExportedSegmenter:
-the procedure is the artifact's (one pass at its fixed size, each image letterboxed to it by
-psp_jax.serving.runner), not the official test's sliding window, flip or scales.
+Each format runs as a serving stack would run it (StableHLO by JAX, ONNX by onnxruntime, a
+SavedModel by TensorFlow), one pass at the artifact's size, each image letterboxed to it.
+Design: docs/serving.md#export
 """
 
 import os

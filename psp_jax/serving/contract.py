@@ -1,10 +1,7 @@
 """What an exported model promises: formats, outputs, sizes, and the serving.json that says so.
 
-An artifact folder holds the model file(s) of one format and serving.json: the input (uint8
-RGB [B, H, W, 3], NHWC, one fixed H x W, a fixed or any batch), the output, the
-preprocessing done inside the model (ImageNet normalisation, psp_jax.data.normalization)
-and what the caller does (resize or letterbox to H x W), the class names and palette, the
-model config, the versions that wrote it and the parity check it passed.
+An artifact folder holds the model file(s) of one format and serving.json (`metadata`).
+Design: docs/serving.md#the-contract
 """
 
 import datetime

@@ -3,11 +3,7 @@
   exporter = Exporter.from_checkpoint('runs/ade20k')
   exporter.export('onnx', 'exported/onnx', size=(512, 512), batch=None, outputs='logits')
 
-Each export is written to a staging folder beside the output, run by its own runtime
-(jax.export, TensorFlow, onnxruntime) on test images and compared with the in-process
-model (psp_jax.serving.parity); only an artifact that passes is moved into the output
-folder, with serving.json (psp_jax.serving.contract) last. A failure leaves the output
-folder as it was.
+A failed check leaves the output folder as it was. Design: docs/serving.md#the-parity-check
 """
 
 import hashlib

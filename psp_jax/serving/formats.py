@@ -1,15 +1,8 @@
 """The serving function and its three writers: StableHLO, TF SavedModel and ONNX files.
 
-The serving function takes uint8 RGB images [B, H, W, 3], normalises them as training and
-inference do (psp_jax.data.normalization), runs PSPNet in eval mode and returns labels
-(int32 [B, H, W]), logits or probabilities (float32 [B, H, W, K]). Each writer puts the
-weights inside the artifact:
-
-- stablehlo: jax.export (StableHLO bytes, weights as constants), for any JAX: run with
-  jax.export.deserialize(...).call, or psp_jax/serving/runner.py (a copy is written beside).
-- savedmodel: jax2tf native serialisation, a tf.XlaCallModule op carrying the same
-  StableHLO, weights as tf.Variables; signature 'serving_default' for TF Serving.
-- onnx: jax2onnx, weights as initializers (psp_jax.serving.onnx_graph).
+uint8 RGB images [B, H, W, 3] in, normalised inside; labels int32 [B, H, W] (or float32
+logits or probabilities [B, H, W, K]) out; the weights inside the artifact.
+Design: docs/serving.md#formats
 """
 
 import os

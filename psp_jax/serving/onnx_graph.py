@@ -1,13 +1,8 @@
 """The ONNX conversion: jax2onnx on our program, with the one rewrite onnxruntime needs.
 
-jax2onnx (0.13) lowers `reduce_window_max` (the ResNet stem's 3x3 max pool) of an NHWC
-array [B, H, W, C] to an ONNX MaxPool over all four axes of a [1, 1, B, H, W, C] tensor,
-a 4-D pooling that onnxruntime's CPU kernel refuses ("MaxPool ... Unsupported pooling
-size", it takes 1-3 spatial axes). `without_window_max` re-traces the program with every
-reduce_window_max written as the maximum of the window's strided slices of the -inf padded
-input: the same values exactly (a maximum does not round), in Pad, Slice and Max nodes.
-The rest of the program is bound primitive by primitive as traced; custom derivative rules
-(custom_jvp / custom_vjp) are inlined, which inference does not need.
+`without_window_max` writes every reduce_window_max (the stem's max pool, which jax2onnx
+lowers to a 4-D MaxPool that onnxruntime refuses) as a maximum of strided slices, exactly.
+Design: docs/serving.md#the-onnx-rewrite
 """
 
 import contextlib

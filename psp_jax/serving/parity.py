@@ -1,12 +1,7 @@
 """Does an exported model give the in-process model's answer? Images, measures and bounds.
 
-Both sides see the same uint8 images. The in-process side is the model psp_jax runs
-(inference.segmenter.load_model's apply function under jax.jit) on the images normalised in
-NumPy as inference.planning does; the artifact normalises inside. Bounds, in float32:
-logits (and probabilities) within relative L2 1e-5 of the in-process ones, labels equal on
-at least 99.99% of pixels. Why 1e-5: two float32 runs of one network that differ only in
-summation order already differ by ~6e-6 (docs: the numerical floor of parity tests), and a
-converter reorders sums; labels can then differ only where two classes nearly tie.
+Both sides see the same uint8 images; logits must be within relative L2 1e-5, labels equal
+on 99.99% of pixels. Design: docs/serving.md#the-parity-check
 """
 
 import dataclasses

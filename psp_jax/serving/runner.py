@@ -1,23 +1,12 @@
 """Runs an exported PSPNet (python -m psp_jax.export) on images of any size, without psp_jax.
 
-This file imports only json, os, NumPy and (for StableHLO) JAX, so it can be copied beside
-an artifact and used where psp_jax is not installed; `export` puts a copy of it in every
-StableHLO artifact (run_stablehlo.py). In Python:
+Imports only json, os, NumPy and (for StableHLO) JAX: `export` copies this file into every
+StableHLO artifact (run_stablehlo.py). Images of other sizes are letterboxed.
 
-  runner = Runner.stablehlo('exported/pspnet')     # the folder `export --output` wrote
+  runner = Runner.stablehlo('exported/stablehlo')  # the folder `export --output` wrote
   labels = runner.predict(image)                   # uint8 RGB [h, w, 3] -> int32 [h, w]
 
-ONNX and SavedModel artifacts are run the same way through psp_jax.serving.artifact, which
-hands this class the call of onnxruntime or TensorFlow.
-
-An artifact takes one fixed image size (its HxW in serving.json): adaptive pooling and the
-resizes inside PSPNet need static sizes. Other images are *letterboxed*: scaled, aspect kept,
-until they fit (bilinear, cv2.resize INTER_LINEAR rounding, as psp_jax.inference.planning), and
-centred on a canvas of the mean colour, which normalises to about 0, as tool/test.py pads
-with the mean; the label map (or logits, bilinearly) is then cropped back to the image's
-place and resized to its size. Why not stretch: the network was trained on crops of images
-rescaled with their aspect kept, and stretched objects are not what it learnt. Why not pad
-or tile alone: an image larger than the artifact would need several passes.
+Design: docs/serving.md#letterbox (in the psp-jax repository)
 """
 
 import json

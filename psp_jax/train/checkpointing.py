@@ -1,18 +1,8 @@
 """A run's orbax checkpoints: the newest TrainStates for resuming, and the best by mIoU.
 
-Layout of a workdir (every checkpoint is self-describing):
-
-  workdir/checkpoints/<step>/state          TrainState {step, params, batch_stats, opt_state}
-  workdir/checkpoints/<step>/model_config   PSPNet keyword arguments (JSON)
-  workdir/best/<step>/state                 {step, params, batch_stats} of the best validation
-  workdir/best/<step>/model_config          mIoU so far (metrics in orbax's step metadata)
-
-Restoring `state` without a target gives nested dicts, so a reader that only wants the
-weights takes ['params'] and ['batch_stats'] (psp_jax.weights does).
-
-A checkpoint damaged after it was written (a file truncated, garbled or deleted) is moved
-aside to `checkpoints/<step>.damaged` when resuming, and the next older one is used; see
-Checkpoints.restore_newest.
+Every checkpoint is self-describing (state + model_config); one damaged after it was written
+is moved aside when resuming (Checkpoints.restore_newest). The workdir's layout and the
+other checkpoint kinds: docs/design.md#checkpoints
 """
 
 import logging

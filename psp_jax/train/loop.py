@@ -1,11 +1,8 @@
 """The training loop: train(config, workdir, validate=...), readable top to bottom.
 
-Steps: check the config; build the model, the optimiser and the mesh; initialise the
-TrainState into its shardings or restore the newest checkpoint of the workdir; then loop
-over global batches with one compiled train step, logging, validating and checkpointing as
-the config says. Validation is the caller's function (psp_jax.experiment passes
-psp_jax.inference's whole-image evaluation). Resuming continues at the same step, schedule
-and data position.
+Validation is the caller's function (psp_jax.experiment passes psp_jax.inference's
+whole-image evaluation); resuming continues at the same step, schedule and data position.
+Design: docs/design.md#training
 """
 
 import logging

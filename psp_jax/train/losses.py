@@ -43,22 +43,11 @@ def cross_entropy(
 ) -> jax.Array:
   """Mean cross-entropy over labelled pixels, as torch.nn.CrossEntropyLoss(ignore_index=255).
 
-  With groups = G > 1 the batch is cut into G equal consecutive slices, each slice's loss
-  is its own mean over its labelled pixels, and the G means are averaged. That is what
-  hszhao/semseg's multi-GPU training optimises (tool/train.py: each of the 8 GPUs computes
-  CrossEntropyLoss on its 2 images, and DistributedDataParallel averages the gradients), so
-  groups=8 with batch 16 reproduces it on any number of devices. groups=1 is the mean over
-  all labelled pixels of the batch.
-
-  A slice without a single labelled pixel contributes 0 where torch would return NaN (0/0):
-  one unlucky crop of pure ignore pixels should not poison the parameters.
-
-  normalization='all' divides each slice's sum by all its pixels instead, ignored ones
-  included (mmseg: loss.sum() / label.numel() in mmseg/models/losses/cross_entropy_loss.py,
-  called by BaseDecodeHead.loss_by_feat for the decode and auxiliary heads alike). Ignored
-  pixels still add nothing to the sum, so the loss and its gradient shrink with the fraction
-  of ignored pixels. As every slice has the same number of pixels, the groups then do not
-  change the value: mmseg's per-GPU means averaged by DDP are the mean over the batch.
+  groups = G > 1 averages the means of G equal consecutive slices of the batch, as
+  hszhao/semseg's 8-GPU training optimises (tool/train.py, DDP); normalization='all' divides
+  each slice's sum by all its pixels, ignored ones included (mmseg's cross_entropy_loss.py).
+  A slice with no labelled pixel contributes 0, not torch's NaN.
+  Design: docs/design.md#losses
 
   Args:
     logits: [B, H, W, K].

@@ -1,11 +1,8 @@
 """Safeguards of a training run: stopping cleanly on a signal, and steps with a non-finite loss.
 
-StopRequest turns SIGTERM (a TPU VM's preemption notice, `kill`) and SIGINT (Ctrl-C) into a
-request that the loop honours at the next step boundary, where it saves a checkpoint and
-returns. guard_nonfinite makes the compiled train step keep the old state when its loss or
-gradient is not finite and flag the step; NonFiniteSteps reads those flags on the host at
-the points where the loop syncs anyway (logging, validation, checkpoints), so no step waits
-for the host.
+StopRequest (SIGTERM, SIGINT) stops the loop at the next step boundary with a checkpoint;
+guard_nonfinite keeps the old state on a non-finite step, and NonFiniteSteps counts such
+steps where the loop syncs anyway. Design: docs/design.md#safeguards
 """
 
 import logging

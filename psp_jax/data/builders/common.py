@@ -1,9 +1,8 @@
 """Shared machinery of the project's TFDS builders: file trees (folders or zips), decoding.
 
-A builder lists the files of its manual directory as a tree of '/'-separated relative paths
-(a folder on disk or a zip archive read in place), matches images with labels by regular
-expressions, and decodes, checks and re-encodes every pair in a few threads (PIL releases the
-GIL), writing the image's original bytes when it is already 8-bit RGB JPEG/PNG.
+A builder lists its manual directory (a folder, or a zip read in place), matches images with
+labels by regular expressions, and decodes, checks and re-encodes every pair in a few
+threads. Design: docs/design.md#data-sources
 """
 
 import collections
