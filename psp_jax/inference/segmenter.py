@@ -20,38 +20,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from psp_jax import errors, paths, visualize, weights
-from psp_jax.data import classes
+from psp_jax.data import classes, datasets
 from psp_jax.data.files import IMAGE_EXTENSIONS
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
 from psp_jax.models import codec
-
-# Test geometry of the official configs (config/*/*.yaml: base_size, test_h / test_w).
-DATASET_DEFAULTS = {
-  'ade20k': dict(base_size=512, crop_size=(473, 473)),
-  'voc2012': dict(base_size=512, crop_size=(473, 473)),
-  'cityscapes': dict(base_size=2048, crop_size=(713, 713)),
-}
-# A checkpoint that does not say which data set it was trained on is recognised by its
-# number of classes.
-DATASET_BY_CLASSES = {150: 'ade20k', 21: 'voc2012', 19: 'cityscapes'}
-# mmsegmentation's test of its PSPNet configs (configs/_base_/datasets/*.py test_pipeline:
-# Resize keep_ratio to fit `scale`; test_cfg mode 'whole'; no flip; raw logits resized
-# back), the default for a model of mmseg's variant. The crop is its training crop, for a
-# --mode slide asked for on top. Data sets not listed (or unknown) get ADE20K's.
-MMSEG_TEST = dict(
-  mode='whole',
-  resize='fit',
-  scales=(1.0,),
-  flip=False,
-  average='logits',
-  clip_windows=True,
-  whole_multiple=1,
-)
-MMSEG_DATASET_DEFAULTS = {
-  'ade20k': dict(fit_scale=(2048, 512), crop_size=(512, 512)),
-  'voc2012': dict(fit_scale=(2048, 512), crop_size=(512, 512)),
-  'cityscapes': dict(fit_scale=(2048, 1024), crop_size=(512, 1024)),
-}
 
 
 def is_mmseg_variant(model_config: dict[str, Any]) -> bool:
@@ -64,22 +36,28 @@ def default_inference(
 ) -> InferenceConfig:
   """The test procedure of a model that comes without an experiment config.
 
-  The official one (DATASET_DEFAULTS: tool/test.py's sliding window with flip) for the
-  official network; mmseg's (MMSEG_TEST, MMSEG_DATASET_DEFAULTS) for mmseg's variant,
-  whose published numbers it reproduces. Overrides (InferenceConfig fields) win one by one;
-  base_size given without resize means the official long-side resize it belongs to.
+  The official one (tool/test.py's sliding window with flip, at the data set's base_size and
+  crop) for the official network; mmseg's (datasets.MMSEG_TEST, fitting the data set's
+  mmseg_scale; the crop, its mmseg_crop, for a --mode slide asked for on top) for mmseg's
+  variant, whose published numbers it reproduces. Overrides (InferenceConfig fields) win one
+  by one; base_size given without resize means the official long-side resize it belongs to.
 
   Args:
     dataset: 'ade20k', 'voc2012', 'cityscapes', other or None.
     model_config: the checkpoint's model config (codec); None counts as official.
     overrides: InferenceConfig fields the caller chose.
   """
+  known = datasets.DATASETS.get(dataset)
   if model_config is not None and is_mmseg_variant(model_config):
-    kwargs = {**MMSEG_TEST, **MMSEG_DATASET_DEFAULTS.get(dataset, MMSEG_DATASET_DEFAULTS['ade20k'])}
+    if known is None or known.mmseg_scale is None:
+      known = datasets.DATASETS['ade20k']  # Data sets not in the table (or unknown) get ADE20K's.
+    kwargs = {**datasets.MMSEG_TEST, 'fit_scale': known.mmseg_scale, 'crop_size': known.mmseg_crop}
     if 'base_size' in overrides and 'resize' not in overrides:
       kwargs['resize'] = 'long_side'
+  elif known is not None and known.base_size is not None:
+    kwargs = dict(base_size=known.base_size, crop_size=known.crop)
   else:
-    kwargs = dict(DATASET_DEFAULTS.get(dataset, {}))
+    kwargs = {}
   return InferenceConfig(**{**kwargs, **overrides})
 
 
@@ -170,9 +148,9 @@ class Segmenter:
 
     class_names and palette (uint8 [K, 3]), e.g. a checkpoint's own, replace the data set's.
     """
-    self.dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+    self.dataset = dataset or datasets.by_classes(num_classes)
     if config is None:
-      config = InferenceConfig(**DATASET_DEFAULTS.get(self.dataset, {}))
+      config = default_inference(self.dataset)
     self.num_classes = num_classes
     self.inference = SlidingWindowInference(
       apply_fn, variables, num_classes=num_classes, config=config, devices=devices
@@ -230,7 +208,7 @@ class Segmenter:
     num_classes = int(model_config['num_classes'])
     if dataset is None and config is not None:
       dataset = config.data.name
-    dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+    dataset = dataset or datasets.by_classes(num_classes)
     if config is not None:
       inference = InferenceConfig.from_config(config, **inference_overrides)
     else:

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from psp_jax import errors, paths
-from psp_jax.data import classes
+from psp_jax.data import classes, datasets
 from psp_jax.inference import planning, segmenter
 from psp_jax.serving import artifact, contract, deps, formats, parity
 
@@ -48,7 +48,7 @@ def dataset_of(
   if dataset is None and checkpoint:
     config = segmenter.run_config(checkpoint)
     dataset = config.data.name if config is not None else None
-  dataset = dataset or segmenter.DATASET_BY_CLASSES.get(num_classes)
+  dataset = dataset or datasets.by_classes(num_classes)
   if own and own.get('classes') and own.get('palette') is not None:
     names, palette = tuple(own['classes']), np.asarray(own['palette'], np.uint8)
     if len(names) != num_classes or palette.shape != (num_classes, 3):
