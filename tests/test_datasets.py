@@ -1,10 +1,12 @@
 """psp_jax.data.datasets, the table of data-set facts, and the code that reads it."""
 
 import ml_collections
+import numpy as np
 
 from psp_jax.data import builders, classes, datasets
 from psp_jax.data.builders import synthetic as synthetic_builder
 from psp_jax.inference import segmenter
+from psp_jax.serving import exporter
 from psp_jax.train import aot
 
 
@@ -28,6 +30,20 @@ def test_each_data_set_has_names_and_a_palette_of_its_classes():
 def test_a_checkpoint_without_its_data_set_is_known_by_its_classes():
   assert [datasets.by_classes(k) for k in (150, 21, 19)] == list(datasets.BENCHMARKS)
   assert datasets.by_classes(11) is None  # the synthetic set is never guessed
+  choice = segmenter.dataset_of(19)
+  assert choice.name == 'cityscapes' and choice.class_names == classes.CLASS_NAMES['cityscapes']
+  np.testing.assert_array_equal(choice.palette, classes.PALETTES['cityscapes'])
+  own = {'classes': [f'c{i}' for i in range(19)], 'palette': np.ones((19, 3))}
+  assert segmenter.dataset_of(19, meta=own).class_names[0] == 'c0'
+  assert segmenter.dataset_of(19, 'cityscapes', meta=own).class_names[0] == 'road'
+  unnamed = segmenter.dataset_of(11)
+  assert unnamed.name is None and unnamed.class_names[0] == 'class 0'
+  # The exporter makes the same choice (serving.json shows what predict shows).
+  for dataset, first in ((None, 'c0'), ('cityscapes', 'road')):
+    model = exporter.Exporter(
+      lambda v, x: x, {}, {'num_classes': 19}, dataset=dataset, dataset_meta=own
+    )
+    assert (model.dataset, model.class_names[0]) == ('cityscapes', first)
 
 
 def test_the_official_test_geometry_and_the_epoch_recipes_come_from_the_table():

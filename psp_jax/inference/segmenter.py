@@ -10,7 +10,7 @@
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -111,6 +111,77 @@ def run_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict | Non
     raise errors.InvalidInputError(f'{path} is not a run config written by train.py: {e}') from e
 
 
+class DatasetChoice(NamedTuple):
+  """Which data set a model is, with the class names and palette it is shown with."""
+
+  name: str | None
+  class_names: tuple[str, ...]
+  palette: np.ndarray  # uint8 [K, 3]
+
+
+def dataset_of(
+  num_classes: int,
+  dataset: str | None = None,
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  meta: Mapping[str, Any] | None = None,
+) -> DatasetChoice:
+  """Which data set a checkpoint is: Segmenter.from_checkpoint's choice, and the exporter's.
+
+  Args:
+    num_classes: the model's.
+    dataset: the caller's choice; it wins.
+    config: the checkpoint's run config (run_config); its data.name comes next, else the
+      benchmark of num_classes classes (datasets.by_classes).
+    meta: the checkpoint's own {'classes', 'palette'} (an mmseg file's meta, kept by
+      psp_jax.convert); they replace the data set's unless `dataset` is given.
+
+  Raises:
+    errors.InvalidInputError: a data set, names or palette of another number of classes.
+  """
+  own = meta if dataset is None and meta else {}  # An explicit data set wins.
+  if dataset is None and config is not None:
+    dataset = config.data.name
+  dataset = dataset or datasets.by_classes(num_classes)
+  return DatasetChoice(
+    dataset, *class_table(dataset, num_classes, own.get('classes'), own.get('palette'))
+  )
+
+
+def class_table(
+  dataset: str | None,
+  num_classes: int,
+  class_names: Sequence[str] | None = None,
+  palette: np.ndarray | None = None,
+) -> tuple[tuple[str, ...], np.ndarray]:
+  """(class names, palette uint8 [K, 3]) of a model: the data set's, or those given.
+
+  Raises:
+    errors.InvalidInputError: a data set, names or palette of another number of classes.
+  """
+  known = classes.CLASS_NAMES.get(dataset)
+  if known is not None and len(known) != num_classes:
+    raise errors.InvalidInputError(
+      f'{dataset} has {len(known)} classes, the model {num_classes}: pass the right '
+      '`dataset` (--dataset)'
+    )
+  names = classes.names(dataset, num_classes)
+  if class_names is not None:
+    if len(class_names) != num_classes:
+      raise errors.InvalidInputError(
+        f'{len(class_names)} class names for a model of {num_classes} classes'
+      )
+    names = tuple(class_names)
+  if palette is None:
+    return names, classes.palette(dataset, num_classes)
+  palette = np.asarray(palette, np.uint8)
+  if palette.shape != (num_classes, 3):
+    raise errors.InvalidInputError(
+      f'palette of shape {palette.shape} for a model of {num_classes} classes'
+    )
+  return names, palette
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
   """uint8 RGB [H, W, 3] of an image file, EXIF rotation applied (as cv2.imread does)."""
   try:
@@ -148,34 +219,14 @@ class Segmenter:
 
     class_names and palette (uint8 [K, 3]), e.g. a checkpoint's own, replace the data set's.
     """
-    self.dataset = dataset or datasets.by_classes(num_classes)
+    self.dataset = dataset_of(num_classes, dataset).name
     if config is None:
       config = default_inference(self.dataset)
     self.num_classes = num_classes
     self.inference = SlidingWindowInference(
       apply_fn, variables, num_classes=num_classes, config=config, devices=devices
     )
-    known = classes.CLASS_NAMES.get(self.dataset)
-    if known is not None and len(known) != num_classes:
-      raise errors.InvalidInputError(
-        f'{self.dataset} has {len(known)} classes, the model {num_classes}: pass the right '
-        '`dataset`'
-      )
-    self.class_names = classes.names(self.dataset, num_classes)
-    self.palette = classes.palette(self.dataset, num_classes)
-    if class_names is not None:
-      if len(class_names) != num_classes:
-        raise errors.InvalidInputError(
-          f'{len(class_names)} class names for a model of {num_classes} classes'
-        )
-      self.class_names = tuple(class_names)
-    if palette is not None:
-      palette = np.asarray(palette, np.uint8)
-      if palette.shape != (num_classes, 3):
-        raise errors.InvalidInputError(
-          f'palette of shape {palette.shape} for a model of {num_classes} classes'
-        )
-      self.palette = palette
+    self.class_names, self.palette = class_table(self.dataset, num_classes, class_names, palette)
 
   @classmethod
   def from_checkpoint(
@@ -202,25 +253,22 @@ class Segmenter:
         they win over whichever default applies.
     """
     apply_fn, variables, model_config, meta = load(checkpoint)
-    own = meta if dataset is None and meta else {}  # an explicit data set wins
     if config is None:
       config = run_config(checkpoint)
     num_classes = int(model_config['num_classes'])
-    if dataset is None and config is not None:
-      dataset = config.data.name
-    dataset = dataset or datasets.by_classes(num_classes)
+    choice = dataset_of(num_classes, dataset, config=config, meta=meta)
     if config is not None:
       inference = InferenceConfig.from_config(config, **inference_overrides)
     else:
-      inference = default_inference(dataset, model_config, **inference_overrides)
+      inference = default_inference(choice.name, model_config, **inference_overrides)
     return cls(
       apply_fn,
       variables,
       num_classes=num_classes,
-      dataset=dataset,
+      dataset=choice.name,
       config=inference,
-      class_names=own.get('classes'),
-      palette=own.get('palette'),
+      class_names=choice.class_names,
+      palette=choice.palette,
     )
 
   @property
