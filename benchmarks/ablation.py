@@ -116,7 +116,7 @@ def run_one(variant: str, seed: int, config, run_dir: pathlib.Path) -> tuple[dic
     RuntimeError: run_dir holds a result of another config.
     KeyboardInterrupt: a signal stopped training (its checkpoint is saved).
   """
-  from psp_jax import experiment  # noqa: PLC0415 (imports TensorFlow)
+  from psp_jax import experiment, weights  # noqa: PLC0415 (imports TensorFlow)
   from psp_jax.inference import evaluation  # noqa: PLC0415 (imports TensorFlow)
 
   path = run_dir / RESULT_FILE
@@ -135,7 +135,7 @@ def run_one(variant: str, seed: int, config, run_dir: pathlib.Path) -> tuple[dic
     raise KeyboardInterrupt(f'stopped at step {trained["step"]}; rerun to continue')
   train_seconds = time.perf_counter() - started
   started = time.perf_counter()
-  checkpoint = run_dir / 'checkpoints' / str(trained['step'])
+  checkpoint = run_dir / weights.LATEST_DIR / str(trained['step'])
   results = evaluation.evaluate(
     config, checkpoint if checkpoint.is_dir() else run_dir, progress=False
   )

@@ -19,16 +19,17 @@ official mean over all 150 classes (eval.protocol='official').
 import ml_collections
 
 from configs import default
+from psp_jax.data import datasets
 
 
 def get_config() -> ml_collections.ConfigDict:
   """ADE20K PSPNet-50 (the default config, spelt out)."""
   config = default.get_config()
   config.data.name = 'ade20k'
-  config.data.num_classes = 150  # classes: 150
+  config.data.num_classes = datasets.DATASETS['ade20k'].num_classes  # classes: 150
   config.data.crop_size = 473  # train_h / train_w: 473
   config.num_epochs = 100  # epochs: 100
   config.batch_size = 16  # batch_size: 16
   config.optim.loss_groups = 8  # 8 GPUs x 2 images, each GPU's loss its own mean
-  config.eval.base_size = 512  # base_size: 512 (config/ade20k, TEST)
+  config.eval.base_size = datasets.DATASETS['ade20k'].base_size  # base_size: 512 (TEST)
   return config

@@ -18,16 +18,17 @@ ImageNet-pretrained backbone.
 import ml_collections
 
 from configs import default
+from psp_jax.data import datasets
 
 
 def get_config() -> ml_collections.ConfigDict:
   """Cityscapes fine PSPNet-50."""
   config = default.get_config()
   config.data.name = 'cityscapes'
-  config.data.num_classes = 19  # classes: 19
+  config.data.num_classes = datasets.DATASETS['cityscapes'].num_classes  # classes: 19
   config.data.crop_size = 713  # train_h / train_w: 713
   config.num_epochs = 200  # epochs: 200
   config.batch_size = 16  # batch_size: 16
   config.optim.loss_groups = 8  # 8 GPUs x 2 images, each GPU's loss its own mean
-  config.eval.base_size = 2048  # base_size: 2048
+  config.eval.base_size = datasets.DATASETS['cityscapes'].base_size  # base_size: 2048
   return config

@@ -31,6 +31,7 @@ The default variant is r50-80k.
 import ml_collections
 
 from configs import default, mmseg_recipe
+from psp_jax.data import datasets
 
 # variant: (depth, iterations, published mIoU, zoo checkpoint file)
 VARIANTS = {
@@ -67,7 +68,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   _, (depth, steps, _, _) = mmseg_recipe.parse_variant(variant, VARIANTS, DEFAULT_VARIANT)
   config = default.get_config()
   config.data.name = 'cityscapes'
-  config.data.num_classes = 19
+  dataset = datasets.DATASETS['cityscapes']
+  config.data.num_classes = dataset.num_classes
   return mmseg_recipe.apply(
-    config, depth=depth, steps=steps, batch_size=8, crop_size=(512, 1024), scale=(2048, 1024)
+    config, depth=depth, steps=steps, batch_size=8, crop_size=(512, 1024), scale=dataset.mmseg_scale
   )

@@ -22,6 +22,8 @@ BatchNorm is synchronised over the whole batch, as mmseg's SyncBN is.
 
 import ml_collections
 
+from psp_jax.data import datasets
+
 MMSEG_ZOO = 'https://download.openmmlab.com/mmsegmentation/v0.5/pspnet'
 # ImageNet backbones of mmseg's configs (pretrained='open-mmlab://resnet50_v1c').
 BACKBONES = {
@@ -95,13 +97,7 @@ def apply(
   config.checkpoint_every_steps = 2_000
 
   ev = config.eval
-  ev.mode = 'whole'
-  ev.resize = 'fit'
+  ev.update(datasets.MMSEG_TEST)  # mode 'whole', resize 'fit', no flip, 'logits', ...
   ev.fit_scale = scale
-  ev.scales = (1.0,)
-  ev.flip = False
-  ev.average = 'logits'
-  ev.clip_windows = True
-  ev.whole_multiple = 1
   ev.protocol = 'mmseg'
   return config

@@ -33,6 +33,7 @@ The default variant is r50-40k.
 import ml_collections
 
 from configs import default, mmseg_recipe
+from psp_jax.data import datasets
 
 # variant: (depth, iterations, published mIoU, zoo checkpoint file)
 VARIANTS = {
@@ -59,7 +60,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   _, (depth, steps, _, _) = mmseg_recipe.parse_variant(variant, VARIANTS, DEFAULT_VARIANT)
   config = default.get_config()
   config.data.name = 'voc2012'
-  config.data.num_classes = 21
+  dataset = datasets.DATASETS['voc2012']
+  config.data.num_classes = dataset.num_classes
   return mmseg_recipe.apply(
-    config, depth=depth, steps=steps, batch_size=16, crop_size=512, scale=(2048, 512)
+    config, depth=depth, steps=steps, batch_size=16, crop_size=512, scale=dataset.mmseg_scale
   )

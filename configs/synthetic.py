@@ -18,6 +18,7 @@ only the scene tells apart, each reach 0.91-0.95 IoU.
 import ml_collections
 
 from configs import default
+from psp_jax.data import datasets
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -33,7 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'
 
   config.data.name = 'synthetic'
-  config.data.num_classes = 11
+  config.data.num_classes = datasets.DATASETS['synthetic'].num_classes  # 11
   # 97 = 8 * 12 + 1 (a 13 x 13 feature map, the official 8k + 1 shape): three quarters of
   # the 129-pixel images, so a crop still shows enough scene to tell a car from a boat.
   config.data.crop_size = 97

@@ -17,16 +17,17 @@ These start from an ImageNet-pretrained backbone.
 import ml_collections
 
 from configs import default
+from psp_jax.data import datasets
 
 
 def get_config() -> ml_collections.ConfigDict:
   """VOC 2012 (train_aug) PSPNet-50."""
   config = default.get_config()
   config.data.name = 'voc2012'
-  config.data.num_classes = 21  # classes: 21
+  config.data.num_classes = datasets.DATASETS['voc2012'].num_classes  # classes: 21
   config.data.crop_size = 473  # train_h / train_w: 473
   config.num_epochs = 50  # epochs: 50
   config.batch_size = 16  # batch_size: 16
   config.optim.loss_groups = 8  # 8 GPUs x 2 images, each GPU's loss its own mean
-  config.eval.base_size = 512  # base_size: 512
+  config.eval.base_size = datasets.DATASETS['voc2012'].base_size  # base_size: 512
   return config

@@ -31,6 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec  # noqa: E
 from ml_collections import config_flags  # noqa: E402
 
 from psp_jax import errors  # noqa: E402
+from psp_jax.data import datasets  # noqa: E402
 from psp_jax.inference import planning, sliding_window  # noqa: E402
 from psp_jax.models import codec  # noqa: E402
 from psp_jax.train import aot, config_checks  # noqa: E402
@@ -149,7 +150,7 @@ def recipe(config: ml_collections.ConfigDict, steps: int) -> str:
   """Where the run's step count comes from, e.g. '126,300 steps (100 epochs x 1,263 ...)'."""
   if config.num_train_steps > 0:
     return f'{steps:,} steps (num_train_steps)'
-  images = aot.SPLIT_SIZES[config.data.name][0]
+  images = datasets.train_images(config.data.name)
   per_epoch = config_checks.steps_per_epoch(images, config.batch_size)
   return (
     f'{steps:,} steps ({config.num_epochs} epochs x {per_epoch:,} steps of {config.batch_size} '

@@ -27,9 +27,14 @@ from psp_jax.paths import as_path
 
 VARIABLES_DIR, CONFIG_FILE = 'variables', 'model_config.json'
 META_FILE = 'dataset_meta.json'  # {'classes': [...], 'palette': [[r, g, b], ...]}
-# The resolved experiment config a training run writes beside its checkpoints (summaries.py).
+# A training workdir: LATEST_DIR/<step>/ (the newest TrainStates) and BEST_DIR/<step>/ (the
+# best weights), each step holding the orbax items STATE_ITEM and MODEL_CONFIG_ITEM
+# (psp_jax.train.checkpointing writes them), and beside them RUN_CONFIG_FILE, the resolved
+# experiment config, and CONFIG_FILE (psp_jax.train.summaries).
+LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
+STATE_ITEM, MODEL_CONFIG_ITEM = 'state', 'model_config'
 RUN_CONFIG_FILE = 'config.json'
-TRAIN_DIRS = ('best', 'checkpoints')  # psp_jax.train.checkpointing.BEST_DIR, LATEST_DIR
+TRAIN_DIRS = (BEST_DIR, LATEST_DIR)  # load_variables looks in this order
 COLLECTIONS = ('params', 'batch_stats')
 REASON_CHARS = 240  # of an error's first line in a message: tensorstore's run to kilobytes
 _ASYNCIO_LOOP = os.path.join('asyncio', 'base_events.py')
@@ -239,8 +244,8 @@ def _steps(directory: epath.Path) -> list[int]:
 
 def _read_step_dir(step_dir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
   """A training step directory: state (orbax) + model_config (orbax JSON item)."""
-  variables = _restore_numpy(step_dir / 'state')
-  config_dir = step_dir / 'model_config'
+  variables = _restore_numpy(step_dir / STATE_ITEM)
+  config_dir = step_dir / MODEL_CONFIG_ITEM
   if config_dir.is_dir():
     with _reading(config_dir):
       config = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(config_dir)
@@ -297,7 +302,7 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
       raise errors.NotFoundError(f'{path} has {VARIABLES_DIR}/ but no {CONFIG_FILE}')
     config = _read_model_config(path / CONFIG_FILE)
     return _restore_numpy(path / VARIABLES_DIR), config
-  if (path / 'state').is_dir():  # The user named this step: no fallback.
+  if (path / STATE_ITEM).is_dir():  # The user named this step: no fallback.
     return _read_step_dir(path)
   candidates = [path / sub / str(step) for sub in TRAIN_DIRS for step in _steps(path / sub)[::-1]]
   if not candidates:

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from psp_jax.models import PSPNet, PyramidPooling, ResNet
+from psp_jax.models import PSPNet, PyramidPooling, ResNet, codec
 from psp_jax.models.layers import TORCH_DEFAULT_KERNEL_INIT, BatchNorm, Conv
 from psp_jax.models.pspnet import Head
 
@@ -179,6 +179,18 @@ def test_feature_sizes_per_output_stride():
       assert inter['layer3'][1:3] == l3, (h, w, stride)
       assert inter['layer4'][1:3] == l4, (h, w, stride)
       assert inter['cls'][1:3] == l4
+
+
+def test_min_input_side_is_the_first_with_a_layer4_cell_per_finest_bin():
+  assert codec.min_input_side({}) == 41  # stride 8, bins (1, 2, 3, 6)
+  assert codec.min_input_side({'output_stride': 16, 'bins': [1, 2, 6]}) == 81
+  assert codec.min_input_side({'output_stride': 8, 'use_ppm': False}) == 1
+  for stride in (8, 16, 32):
+    side = codec.min_input_side({'output_stride': stride})
+    for s in (side - 1, side):
+      _, inter = abstract_intermediates(PSPNet(**TINY, output_stride=stride), (1, s, s, 3))
+      assert inter['layer4'][1:3] == (codec.feature_side(s, stride),) * 2
+    assert codec.feature_side(side - 1, stride) == 5 and codec.feature_side(side, stride) == 6
 
 
 def test_any_input_size_gives_input_sized_logits():

@@ -7,6 +7,7 @@ from ml_collections import config_flags
 from test_train import ROOT, load_config, tiny_config  # noqa: I001 (tests/ is on sys.path)
 
 from psp_jax import experiment
+from psp_jax.data import datasets
 from psp_jax.models import codec
 from psp_jax.train import config_checks
 from psp_jax.train.config_checks import ConfigError
@@ -48,6 +49,21 @@ def test_paper_configs_hold_the_published_recipe():
     assert tuple(config.data.rotate_range) == (-10.0, 10.0)
   ade = load_config('ade20k')
   assert config_checks.num_train_steps(ade, 20_210) == 100 * 1263  # max_iter of tool/train.py
+
+
+def test_configs_agree_with_the_data_set_table():
+  for name in datasets.BENCHMARKS:
+    table = datasets.DATASETS[name]
+    official, mmseg = load_config(name), load_config(f'mmseg_{name}')
+    for config in (official, mmseg):
+      assert config.data.name == name and config.data.num_classes == table.num_classes
+    assert official.eval.base_size == table.base_size
+    assert config_checks.crop_pair(official.data.crop_size) == table.crop
+    assert config_checks.crop_pair(mmseg.data.crop_size) == table.mmseg_crop
+    assert tuple(mmseg.eval.fit_scale) == tuple(mmseg.data.mmseg.scale) == table.mmseg_scale
+    assert {key: mmseg.eval[key] for key in datasets.MMSEG_TEST} == datasets.MMSEG_TEST
+  synthetic = load_config('synthetic')
+  assert synthetic.data.num_classes == datasets.DATASETS['synthetic'].num_classes == 11
 
 
 def parse_command_line(*args: str) -> flags.FlagValues:

@@ -10,7 +10,7 @@
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -20,38 +20,10 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from psp_jax import errors, paths, visualize, weights
-from psp_jax.data import classes
+from psp_jax.data import classes, datasets
 from psp_jax.data.files import IMAGE_EXTENSIONS
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
 from psp_jax.models import codec
-
-# Test geometry of the official configs (config/*/*.yaml: base_size, test_h / test_w).
-DATASET_DEFAULTS = {
-  'ade20k': dict(base_size=512, crop_size=(473, 473)),
-  'voc2012': dict(base_size=512, crop_size=(473, 473)),
-  'cityscapes': dict(base_size=2048, crop_size=(713, 713)),
-}
-# A checkpoint that does not say which data set it was trained on is recognised by its
-# number of classes.
-DATASET_BY_CLASSES = {150: 'ade20k', 21: 'voc2012', 19: 'cityscapes'}
-# mmsegmentation's test of its PSPNet configs (configs/_base_/datasets/*.py test_pipeline:
-# Resize keep_ratio to fit `scale`; test_cfg mode 'whole'; no flip; raw logits resized
-# back), the default for a model of mmseg's variant. The crop is its training crop, for a
-# --mode slide asked for on top. Data sets not listed (or unknown) get ADE20K's.
-MMSEG_TEST = dict(
-  mode='whole',
-  resize='fit',
-  scales=(1.0,),
-  flip=False,
-  average='logits',
-  clip_windows=True,
-  whole_multiple=1,
-)
-MMSEG_DATASET_DEFAULTS = {
-  'ade20k': dict(fit_scale=(2048, 512), crop_size=(512, 512)),
-  'voc2012': dict(fit_scale=(2048, 512), crop_size=(512, 512)),
-  'cityscapes': dict(fit_scale=(2048, 1024), crop_size=(512, 1024)),
-}
 
 
 def is_mmseg_variant(model_config: dict[str, Any]) -> bool:
@@ -64,22 +36,28 @@ def default_inference(
 ) -> InferenceConfig:
   """The test procedure of a model that comes without an experiment config.
 
-  The official one (DATASET_DEFAULTS: tool/test.py's sliding window with flip) for the
-  official network; mmseg's (MMSEG_TEST, MMSEG_DATASET_DEFAULTS) for mmseg's variant,
-  whose published numbers it reproduces. Overrides (InferenceConfig fields) win one by one;
-  base_size given without resize means the official long-side resize it belongs to.
+  The official one (tool/test.py's sliding window with flip, at the data set's base_size and
+  crop) for the official network; mmseg's (datasets.MMSEG_TEST, fitting the data set's
+  mmseg_scale; the crop, its mmseg_crop, for a --mode slide asked for on top) for mmseg's
+  variant, whose published numbers it reproduces. Overrides (InferenceConfig fields) win one
+  by one; base_size given without resize means the official long-side resize it belongs to.
 
   Args:
     dataset: 'ade20k', 'voc2012', 'cityscapes', other or None.
     model_config: the checkpoint's model config (codec); None counts as official.
     overrides: InferenceConfig fields the caller chose.
   """
+  known = datasets.DATASETS.get(dataset)
   if model_config is not None and is_mmseg_variant(model_config):
-    kwargs = {**MMSEG_TEST, **MMSEG_DATASET_DEFAULTS.get(dataset, MMSEG_DATASET_DEFAULTS['ade20k'])}
+    if known is None or known.mmseg_scale is None:
+      known = datasets.DATASETS['ade20k']  # Data sets not in the table (or unknown) get ADE20K's.
+    kwargs = {**datasets.MMSEG_TEST, 'fit_scale': known.mmseg_scale, 'crop_size': known.mmseg_crop}
     if 'base_size' in overrides and 'resize' not in overrides:
       kwargs['resize'] = 'long_side'
+  elif known is not None and known.base_size is not None:
+    kwargs = dict(base_size=known.base_size, crop_size=known.crop)
   else:
-    kwargs = dict(DATASET_DEFAULTS.get(dataset, {}))
+    kwargs = {}
   return InferenceConfig(**{**kwargs, **overrides})
 
 
@@ -133,6 +111,77 @@ def run_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict | Non
     raise errors.InvalidInputError(f'{path} is not a run config written by train.py: {e}') from e
 
 
+class DatasetChoice(NamedTuple):
+  """Which data set a model is, with the class names and palette it is shown with."""
+
+  name: str | None
+  class_names: tuple[str, ...]
+  palette: np.ndarray  # uint8 [K, 3]
+
+
+def dataset_of(
+  num_classes: int,
+  dataset: str | None = None,
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  meta: Mapping[str, Any] | None = None,
+) -> DatasetChoice:
+  """Which data set a checkpoint is: Segmenter.from_checkpoint's choice, and the exporter's.
+
+  Args:
+    num_classes: the model's.
+    dataset: the caller's choice; it wins.
+    config: the checkpoint's run config (run_config); its data.name comes next, else the
+      benchmark of num_classes classes (datasets.by_classes).
+    meta: the checkpoint's own {'classes', 'palette'} (an mmseg file's meta, kept by
+      psp_jax.convert); they replace the data set's unless `dataset` is given.
+
+  Raises:
+    errors.InvalidInputError: a data set, names or palette of another number of classes.
+  """
+  own = meta if dataset is None and meta else {}  # An explicit data set wins.
+  if dataset is None and config is not None:
+    dataset = config.data.name
+  dataset = dataset or datasets.by_classes(num_classes)
+  return DatasetChoice(
+    dataset, *class_table(dataset, num_classes, own.get('classes'), own.get('palette'))
+  )
+
+
+def class_table(
+  dataset: str | None,
+  num_classes: int,
+  class_names: Sequence[str] | None = None,
+  palette: np.ndarray | None = None,
+) -> tuple[tuple[str, ...], np.ndarray]:
+  """(class names, palette uint8 [K, 3]) of a model: the data set's, or those given.
+
+  Raises:
+    errors.InvalidInputError: a data set, names or palette of another number of classes.
+  """
+  known = classes.CLASS_NAMES.get(dataset)
+  if known is not None and len(known) != num_classes:
+    raise errors.InvalidInputError(
+      f'{dataset} has {len(known)} classes, the model {num_classes}: pass the right '
+      '`dataset` (--dataset)'
+    )
+  names = classes.names(dataset, num_classes)
+  if class_names is not None:
+    if len(class_names) != num_classes:
+      raise errors.InvalidInputError(
+        f'{len(class_names)} class names for a model of {num_classes} classes'
+      )
+    names = tuple(class_names)
+  if palette is None:
+    return names, classes.palette(dataset, num_classes)
+  palette = np.asarray(palette, np.uint8)
+  if palette.shape != (num_classes, 3):
+    raise errors.InvalidInputError(
+      f'palette of shape {palette.shape} for a model of {num_classes} classes'
+    )
+  return names, palette
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
   """uint8 RGB [H, W, 3] of an image file, EXIF rotation applied (as cv2.imread does)."""
   try:
@@ -170,34 +219,14 @@ class Segmenter:
 
     class_names and palette (uint8 [K, 3]), e.g. a checkpoint's own, replace the data set's.
     """
-    self.dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+    self.dataset = dataset_of(num_classes, dataset).name
     if config is None:
-      config = InferenceConfig(**DATASET_DEFAULTS.get(self.dataset, {}))
+      config = default_inference(self.dataset)
     self.num_classes = num_classes
     self.inference = SlidingWindowInference(
       apply_fn, variables, num_classes=num_classes, config=config, devices=devices
     )
-    known = classes.CLASS_NAMES.get(self.dataset)
-    if known is not None and len(known) != num_classes:
-      raise errors.InvalidInputError(
-        f'{self.dataset} has {len(known)} classes, the model {num_classes}: pass the right '
-        '`dataset`'
-      )
-    self.class_names = classes.names(self.dataset, num_classes)
-    self.palette = classes.palette(self.dataset, num_classes)
-    if class_names is not None:
-      if len(class_names) != num_classes:
-        raise errors.InvalidInputError(
-          f'{len(class_names)} class names for a model of {num_classes} classes'
-        )
-      self.class_names = tuple(class_names)
-    if palette is not None:
-      palette = np.asarray(palette, np.uint8)
-      if palette.shape != (num_classes, 3):
-        raise errors.InvalidInputError(
-          f'palette of shape {palette.shape} for a model of {num_classes} classes'
-        )
-      self.palette = palette
+    self.class_names, self.palette = class_table(self.dataset, num_classes, class_names, palette)
 
   @classmethod
   def from_checkpoint(
@@ -224,25 +253,22 @@ class Segmenter:
         they win over whichever default applies.
     """
     apply_fn, variables, model_config, meta = load(checkpoint)
-    own = meta if dataset is None and meta else {}  # an explicit data set wins
     if config is None:
       config = run_config(checkpoint)
     num_classes = int(model_config['num_classes'])
-    if dataset is None and config is not None:
-      dataset = config.data.name
-    dataset = dataset or DATASET_BY_CLASSES.get(num_classes)
+    choice = dataset_of(num_classes, dataset, config=config, meta=meta)
     if config is not None:
       inference = InferenceConfig.from_config(config, **inference_overrides)
     else:
-      inference = default_inference(dataset, model_config, **inference_overrides)
+      inference = default_inference(choice.name, model_config, **inference_overrides)
     return cls(
       apply_fn,
       variables,
       num_classes=num_classes,
-      dataset=dataset,
+      dataset=choice.name,
       config=inference,
-      class_names=own.get('classes'),
-      palette=own.get('palette'),
+      class_names=choice.class_names,
+      palette=choice.palette,
     )
 
   @property

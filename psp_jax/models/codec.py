@@ -7,6 +7,7 @@ alone, so a checkpoint, a converted weights directory and a training run agree o
 """
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -45,6 +46,30 @@ def defaults() -> dict[str, Any]:
   written before the key existed, e.g. contract_dilation and align_corners)."""
   fields = [f for f in dataclasses.fields(PSPNet) if f.name in settable_keys()]
   return encode({f.name: f.default for f in fields if f.default is not dataclasses.MISSING})
+
+
+def feature_side(side: int, output_stride: int) -> int:
+  """Side of layer4's feature map for an input side (each stride-2 stage rounds up)."""
+  for _ in range(round(math.log2(output_stride))):
+    side = -(-side // 2)
+  return side
+
+
+def min_input_side(model_config: Mapping[str, Any]) -> int:
+  """The smallest input side (pixels) at which the model's pyramid describes the image.
+
+  PSPNet runs at any size, but below this side layer4 has fewer features than the pyramid
+  pooling module's finest grid has cells: the adaptive pooling then repeats features. It is
+  output_stride * (largest bin - 1) + 1: 41 for stride 8 and bins (1, 2, 3, 6); 1 without
+  the pyramid.
+
+  Args:
+    model_config: PSPNet keyword arguments (a model config, or config.model); a key it
+      lacks means PSPNet's default.
+  """
+  kwargs = {**defaults(), **model_config}
+  largest = max(kwargs['bins']) if kwargs['use_ppm'] else 1
+  return int(kwargs['output_stride']) * (int(largest) - 1) + 1
 
 
 def encode(kwargs: Mapping[str, Any]) -> dict[str, Any]:

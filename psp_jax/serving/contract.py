@@ -6,7 +6,6 @@ Design: docs/serving.md#the-contract
 
 import datetime
 import importlib.metadata
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +14,7 @@ import jax
 import psp_jax
 from psp_jax import errors
 from psp_jax.data.normalization import MEAN_RGB, STD_RGB
+from psp_jax.models import codec
 from psp_jax.serving import runner
 
 FORMATS = ('stablehlo', 'savedmodel', 'onnx')
@@ -76,31 +76,18 @@ def parse_batch(text: str | int) -> int | None:
   return batch
 
 
-def feature_side(side: int, output_stride: int) -> int:
-  """Side of layer4's feature map for an input side (each stride-2 stage rounds up)."""
-  for _ in range(int(math.log2(output_stride))):
-    side = -(-side // 2)
-  return side
-
-
 def check_size(size: Sequence[int], model_config: Mapping[str, Any]) -> None:
-  """Refuses an input size the model cannot take meaningfully.
-
-  PSPNet runs at any size, but below a minimum the pyramid pooling module's finest grid
-  (bins up to 6) has more cells than layer4 has features: the adaptive pooling then repeats
-  features and the pyramid no longer describes the image. The minimum side is
-  output_stride * (max bin - 1) + 1 (41 for the official stride 8 and bins 1, 2, 3, 6).
+  """Refuses an input size the model cannot take meaningfully (codec.min_input_side).
 
   Raises:
     errors.InvalidInputError: naming the size, the reason and the smallest that works.
   """
-  stride = int(model_config.get('output_stride', 8))
-  bins = [int(b) for b in model_config.get('bins', (1, 2, 3, 6))]
-  largest = max(bins) if model_config.get('use_ppm', True) else 1
-  smallest = stride * (largest - 1) + 1
+  smallest = codec.min_input_side(model_config)
   height, width = size
   if min(height, width) < smallest:
-    feature = f'{feature_side(height, stride)}x{feature_side(width, stride)}'
+    model = {**codec.defaults(), **model_config}
+    stride, largest = model['output_stride'], max(model['bins'])
+    feature = f'{codec.feature_side(height, stride)}x{codec.feature_side(width, stride)}'
     raise errors.InvalidInputError(
       f'--size {height}x{width} is too small for this model: its layer4 feature map would be '
       f'{feature}, smaller than the largest pyramid bin ({largest}) at output stride {stride}; '

@@ -19,46 +19,12 @@ import jax
 import numpy as np
 
 from psp_jax import errors, paths
-from psp_jax.data import classes
 from psp_jax.inference import planning, segmenter
 from psp_jax.serving import artifact, contract, deps, formats, parity
 
 PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 NUMBER_LIST = re.compile(r'\[\s*((?:-?[\d.eE+-]+,\s*)*-?[\d.eE+-]+)\s*\]')
 PARITY_IMAGES_DYNAMIC = 2  # Images of the parity check of a dynamic-batch artifact.
-
-
-def dataset_of(
-  checkpoint: str | os.PathLike,
-  num_classes: int,
-  dataset: str | None,
-  own: Mapping[str, Any] | None = None,
-) -> tuple[str | None, tuple[str, ...], np.ndarray]:
-  """(dataset, class names, palette) as Segmenter.from_checkpoint chooses them.
-
-  Args:
-    own: the checkpoint's own {'classes', 'palette'} (an mmseg file's meta), used unless
-      dataset is given.
-  """
-  own = own if dataset is None else None  # An explicit data set wins.
-  if dataset is None and checkpoint:
-    config = segmenter.run_config(checkpoint)
-    dataset = config.data.name if config is not None else None
-  dataset = dataset or segmenter.DATASET_BY_CLASSES.get(num_classes)
-  if own and own.get('classes') and own.get('palette') is not None:
-    names, palette = tuple(own['classes']), np.asarray(own['palette'], np.uint8)
-    if len(names) != num_classes or palette.shape != (num_classes, 3):
-      raise errors.InvalidInputError(
-        f'{checkpoint} names {len(names)} classes and {len(palette)} colours for a model of '
-        f'{num_classes} classes: pass --dataset.'
-      )
-    return dataset, names, palette
-  known = classes.CLASS_NAMES.get(dataset)
-  if known is not None and len(known) != num_classes:
-    raise errors.InvalidInputError(
-      f'{dataset} has {len(known)} classes, the model {num_classes}: pass the right --dataset.'
-    )
-  return dataset, classes.names(dataset, num_classes), classes.palette(dataset, num_classes)
 
 
 def check_request(fmt: str, outputs: str, platforms: Sequence[str]) -> None:
@@ -109,9 +75,10 @@ class Exporter:
     self.variables = jax.tree.map(np.asarray, dict(variables))
     self.model_config = dict(model_config)
     self.checkpoint = str(checkpoint)
-    num_classes = int(model_config['num_classes'])
-    self.dataset, self.class_names, self.palette = dataset_of(
-      checkpoint, num_classes, dataset, dataset_meta
+    # As Segmenter.from_checkpoint chooses them: predict shows the same.
+    config = segmenter.run_config(checkpoint) if checkpoint and dataset is None else None
+    self.dataset, self.class_names, self.palette = segmenter.dataset_of(
+      int(model_config['num_classes']), dataset, config=config, meta=dataset_meta
     )
     self._references: dict[tuple[Any, ...], np.ndarray] = {}
 

@@ -26,6 +26,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from psp_jax import distributed, errors
+from psp_jax.data import datasets
 from psp_jax.models import codec
 from psp_jax.train import config_checks, optim, safeguards, train_state, train_step
 
@@ -49,12 +50,6 @@ CHIPS = {
   'v5e': Chip('TPU v5e', 197e12, 16 * GiB, 819e9, 'https://cloud.google.com/tpu/docs/v5e'),
   'v5p': Chip('TPU v5p', 459e12, 95 * GiB, 2765e9, 'https://cloud.google.com/tpu/docs/v5p'),
   'v6e': Chip('TPU v6e', 918e12, 32 * GiB, 1638e9, 'https://cloud.google.com/tpu/docs/v6e'),
-}
-# Split sizes (train, validation) for num_epochs recipes, without reading the data set.
-SPLIT_SIZES = {
-  'ade20k': (20_210, 2_000),
-  'voc2012': (10_582, 1_449),  # train_aug (SegmentationClassAug) / val
-  'cityscapes': (2_975, 500),  # fine train / val
 }
 TOPOLOGY_FORMS = (
   'v5e:AxB or v6e:AxB (e.g. v5e:2x2, v5e:2x4, v5e:4x4, v6e:2x4) and '
@@ -182,16 +177,17 @@ class Program:
 
 
 def total_steps(config: ml_collections.ConfigDict) -> int:
-  """Optimiser steps of the run: num_train_steps, or num_epochs x SPLIT_SIZES' train split.
+  """Optimiser steps of the run: num_train_steps, or num_epochs x datasets.train_images.
 
   Raises:
     config_checks.ConfigError: an epoch recipe on a data set of unknown size.
   """
-  num_train = SPLIT_SIZES.get(config.data.name, (None,))[0]
+  num_train = datasets.train_images(config.data.name)
   if config.num_train_steps <= 0 and num_train is None:
+    known = sorted(name for name in datasets.DATASETS if datasets.train_images(name))
     raise config_checks.ConfigError(
       f'config.num_epochs: the size of {config.data.name!r} is unknown here '
-      f'(known: {sorted(SPLIT_SIZES)}); set config.num_train_steps.'
+      f'(known: {known}); set config.num_train_steps.'
     )
   return config_checks.num_train_steps(config, num_train)
 

@@ -19,8 +19,8 @@ from jax.experimental import multihost_utils
 from psp_jax import errors, paths, weights
 from psp_jax.train.train_state import TrainState
 
-ITEMS = ('state', 'model_config')
-LATEST_DIR, BEST_DIR = 'checkpoints', 'best'
+# Also the keywords of the ocp.args.Composite saves and restores below.
+ITEMS = (weights.STATE_ITEM, weights.MODEL_CONFIG_ITEM)
 BEST_METRIC = 'mIoU'
 TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint still being written
 # Appended to a damaged step's directory: orbax takes only integer names for steps, so it
@@ -138,11 +138,11 @@ class Checkpoints:
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     workdir = paths.as_path(workdir)
     self.latest = ocp.CheckpointManager(
-      workdir / LATEST_DIR,
+      workdir / weights.LATEST_DIR,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
       item_names=ITEMS,
     )
-    for directory in (self.latest.directory, workdir / BEST_DIR):
+    for directory in (self.latest.directory, workdir / weights.BEST_DIR):
       partial = unfinished(str(directory))
       if partial:
         logging.warning(
@@ -152,7 +152,7 @@ class Checkpoints:
           ', '.join(partial),
         )
     self.best = ocp.CheckpointManager(
-      workdir / BEST_DIR,
+      workdir / weights.BEST_DIR,
       options=ocp.CheckpointManagerOptions(
         max_to_keep=1,
         best_fn=lambda m: m[BEST_METRIC],
@@ -244,7 +244,7 @@ class Checkpoints:
     # never has.
     handler = ocp.PyTreeCheckpointHandler()
     try:
-      return config, handler.metadata(self.latest.directory / str(step) / 'state').tree
+      return config, handler.metadata(self.latest.directory / str(step) / weights.STATE_ITEM).tree
     finally:
       handler.close()
 

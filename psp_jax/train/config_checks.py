@@ -4,7 +4,6 @@ Every message names the config key at fault and how to fix it, so a bad run stop
 second instead of after minutes of compilation.
 """
 
-import math
 from typing import Any
 
 import ml_collections
@@ -46,13 +45,6 @@ def crop_pair(crop_size: Any) -> tuple[int, int]:
     return sizes.pair(crop_size, 'config.data.crop_size')
   except ValueError as e:
     raise ConfigError(str(e)) from None
-
-
-def feature_size(size: int, output_stride: int) -> int:
-  """Side of the backbone's feature map for an input side (three ceil-halvings for 8)."""
-  for _ in range(round(math.log2(output_stride))):
-    size = (size + 1) // 2
-  return size
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -129,15 +121,14 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     )
 
   crop = crop_pair(data.crop_size)
-  stride = model.get('output_stride', 8)
-  feature = min(feature_size(c, stride) for c in crop)
-  need = max(bins) if model.get('use_ppm', True) else 1
-  if feature < need:
-    smallest = (need - 1) * stride + 1
+  smallest = codec.min_input_side(model)
+  if min(crop) < smallest:
+    stride = model.output_stride
+    feature = min(codec.feature_side(c, stride) for c in crop)
     raise ConfigError(
       f'config.data.crop_size: {data.crop_size} is too small: it gives a {feature}-pixel '
       f'feature map at output_stride {stride}, fewer cells than the largest pyramid bin '
-      f'({need}) (a finer bin would only repeat cells). Use a crop of at least {smallest}.'
+      f'({max(bins)}) (a finer bin would only repeat cells). Use a crop of at least {smallest}.'
     )
 
   _check(optim.base_lr > 0, 'optim.base_lr', f'must be > 0, got {optim.base_lr}.')

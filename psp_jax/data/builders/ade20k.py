@@ -3,7 +3,7 @@
 import os
 import pathlib
 
-from psp_jax.data import files
+from psp_jax.data import datasets, files
 from psp_jax.data.builders import common
 
 ARCHIVE = 'ADEChallengeData2016.zip'
@@ -20,11 +20,11 @@ EXPECTED = (
 class Ade20k(common.ManualBuilder, skip_registration=True):
   """ADE20K: 20,210 train / 2,000 validation images, 150 classes."""
 
-  name = 'psp_ade20k'
-  NUM_CLASSES = 150
+  name = datasets.DATASETS['ade20k'].tfds_name
+  NUM_CLASSES = datasets.DATASETS['ade20k'].num_classes
   # PNG value 0 is 'other' and is ignored; value k is class k - 1 (the SceneParsing
   # benchmark's 150 classes, as the semseg lists use them with ignore_label 255).
-  LABEL_TABLE = files.label_table({0: 255, **{k: k - 1 for k in range(1, 151)}})
+  LABEL_TABLE = files.label_table({0: 255, **{k: k - 1 for k in range(1, NUM_CLASSES + 1)}})
   IMAGE_FORMAT = 'jpeg'
   DESCRIPTION = 'ADE20K SceneParsing (ADEChallengeData2016); labels 0 -> 255, k -> k - 1.'
   HOMEPAGE = 'http://sceneparsing.csail.mit.edu/'

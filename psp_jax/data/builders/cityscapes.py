@@ -3,7 +3,7 @@
 import os
 import pathlib
 
-from psp_jax.data import classes, files
+from psp_jax.data import classes, datasets, files
 from psp_jax.data.builders import common
 
 IMAGES_ZIP = 'leftImg8bit_trainvaltest.zip'
@@ -32,8 +32,8 @@ def _tree(manual_dir: pathlib.Path, folder: str, archive: str) -> dict[str, comm
 class Cityscapes(common.ManualBuilder, skip_registration=True):
   """Cityscapes fine: 2,975 train / 500 validation (/ 1,525 test) images, 19 classes."""
 
-  name = 'psp_cityscapes'
-  NUM_CLASSES = 19
+  name = datasets.DATASETS['cityscapes'].tfds_name
+  NUM_CLASSES = datasets.DATASETS['cityscapes'].num_classes
   # The official cityscapesScripts label id -> train id table; ids it does not evaluate
   # become 255 (ignored), as in the semseg *_gtFine_labelTrainIds.png lists.
   LABEL_TABLE = files.label_table(dict(enumerate(classes.CITYSCAPES_TRAIN_IDS)))

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from psp_jax.data import synthetic
+from psp_jax.data import datasets, synthetic
 from psp_jax.data.builders import common
 
 
@@ -47,7 +47,7 @@ def _hide_custom_config_warning(record: logging.LogRecord) -> bool:
 class Synthetic(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Synthetic street/harbour/pasture/beach scenes; see psp_jax.data.synthetic."""
 
-  name = 'psp_synthetic'
+  name = datasets.DATASETS['synthetic'].tfds_name
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
   BUILDER_CONFIGS = [make_config()]

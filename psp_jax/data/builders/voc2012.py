@@ -4,7 +4,7 @@ import logging
 import os
 import pathlib
 
-from psp_jax.data import files
+from psp_jax.data import datasets, files
 from psp_jax.data.builders import common
 
 EXPECTED = (
@@ -34,10 +34,10 @@ def read_ids(path: pathlib.Path) -> list[str]:
 class Voc2012(common.ManualBuilder, skip_registration=True):
   """VOC 2012 + SBD: 10,582 train (train_aug) / 1,449 validation images, 21 classes."""
 
-  name = 'psp_voc2012'
-  NUM_CLASSES = 21
+  name = datasets.DATASETS['voc2012'].tfds_name
+  NUM_CLASSES = datasets.DATASETS['voc2012'].num_classes
   # Labels are used as they are: 0 background, 1..20 objects, 255 boundaries (ignored).
-  LABEL_TABLE = files.label_table(num_classes=21)
+  LABEL_TABLE = files.label_table(num_classes=NUM_CLASSES)
   IMAGE_FORMAT = 'jpeg'
   DESCRIPTION = 'PASCAL VOC 2012 segmentation: train_aug (SBD labels) and val.'
   HOMEPAGE = 'http://host.robots.ox.ac.uk/pascal/VOC/voc2012/'
