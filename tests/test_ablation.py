@@ -130,6 +130,7 @@ def table_rows(md: str) -> dict[str, list[str]]:
   return rows
 
 
+@pytest.mark.e2e
 def test_quick_run_end_to_end_then_rerun_skips(tmp_path, monkeypatch, capsys):
   workdir = tmp_path / 'runs'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # One device, as a user.

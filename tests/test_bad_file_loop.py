@@ -39,6 +39,7 @@ def compile_once(tmp_path):
 
 
 @pytest.mark.slow  # About 90 s on 2 cores: one compile, then 20 runs of a few seconds.
+@pytest.mark.e2e
 def test_bad_file_stops_every_in_process_run_by_name(tmp_path, compile_once):
   expected = datagen.write_folder(tmp_path / 'data', 'train', 8, num_classes=5)
   datagen.write_folder(tmp_path / 'data', 'validation', 2, num_classes=5, seed=1)

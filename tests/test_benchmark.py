@@ -58,6 +58,7 @@ def test_scan_counts_every_iteration():
 
 
 @pytest.mark.torch
+@pytest.mark.e2e
 def test_quick_mode_writes_table_json_and_chart(tmp_path):
   pytest.importorskip('torch')
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # as a user runs it

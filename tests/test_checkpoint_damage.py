@@ -237,6 +237,7 @@ def evaluate(shared, checkpoint) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.xdist_group('train_py')  # test_train_run's worker: one CPU-heavy thing at a time.
+@pytest.mark.e2e
 def test_train_py_resumes_before_a_damaged_checkpoint_and_evaluate_falls_back(tmp_path_factory):
   root = tmp_path_factory.mktemp('damage')
   shared = dict(data_dir=str(root / 'tfds'), cache=str(root / 'xla_cache'))

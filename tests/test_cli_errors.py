@@ -18,6 +18,7 @@ from test_train import ROOT
 from psp_jax import weights
 from psp_jax.models import PSPNet
 
+pytestmark = pytest.mark.e2e
 MODEL = dict(num_classes=11, depth=18, width=4, head_channels=8, aux_channels=8)
 
 

@@ -267,6 +267,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
   )
 
 
+@pytest.mark.e2e
 def test_cli_round_trip(tmp_path):
   sd = random_torch_state_dict(**TINY)
   torch.save({'state_dict': {f'module.{k}': v for k, v in sd.items()}}, tmp_path / 'in.pth')

@@ -138,6 +138,7 @@ np.save(sys.argv[4] + f'/{pid}.npy', np.stack([local, total]))
 
 
 @pytest.mark.multiprocess
+@pytest.mark.e2e
 def test_two_hosts_sum_their_confusions(tmp_path):
   port = str(20000 + os.getpid() % 20000)
   script = tmp_path / 'host.py'
@@ -162,6 +163,7 @@ def test_two_hosts_sum_their_confusions(tmp_path):
   assert local0.sum() > 0 and local1.sum() > local0.sum()
 
 
+@pytest.mark.e2e
 def test_command_line_on_synthetic_data(tmp_path):
   """python -m psp_jax.evaluate on a converted checkpoint and the generated data set."""
   from test_inference import random_variables

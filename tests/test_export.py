@@ -138,6 +138,7 @@ def test_labels_and_probabilities(fmt, outputs, model, tmp_path):
   assert artifact.open_artifact(tmp_path / 'a').run(parity.images(3, SIZE)).shape[0] == 3
 
 
+@pytest.mark.e2e
 def test_runner_needs_only_jax_and_numpy(exported):
   """run_stablehlo.py, loaded from the artifact by path, imports nothing of psp_jax."""
   folder, _ = exported('stablehlo')
@@ -206,6 +207,7 @@ def test_runner_resizes_by_the_inference_rule():
 
 
 @pytest.mark.parametrize('fmt', ['stablehlo', 'onnx'])
+@pytest.mark.e2e
 def test_predict_exported_writes_the_pngs(fmt, exported, tmp_path):
   folder, _ = exported(fmt)
   images = tmp_path / 'images'
@@ -243,6 +245,7 @@ def snapshot(folder) -> dict[str, bytes]:
   return {str(p): p.read_bytes() for p in sorted(folder.rglob('*')) if p.is_file()}
 
 
+@pytest.mark.e2e
 def test_bad_requests_are_refused_before_any_work(checkpoint, tmp_path):
   out = tmp_path / 'out'
   base = [f'--checkpoint={checkpoint}', '--size=65x65', f'--output={out}']
@@ -262,6 +265,7 @@ def test_bad_requests_are_refused_before_any_work(checkpoint, tmp_path):
   assert not out.exists()
 
 
+@pytest.mark.e2e
 def test_an_existing_artifact_is_not_overwritten(checkpoint, tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
@@ -304,6 +308,7 @@ def test_failures_leave_the_output_as_it_was(model, tmp_path, monkeypatch):
   assert not (tmp_path / 'shlo').exists()
 
 
+@pytest.mark.e2e
 def test_a_missing_optional_package_is_named_with_the_extra(monkeypatch):
   monkeypatch.setitem(sys.modules, 'jax2onnx', None)  # `import jax2onnx` now fails.
   with pytest.raises(deps.MissingDependencyError, match=r'jax2onnx.*psp-jax\[export\]'):

@@ -99,6 +99,7 @@ def test_eval_float64_classic_stem_output_stride_16():
   _compare_float64(torch_model, config, x, 'f64 mmseg classic os16')
 
 
+@pytest.mark.slow  # 19-25 s on 2 cores: a float64 train forward, op by op.
 def test_train_forward_float64_aux():
   """Train mode (batch statistics, dropout off): main and aux logits, every stage, and the
   running statistics after one step."""

@@ -277,6 +277,7 @@ def test_bad_eval_keys_name_the_key():
       config_checks.validate(config, device_count=1, process_count=1)
 
 
+@pytest.mark.e2e
 def test_command_line_mmseg_protocol_equals_restatement(tmp_path):
   """python -m psp_jax.evaluate with mmseg's protocol on the generated data set."""
   num_classes = 11

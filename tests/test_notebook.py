@@ -121,6 +121,7 @@ def outputs_of(nb: nbformat.NotebookNode) -> tuple[str, int]:
   return ''.join(text), images
 
 
+@pytest.mark.e2e
 def test_quickstart_runs_top_to_bottom(tmp_path):
   """The whole notebook on 2 CPU devices, with a converted PyTorch checkpoint if torch is here.
 
@@ -186,6 +187,7 @@ def test_quickstart_runs_top_to_bottom(tmp_path):
     assert images == 1
 
 
+@pytest.mark.e2e
 def test_a_failing_command_fails_the_notebook(tmp_path):
   """The notebook's `run` helper raises on a non-zero exit, so CI sees a failing command."""
   params = dict(INSTALL=False, REPO_DIR=str(ROOT), WORKDIR=str(tmp_path / 'run'))
@@ -202,6 +204,8 @@ def test_a_failing_command_fails_the_notebook(tmp_path):
     client.execute(env=env)
 
 
+@pytest.mark.e2e
+@pytest.mark.network
 def test_the_colab_install_cell_resolves(tmp_path):
   """INSTALL = True as in Colab, from a clone of this repository, with pip --dry-run: the
   clone, the requirements read from its pyproject.toml and pip's resolution all work.

@@ -236,6 +236,7 @@ TINY_VARIANTS = {
 }
 
 
+@pytest.mark.slow  # 17-95 s each on 2 cores: float64 train-step compiles.
 @pytest.mark.parametrize('variant', list(TINY_VARIANTS))
 def test_tiny_variants_float64(variant):
   """Every constructor option, at widths of a few channels and an odd, non-8k+1 size."""

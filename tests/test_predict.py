@@ -147,6 +147,7 @@ def test_list_images_errors(tmp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.e2e
 def test_command_line_on_an_official_pth_matches_torch(tmp_path):
   """python -m psp_jax.predict on a .pth (converted on the fly) against tool/test.py's
   procedure transcribed around the PyTorch model itself."""

@@ -49,6 +49,7 @@ def preflight(python: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.e2e
 def test_a_config_that_fits(tpu_python, tmp_path):
   out = tmp_path / 'report.json'
   args = ['--config.data.crop_size=65', '--config.batch_size=8', '--config.eval.base_size=65']
@@ -67,6 +68,7 @@ def test_a_config_that_fits(tpu_python, tmp_path):
   assert report['eval']['memory']['total'] > 0 and report['fits']
 
 
+@pytest.mark.e2e
 def test_a_batch_too_large_for_a_chip(tpu_python):
   args = ['--config.data.crop_size=1025', '--config.batch_size=64', '--noeval']
   proc = preflight(tpu_python, *COMMON, *args, '--config.data.num_classes=150')
@@ -80,6 +82,7 @@ def test_a_batch_too_large_for_a_chip(tpu_python):
     assert knob in error
 
 
+@pytest.mark.e2e
 def test_a_bad_topology_lists_the_accepted_forms(tpu_python):
   proc = preflight(tpu_python, '--config=configs/synthetic.py', '--topology=v5litepod-8')
   assert proc.returncode == 2

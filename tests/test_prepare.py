@@ -6,6 +6,7 @@ import sys
 
 import datagen
 import numpy as np
+import pytest
 from PIL import Image
 
 from psp_jax.data import prepare
@@ -61,6 +62,7 @@ def test_bad_file_is_named_and_can_be_skipped(tmp_path, capsys):
   assert "{'train': 3, 'validation': 1}" in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_module_runs_without_tensorflow_noise(tmp_path):
   env = {k: v for k, v in os.environ.items() if not k.startswith('TF_')}
   result = subprocess.run(

@@ -49,6 +49,7 @@ print('still running')
 """
 
 
+@pytest.mark.e2e
 def test_a_second_sigint_ends_the_process_at_once():
   proc = subprocess.run(
     [sys.executable, '-c', SECOND_SIGINT], capture_output=True, text=True, timeout=120

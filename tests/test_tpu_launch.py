@@ -147,6 +147,7 @@ def test_the_script_survives_the_shell(capsys, monkeypatch):
 
 
 @pytest.mark.parametrize(('argv', 'devices', 'hosts'), [(SINGLE, 8, 1), (POD, 16, 4)])
+@pytest.mark.e2e
 def test_train_command_parses_against_train_py(argv, devices, hosts, capsys, monkeypatch):
   out = dry_run([*argv, '--set=eval.scales=(0.5,1.0)', 'train'], capsys, monkeypatch)
   args = remote_args(out, 'train.py')
@@ -159,12 +160,14 @@ def test_train_command_parses_against_train_py(argv, devices, hosts, capsys, mon
     assert parsed['init_checkpoint'] == '$HOME/init/resnet50_v2.pth'
 
 
+@pytest.mark.e2e
 def test_a_wrong_config_key_fails_the_check(capsys, monkeypatch):
   out = dry_run([*SINGLE, '--set=optim.base_lrr=0.1', 'train'], capsys, monkeypatch)
   with pytest.raises(AssertionError, match='base_lrr'):
     parse_with_code('train', remote_args(out, 'train.py'), 8, 1)
 
 
+@pytest.mark.e2e
 def test_evaluate_and_prepare_commands_parse(capsys, monkeypatch):
   out = dry_run([*POD, 'prepare', 'evaluate'], capsys, monkeypatch)
   parsed = parse_with_code('evaluate', remote_args(out, 'psp_jax.evaluate'), 16, 4)
@@ -251,6 +254,7 @@ print(json.dumps(dict(topology=flags.FLAGS.topology, batch_size=config.batch_siz
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.e2e
 def test_preflight_command_parses_against_the_preflight(capsys, monkeypatch):
   """The preflight runs here, before create, with the train step's config and overrides."""
   argv = [*POD, '--set=model.depth=101', 'preflight', 'create']

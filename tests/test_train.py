@@ -120,6 +120,7 @@ def eight_device_run(initial_state):
   return as_numpy(state), history, compiled.as_text()
 
 
+@pytest.mark.slow  # 20-45 s on 2 cores: a 1-device compile beside the fixture's.
 def test_one_device_and_eight_devices_agree(initial_state, eight_device_run):
   # Same global batch on 1 and on 8 devices: BatchNorm statistics over the global batch
   # (SyncBN) and dropout masks independent of the split make the runs the same.
@@ -152,6 +153,7 @@ def test_compiled_step_all_reduces_gradients_and_never_gathers_parameters(eight_
   assert f'f32[{BATCH // 8},{CROP},{CROP},3]' in hlo
 
 
+@pytest.mark.slow  # 25-40 s on 2 cores: two more compiles.
 def test_gradient_accumulation_averages_micro_batch_gradients(initial_state):
   # With no momentum, decay or dropout, one step of A=2 micro-batches moves the parameters
   # by the mean of the two micro-batch updates (each from the same parameters), and the
@@ -283,6 +285,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.multiprocess
+@pytest.mark.e2e
 def test_two_processes_of_four_devices_match_one_of_eight(
   initial_state, eight_device_run, tmp_path
 ):

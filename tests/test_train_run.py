@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 import pytest
 from test_train import ROOT  # noqa: I001 (tests/ is on sys.path)
 
-pytestmark = pytest.mark.xdist_group('train_py')  # One worker: one data set, one XLA cache.
+# One worker: one data set, one XLA cache.
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group('train_py')]
 SHRINK = dict(depth=18, width=4, head_channels=8, aux_channels=8, dtype='float32')
 
 

@@ -16,8 +16,6 @@ from psp_jax import experiment, weights
 from psp_jax.inference import evaluation
 from psp_jax.train import summaries
 
-pytestmark = pytest.mark.slow
-
 
 def tiny_config(tmp_path, data: str):
   config = load_config('synthetic')
@@ -46,6 +44,8 @@ def tiny_config(tmp_path, data: str):
   return config
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize('data', ['synthetic', 'folder'])
 def test_in_training_validation_equals_evaluate_whole(tmp_path, data):
   config = tiny_config(tmp_path, data)
