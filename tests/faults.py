@@ -18,14 +18,16 @@ import runpy
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+# A script that starts before train.py's own start-up: it imports no JAX, TensorFlow or
+# tests/helpers.py at the top, so the run it wraps begins as a user's does.
+TRAIN_PY = pathlib.Path(__file__).resolve().parents[1] / 'train.py'
 
 
 def poison_step(step: int) -> None:
   """Makes train_step.make_train_step's step feed NaN images at optimiser step `step`."""
-  import jax.numpy as jnp
+  import jax.numpy as jnp  # noqa: PLC0415 (only when this fault is asked for: see TRAIN_PY)
 
-  from psp_jax.train import train_step
+  from psp_jax.train import train_step  # noqa: PLC0415 (as above)
 
   make = train_step.make_train_step
 
@@ -43,7 +45,7 @@ def poison_step(step: int) -> None:
 
 def hang_save(step: int, marker: str) -> None:
   """Makes the commit of checkpoints/<step> hang forever once its files are written."""
-  from orbax.checkpoint._src.path import atomicity
+  from orbax.checkpoint._src.path import atomicity  # noqa: PLC0415 (as in poison_step)
 
   finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
@@ -98,9 +100,9 @@ def main() -> None:
     poison_step(int(os.environ['FAULT_NAN_AT_STEP']))
   if 'FAULT_HANG_SAVE_AT_STEP' in os.environ:
     hang_save(int(os.environ['FAULT_HANG_SAVE_AT_STEP']), os.environ['FAULT_MARKER'])
-  train_py = str(ROOT / 'train.py')
+  train_py = str(TRAIN_PY)
   sys.argv = [train_py, *sys.argv[1:]]
-  sys.path.insert(0, str(ROOT))
+  sys.path.insert(0, str(TRAIN_PY.parent))
   runpy.run_path(train_py, run_name='__main__')
 
 

@@ -3,7 +3,6 @@
 import importlib
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
@@ -13,10 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from psp_jax import experiment
+from psp_jax.inference import evaluation
 from psp_jax.models import codec
 from psp_jax.train import config_checks
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 for path in (ROOT, ROOT / 'benchmarks'):
   if str(path) not in sys.path:
     sys.path.insert(0, str(path))
@@ -165,8 +167,6 @@ def test_quick_run_end_to_end_then_rerun_skips(tmp_path, monkeypatch, capsys):
   assert (tmp_path / 'rf.png').read_bytes()[:4] == b'\x89PNG'
 
   # A rerun reads every result and trains nothing.
-  from psp_jax import experiment
-  from psp_jax.inference import evaluation
 
   def refuse(*args, **kwargs):
     raise AssertionError('a finished run was run again')

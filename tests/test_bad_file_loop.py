@@ -10,14 +10,15 @@ import faulthandler
 import sys
 import time
 
-import datagen
 import jax
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
-from test_train import tiny_config  # noqa: I001 (tests/ is on sys.path)
 
 from psp_jax import experiment
 from psp_jax.data import files
+
+import datagen
+from helpers import tiny_config
 
 RUNS = 20
 HANG_S = 120  # One run takes seconds; one this long is stuck.

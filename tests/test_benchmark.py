@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
+
 sys.path.insert(0, os.path.join(ROOT, 'benchmarks'))
 
 from flops import function_flops  # noqa: E402

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from faults import DAMAGES, damage  # noqa: I001 (tests/ is on sys.path)
-from test_train_run import ROOT, SHRINK, assert_same_state, check, snapshot, steps, train, user_env
 
 from psp_jax import errors, weights
 from psp_jax.train import checkpointing
 from psp_jax.train.train_state import TrainState
+
+from faults import DAMAGES, damage  # noqa: I001 (tests/ is on sys.path)
+from helpers import ROOT, SHRINK, assert_same_state, check, snapshot, steps, train, user_env
 
 MODEL_CONFIG = {'num_classes': 3, 'depth': 18}
 

@@ -12,11 +12,11 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from test_convert import random_variables  # noqa: I001 (tests/ is on sys.path)
-from test_train import ROOT
 
 from psp_jax import weights
 from psp_jax.models import PSPNet
+
+from helpers import ROOT, random_variables, refused
 
 pytestmark = pytest.mark.e2e
 MODEL = dict(num_classes=11, depth=18, width=4, head_channels=8, aux_channels=8)
@@ -32,18 +32,6 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
     env=environ | env,
     timeout=600,
   )
-
-
-def refused(proc: subprocess.CompletedProcess, status: int, *words: str) -> str:
-  """Asserts one short message on stderr, no traceback; returns it."""
-  err = proc.stderr.strip()
-  assert proc.returncode == status, (proc.returncode, err[-3000:])
-  assert 'Traceback' not in err, err[-3000:]
-  lines = [line for line in err.splitlines() if line.startswith('error: ')]
-  assert len(lines) == 1, err[-3000:]
-  for word in words:
-    assert word in lines[0], (word, lines[0])
-  return lines[0]
 
 
 @pytest.fixture(scope='module')

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import ROOT, random_variables
+
 torch = pytest.importorskip('torch')
 
 from flax import traverse_util  # noqa: E402
@@ -23,20 +25,7 @@ from psp_jax.models import PSPNet  # noqa: E402
 
 pytestmark = pytest.mark.torch
 DATA = pathlib.Path(__file__).parent / 'data'
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY = dict(num_classes=5, depth=50, width=8, head_channels=16, aux_channels=8)
-
-
-def random_variables(model: PSPNet, seed: int = 0) -> dict:
-  """{'params', 'batch_stats'} of the model's shapes, every leaf random (no init compute)."""
-  shapes = jax.eval_shape(
-    lambda: model.init({'params': jax.random.key(0)}, jnp.zeros((1, 33, 33, 3)), train=False)
-  )
-  rng = np.random.default_rng(seed)
-  return {
-    c: jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes[c])
-    for c in ('params', 'batch_stats')
-  }
 
 
 def random_torch_state_dict(seed: int = 0, **kwargs) -> dict:

@@ -3,13 +3,14 @@
 import io
 import logging
 
-import datagen
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
 from psp_jax.data import classes, decode, files
+
+import datagen
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)

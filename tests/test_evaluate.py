@@ -9,11 +9,15 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_metrics import intersection_and_union  # noqa: I001 (tests/ is on sys.path)
 
+from psp_jax import weights
+from psp_jax.data import classes
 from psp_jax.inference import evaluation
 from psp_jax.inference.planning import MEAN, STD
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
+from psp_jax.models import PSPNet
+
+from helpers import intersection_and_union, random_variables
 
 K = 6  # Class 5 never occurs: absent from prediction and ground truth.
 STEP = 40  # An image's red channel encodes the prediction the oracle will make.
@@ -166,11 +170,6 @@ def test_two_hosts_sum_their_confusions(tmp_path):
 @pytest.mark.e2e
 def test_command_line_on_synthetic_data(tmp_path):
   """python -m psp_jax.evaluate on a converted checkpoint and the generated data set."""
-  from test_inference import random_variables
-
-  from psp_jax import weights
-  from psp_jax.data import classes
-  from psp_jax.models import PSPNet
 
   model_config = dict(num_classes=11, depth=18, width=8, head_channels=16, aux_channels=8)
   variables = random_variables(PSPNet(**model_config), seed=2)

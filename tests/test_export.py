@@ -16,8 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from test_cli_errors import refused
-from test_inference import random_variables
 
 from psp_jax import weights
 from psp_jax.inference import planning
@@ -33,8 +31,9 @@ from psp_jax.serving import (
   runner,
 )
 
+from helpers import ROOT, random_variables, refused
+
 pytestmark = pytest.mark.xdist_group('export')  # One worker: the artifacts are shared.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = (65, 65)  # layer4 9x9 at output stride 8: above the largest bin (6).
 MODEL = dict(num_classes=21, depth=18, width=8, head_channels=16, aux_channels=8)
 

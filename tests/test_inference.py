@@ -1,7 +1,5 @@
 """Tests of psp_jax.inference.sliding_window against a NumPy transcription of tool/test.py."""
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,29 +17,10 @@ from psp_jax.inference.planning import (
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference, scale_canvases
 from psp_jax.models import PSPNet
 
+from helpers import dense_resize_matrix, random_variables, semseg_test_reference
+
 NUM_CLASSES = 5
 CROP = (33, 33)
-
-
-def random_variables(model, seed=0):
-  """Random weights and BN statistics of `model`, from shapes alone (model.init compiles
-  ~200 small programs on CPU: about a minute)."""
-  shapes = jax.eval_shape(
-    lambda k: model.init({'params': k}, jnp.zeros((1, 33, 33, 3)), train=False),
-    jax.random.key(0),
-  )
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    name = path[-1].key
-    if name == 'kernel':  # He initialisation keeps activations O(1) through the ResNet.
-      std = np.sqrt(2 / np.prod(leaf.shape[:-1]))
-      return jnp.asarray(rng.normal(0, std, leaf.shape), leaf.dtype)
-    if name in ('scale', 'var'):
-      return jnp.asarray(rng.uniform(0.5, 1.5, leaf.shape), leaf.dtype)
-    return jnp.asarray(rng.normal(0, 0.1, leaf.shape), leaf.dtype)  # bias, mean
-
-  return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 @pytest.fixture(scope='module')
@@ -77,26 +56,13 @@ def _images(sizes, seed=0):
 # --- Host-side geometry -------------------------------------------------------------------
 
 
-def _dense_resize_matrix(in_size, out_size):
-  """[out, in] bilinear matrix, written from the cv2 / torch align_corners=False formula."""
-  m = np.zeros((out_size, in_size))
-  for d in range(out_size):
-    src = max((d + 0.5) * in_size / out_size - 0.5, 0.0)
-    lo = min(int(math.floor(src)), in_size - 1)
-    hi = min(lo + 1, in_size - 1)
-    m[d, lo] += 1 - (src - lo) if lo < in_size - 1 else 1.0
-    if lo < in_size - 1:
-      m[d, hi] += src - lo
-  return m
-
-
 @pytest.mark.parametrize('in_size,out_size', [(4, 8), (8, 4), (7, 3), (5, 13), (13, 13), (1, 3)])
 def test_linear_indices_equal_dense_interpolation(in_size, out_size):
   i0, i1, f = linear_indices(in_size, out_size)
   m = np.zeros((out_size, in_size))
   np.add.at(m, (np.arange(out_size), i0), 1 - f)
   np.add.at(m, (np.arange(out_size), i1), f)
-  np.testing.assert_allclose(m, _dense_resize_matrix(in_size, out_size), atol=1e-5)
+  np.testing.assert_allclose(m, dense_resize_matrix(in_size, out_size), atol=1e-5)
 
 
 def test_resize_bilinear_known_values():
@@ -139,51 +105,14 @@ def test_window_grid_matches_scale_process():
 # --- NumPy transcription of tool/test.py ------------------------------------------------
 
 
-def _reference(apply_fn, variables, image, crop, base_size, scales, flip=True, classes=NUM_CLASSES):
-  """tool/test.py test() for one image: float64 accumulation, dense resize matrices."""
-
-  def resize(x, h, w):
-    x = np.einsum('wv,hvc->hwc', _dense_resize_matrix(x.shape[1], w), x)
-    return np.einsum('hu,uwc->hwc', _dense_resize_matrix(x.shape[0], h), x)
-
-  def net_process(window):
-    x = ((window - MEAN) / STD)[None].astype(np.float32)
-    probs = np.asarray(jax.nn.softmax(apply_fn(variables, x), -1))[0]
-    if flip:
-      flipped = np.asarray(jax.nn.softmax(apply_fn(variables, x[:, :, ::-1]), -1))[0]
-      probs = (probs + flipped[:, ::-1]) / 2
-    return probs
-
-  h, w = image.shape[:2]
-  total = 0.0
-  for scale in scales:
-    new_h, new_w = scaled_size(h, w, scale, base_size)
-    scaled = resize(image.astype(np.float64), new_h, new_w)
-    pad_h, pad_w = max(crop[0] - new_h, 0), max(crop[1] - new_w, 0)
-    padded = np.tile(MEAN.astype(np.float64), (new_h + pad_h, new_w + pad_w, 1))
-    padded[pad_h // 2 : pad_h // 2 + new_h, pad_w // 2 : pad_w // 2 + new_w] = scaled
-    ph, pw = padded.shape[:2]
-    sh, sw = math.ceil(crop[0] * 2 / 3), math.ceil(crop[1] * 2 / 3)
-    acc = np.zeros((ph, pw, classes))
-    count = np.zeros((ph, pw, 1))
-    for gy in range(math.ceil((ph - crop[0]) / sh) + 1):
-      for gx in range(math.ceil((pw - crop[1]) / sw) + 1):
-        e_h, e_w = min(gy * sh + crop[0], ph), min(gx * sw + crop[1], pw)
-        s_h, s_w = e_h - crop[0], e_w - crop[1]
-        acc[s_h:e_h, s_w:e_w] += net_process(padded[s_h:e_h, s_w:e_w])
-        count[s_h:e_h, s_w:e_w] += 1
-    acc = (acc / count)[pad_h // 2 : pad_h // 2 + new_h, pad_w // 2 : pad_w // 2 + new_w]
-    total = total + resize(acc, h, w)
-  return total / len(scales)
-
-
 @pytest.mark.parametrize('size', [(20, 27), (50, 41), (64, 90)])
 def test_multiscale_slide_equals_reference(slide_ms, apply_fn, model_and_variables, size):
   (image,) = _images([size], seed=size[0])
   probs = slide_ms.probabilities(image)
   assert probs.shape == (*size, NUM_CLASSES)  # Back at the original size.
   cfg = slide_ms.config
-  ref = _reference(apply_fn, model_and_variables[1], image, CROP, cfg.base_size, cfg.scales)
+  args = (apply_fn, model_and_variables[1], image, CROP, cfg.base_size, cfg.scales)
+  ref = semseg_test_reference(*args, classes=NUM_CLASSES)
   np.testing.assert_allclose(probs, ref, atol=2e-5)
   labels = slide_ms.predict(image)
   top2 = np.sort(ref, -1)[..., -2:]
@@ -199,7 +128,7 @@ def test_several_windows_per_forward_change_nothing(apply_fn, model_and_variable
   (image,) = _images([(64, 90)], seed=5)
   plan = slide.plan(image)
   assert plan.scales[0].num_windows == 12
-  ref = _reference(apply_fn, variables, image, CROP, 48, (1.75,))
+  ref = semseg_test_reference(apply_fn, variables, image, CROP, 48, (1.75,), classes=NUM_CLASSES)
   np.testing.assert_allclose(slide.probabilities(image), ref, atol=2e-5)
 
 

@@ -1,5 +1,5 @@
 """The package's layout: imports run one way, no cycle, no private names across modules, one
-name per module.
+name per module; test modules share code through tests/helpers.py, never through each other.
 
   command lines (train.py, psp_jax.{evaluate,predict,convert,preflight,experiment,export},
   data.prepare)
@@ -18,7 +18,8 @@ import pathlib
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 PACKAGE = ROOT / 'psp_jax'
 MAX_LINES = 450
 COMMANDS = {'psp_jax.evaluate', 'psp_jax.predict', 'psp_jax.convert', 'psp_jax.preflight'}
@@ -211,6 +212,27 @@ def test_each_module_is_imported_under_one_name():
   assert not twice, f'modules imported under several names (name: a file): {twice}'
 
 
+def imported_test_modules(path: pathlib.Path) -> set[str]:
+  """The test_* modules a file imports (top level or in a function)."""
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      found.add(node.module.split('.')[0])
+    elif isinstance(node, ast.Import):
+      found.update(alias.name.split('.')[0] for alias in node.names)
+  return {name for name in found if name.startswith('test_')}
+
+
+def test_test_modules_import_no_other_test_module():
+  """What two test modules share lives in tests/helpers.py (or torch_helpers.py), so running or
+  reading one test module never runs another's collection, fixtures or marks."""
+  imports = {
+    str(path.relative_to(ROOT)): imported_test_modules(path)
+    for path in sorted((ROOT / 'tests').glob('*.py'))
+  }
+  assert not {path: found for path, found in imports.items() if found}
+
+
 @pytest.mark.parametrize(
   'path', sorted(PACKAGE.rglob('*.py')), ids=lambda p: str(p.relative_to(ROOT))
 )
@@ -228,5 +250,7 @@ def test_the_checks_catch_what_they_should(tmp_path):
   assert private_uses(fake) == ['psp_jax.data.transforms._hidden']
   fake.write_text('from psp_jax.train import loop as train_lib\nimport psp_jax.train.loop as L\n')
   assert module_bindings(fake) == {'psp_jax.train.loop': {'train_lib', 'L'}}
+  fake.write_text('def f():\n  from test_train import ROOT\n  import test_parity.x\n')
+  assert imported_test_modules(fake) == {'test_train', 'test_parity'}
   assert room_of('psp_jax.train.loop') == 'psp_jax.train'
   assert 'psp_jax.inference' not in ALLOWED['psp_jax.train']

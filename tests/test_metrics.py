@@ -7,18 +7,9 @@ import pytest
 
 from psp_jax import metrics
 
+from helpers import intersection_and_union
+
 K = 6
-
-
-def intersection_and_union(output, target, k, ignore_index=255):
-  """util.intersectionAndUnion of hszhao/semseg, restated (histograms of the kept pixels)."""
-  output, target = output.reshape(-1).copy(), target.reshape(-1)
-  output[target == ignore_index] = ignore_index
-  intersection = output[output == target]
-  area_i = np.histogram(intersection, bins=k, range=(0, k - 1))[0]
-  area_o = np.histogram(output, bins=k, range=(0, k - 1))[0]
-  area_t = np.histogram(target, bins=k, range=(0, k - 1))[0]
-  return area_i, area_o + area_t - area_i, area_t
 
 
 def random_maps(seed, shape=(3, 17, 23)):

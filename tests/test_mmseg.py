@@ -19,8 +19,6 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
-from test_parity import compare_eval, errors, flax_model, nhwc, randomize  # noqa: E402, I001
-
 from psp_jax import convert as convert_cli  # noqa: E402
 from psp_jax import weights  # noqa: E402
 from psp_jax.data import classes  # noqa: E402
@@ -28,10 +26,11 @@ from psp_jax.inference import segmenter  # noqa: E402
 from psp_jax.interop import mmseg, pth, semseg  # noqa: E402
 from psp_jax.interop.torch_mmseg import TorchMMSegPSPNet  # noqa: E402
 from psp_jax.models import PSPNet  # noqa: E402
-from psp_jax.train import config_checks  # noqa: E402
-from psp_jax.train import defaults  # noqa: E402
+from psp_jax.train import config_checks, defaults  # noqa: E402
 from psp_jax.train.loop import load_init_checkpoint  # noqa: E402
 from psp_jax.train.train_state import TrainState  # noqa: E402
+
+from torch_helpers import compare_eval, errors, flax_model, nhwc, randomize  # noqa: E402
 
 pytestmark = pytest.mark.torch
 DATA = pathlib.Path(__file__).parent / 'data'

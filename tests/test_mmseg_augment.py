@@ -11,11 +11,12 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_pipeline import assert_same_batches, data_config, source, take  # noqa: I001
 
 from psp_jax.data import mmseg_augment, pipeline, transforms
 from psp_jax.data.normalization import MEAN_RGB, STD_RGB
 from psp_jax.inference import planning
+
+from helpers import assert_same_batches, data_config, source, take
 
 REFERENCE = np.load(pathlib.Path(__file__).parent / 'data' / 'mmseg_reference.npz')
 MEAN, STD = np.array(MEAN_RGB), np.array(STD_RGB)

@@ -11,7 +11,6 @@ to the image, logits summed and divided by the count, then torch's bilinear resi
 import dataclasses
 import importlib
 import json
-import pathlib
 import subprocess
 import sys
 
@@ -19,7 +18,6 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
-from test_inference import random_variables  # noqa: I001 (tests/ is on sys.path)
 
 from psp_jax import metrics, weights
 from psp_jax.data import pipeline, sources
@@ -29,7 +27,8 @@ from psp_jax.inference.sliding_window import SlidingWindowInference
 from psp_jax.models import PSPNet
 from psp_jax.train import config_checks, defaults
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT, random_variables
+
 K = 5
 MMSEG_VARIANT = dict(stem='deep_v1c', contract_dilation=True, align_corners=False)
 TINY = dict(depth=18, width=8, head_channels=16, aux_channels=8, **MMSEG_VARIANT)

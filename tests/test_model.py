@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from psp_jax.models import PSPNet, PyramidPooling, ResNet, codec
 from psp_jax.models.layers import TORCH_DEFAULT_KERNEL_INIT, BatchNorm, Conv
@@ -423,8 +424,6 @@ def test_batchnorm_equals_torch_batchnorm2d_over_steps():
 
 def test_batchnorm_axis_name_in_shard_map_equals_global(num_devices):
   """Inside shard_map, axis_name gives the statistics of the whole batch (SyncBN)."""
-  from jax.sharding import PartitionSpec as P
-
   mesh = jax.make_mesh((num_devices,), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
   x = images((2 * num_devices, 3, 3, 4)) * 2.0 + 1.0
   variables = BatchNorm().init(jax.random.key(0), x, train=False)
@@ -457,8 +456,6 @@ def test_batchnorm_gradient_equals_autodiff_plain_and_in_shard_map(num_devices, 
   Plain and inside shard_map with axis_name (the gradient of the global batch); inputs
   centred on 0 and on 30 standard deviations (the backward subtracts mean * sum(dy)).
   """
-  from jax.sharding import PartitionSpec as P
-
   rng = np.random.default_rng(0)
   with jax.enable_x64(True):
     x = jnp.asarray(rng.normal(offset, 2.0, (2 * num_devices, 3, 3, 4)), jnp.float64)

@@ -19,8 +19,8 @@ from PIL import Image
 
 from psp_jax import distributed
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-NOTEBOOK = ROOT / 'colab' / 'quickstart.ipynb'
+from helpers import NOTEBOOK, ROOT, parameters_index, read_notebook
+
 HAVE_TORCH = importlib.util.find_spec('torch') is not None
 TORCH_CONFIG = dict(num_classes=150, depth=18, width=4, head_channels=8, aux_channels=8)
 # configs/synthetic.py shrunk to seconds: a width-4 PSPNet-18, 16 training images of 65 pixels.
@@ -38,16 +38,6 @@ SMALL = {
   'checkpoint_every_steps': 2,
   'eval.base_size': 65,
 }
-
-
-def read_notebook() -> nbformat.NotebookNode:
-  return nbformat.read(NOTEBOOK, as_version=4)
-
-
-def parameters_index(nb: nbformat.NotebookNode) -> int:
-  tagged = [i for i, c in enumerate(nb.cells) if 'parameters' in c.metadata.get('tags', [])]
-  assert len(tagged) == 1, f'expected one cell tagged "parameters", found {len(tagged)}'
-  return tagged[0]
 
 
 def parameter_names(nb: nbformat.NotebookNode) -> set[str]:
@@ -97,9 +87,9 @@ def test_inject_rejects_unknown_parameters():
 
 def official_checkpoint(path: pathlib.Path) -> pathlib.Path:
   """A tiny PSPNet-18 with 150 classes saved as the official train.py saves its checkpoints."""
-  import torch
+  import torch  # noqa: PLC0415 (optional: only when torch is installed)
 
-  from psp_jax.interop import torch_pspnet
+  from psp_jax.interop import torch_pspnet  # noqa: PLC0415 (needs torch, which is optional here)
 
   torch.manual_seed(0)
   net = torch_pspnet.build(TORCH_CONFIG)

@@ -8,40 +8,9 @@ import tensorflow as tf
 
 from psp_jax.data import pipeline
 
-NUM = 10  # examples in the in-memory split
-CROP = 33
-
-
-def data_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(
-    dict(
-      train_split='train',
-      eval_split='validation',
-      ignore_label=255,
-      crop_size=CROP,
-      scale_range=(0.5, 2.0),
-      rotate_range=(-10.0, 10.0),
-      blur=True,
-      flip=True,
-      shuffle_buffer=4,
-      deterministic=True,
-    )
-  )
-  config.update(overrides)
-  return config
-
-
-def make_example(i):
-  """Example i: a flat image of value 10 * i + 5 and label (i mod 7), of varying size."""
-  i = tf.cast(i, tf.int32)
-  h, w = 36 + 5 * (i % 3), 40 + 7 * (i % 4)
-  image = tf.fill(tf.stack([h, w, 3]), tf.cast(10 * i + 5, tf.uint8))
-  label = tf.fill(tf.stack([h, w]), tf.cast(i % 7, tf.uint8))
-  return {'image': image, 'label': label}
-
-
-def source(num=NUM, process_index=0, process_count=1):
-  return tf.data.Dataset.range(num).shard(process_count, process_index).map(make_example)
+from helpers import PIPELINE_CROP as CROP
+from helpers import PIPELINE_EXAMPLES as NUM
+from helpers import assert_same_batches, data_config, source, take
 
 
 def example_ids(images):
@@ -51,17 +20,6 @@ def example_ids(images):
   raw = images[..., 0] * std[0] + mean[0]
   values = [np.median(r[np.abs(r - mean[0]) > 0.5]) for r in raw]
   return [int(round((v - 5) / 10)) for v in values]
-
-
-def take(dataset, n):
-  return list(dataset.take(n).as_numpy_iterator())
-
-
-def assert_same_batches(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b, strict=True):
-    np.testing.assert_array_equal(x['image'], y['image'])
-    np.testing.assert_array_equal(x['label'], y['label'])
 
 
 @pytest.fixture(scope='module')

@@ -8,13 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
-from test_inference import random_variables
 
-from psp_jax import visualize
+from psp_jax import visualize, weights
 from psp_jax.data import classes
 from psp_jax.inference.segmenter import Segmenter, list_images, predict_files, read_image
 from psp_jax.inference.sliding_window import InferenceConfig
 from psp_jax.models import PSPNet
+
+from helpers import load_config, random_variables, semseg_test_reference
 
 NUM_CLASSES = 21  # Recognised as PASCAL VOC: its palette and names.
 
@@ -118,9 +119,6 @@ def test_predict_files_writes_palette_pngs(segmenter, tmp_path):
 def test_a_training_workdir_sets_dataset_and_test_geometry(tmp_path):
   """A workdir's config.json names the data set (palette, class names) and the eval setup,
   so a model trained on 129-pixel synthetic scenes is not run at ADE20K's 512."""
-  from test_train import load_config
-
-  from psp_jax import weights
 
   model_config = dict(num_classes=11, depth=18, width=8, head_channels=16, aux_channels=8)
   variables = random_variables(PSPNet(**model_config), seed=2)
@@ -152,9 +150,8 @@ def test_command_line_on_an_official_pth_matches_torch(tmp_path):
   """python -m psp_jax.predict on a .pth (converted on the fly) against tool/test.py's
   procedure transcribed around the PyTorch model itself."""
   torch = pytest.importorskip('torch')
-  from test_inference import _reference
 
-  from psp_jax.interop import torch_pspnet
+  from psp_jax.interop import torch_pspnet  # noqa: PLC0415 (needs torch, which is optional here)
 
   torch.manual_seed(0)
   net = torch_pspnet.build(
@@ -204,7 +201,9 @@ def test_command_line_on_an_official_pth_matches_torch(tmp_path):
     np.testing.assert_array_equal(
       np.asarray(Image.open(out / f'img{i}_color.png')), palette[labels]
     )
-    ref = _reference(torch_apply, None, image, (33, 33), 48, (0.75, 1.25), classes=NUM_CLASSES)
+    ref = semseg_test_reference(
+      torch_apply, None, image, (33, 33), 48, (0.75, 1.25), classes=NUM_CLASSES
+    )
     top2 = np.sort(ref, -1)[..., -2:]
     clear = top2[..., 1] - top2[..., 0] > 1e-4  # Float32 near-ties may go either way.
     assert clear.mean() > 0.95 and len(np.unique(labels)) > 3

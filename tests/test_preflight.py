@@ -15,7 +15,8 @@ import pytest
 
 from psp_jax.train import aot
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 TPU_PYTHON = ROOT / '.venv-tpu' / 'bin' / 'python'
 # A tiny PSPNet (tests/test_train.py's sizes): a compile that fits still takes 2-4 minutes
 # (slow); one that does not fit fails in seconds.
@@ -145,6 +146,7 @@ def test_the_largest_batch_is_found_by_doubling_then_bisecting(monkeypatch):
   assert tried == [(16, True), (32, True), (64, False), (48, False), (40, True), (44, False)]
 
 
+@pytest.mark.e2e
 def test_config_mistakes_get_the_commands_one_message(tpu_python):
   """errors.report, as every command: a misspelt key says the closest one (status 2), a value
   that cannot work names its key (status 1), no traceback."""

@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 
-import datagen
 import numpy as np
 import pytest
 from PIL import Image
 
 from psp_jax.data import prepare
+
+import datagen
 
 
 def run_prepare(argv: list[str]) -> int:

@@ -11,11 +11,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_train import tiny_config  # noqa: I001 (tests/ is on sys.path)
+from jax.experimental import multihost_utils
 
-from psp_jax import experiment
-from psp_jax.train import checkpointing, loop, safeguards
+from psp_jax import experiment, paths
+from psp_jax.train import checkpointing, loop, safeguards, summaries
 from psp_jax.train.train_state import TrainState
+
+from helpers import tiny_config
 
 
 def test_stop_request_sets_a_flag_and_restores_the_handlers():
@@ -144,8 +146,6 @@ def test_differences_name_the_model_settings():
 
 
 def test_several_processes_stop_together_at_sync_points(monkeypatch):
-  from jax.experimental import multihost_utils
-
   gathered = []
 
   def allgather(flag):  # This process saw no signal; another one did.
@@ -162,9 +162,6 @@ def test_several_processes_stop_together_at_sync_points(monkeypatch):
 def test_a_bucket_workdir_stays_remote(tmp_path, monkeypatch):
   """gs://bucket/run must reach orbax and the config writer as it is: os.path.abspath made
   it ./gs:/bucket/run, so a TPU VM wrote its checkpoints to a disk lost on preemption."""
-  from psp_jax import paths
-  from psp_jax.train import summaries
-
   monkeypatch.chdir(tmp_path)
   assert str(paths.as_path('gs://bucket/run') / 'best') == 'gs://bucket/run/best'
   assert str(paths.as_path('run')) == str(tmp_path / 'run')

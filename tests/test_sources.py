@@ -4,7 +4,6 @@ import io
 import logging
 import re
 
-import datagen
 import ml_collections
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ from PIL import Image
 
 from psp_jax.data import classes, files, pipeline, sources
 from psp_jax.data.builders import Ade20k, Cityscapes, MissingDataError, Voc2012
+
+import datagen
 
 # The 19 evaluated Cityscapes label ids, in train-id order (cityscapesScripts labels.py).
 EVALUATED_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]

@@ -7,7 +7,6 @@ slice's devices and hosts, so a renamed flag or config key fails here, not on a 
 """
 
 import json
-import pathlib
 import re
 import shlex
 import subprocess
@@ -15,7 +14,8 @@ import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import ROOT, load_config, parameters_index, read_notebook
+
 sys.path.insert(0, str(ROOT / 'tools'))
 import tpu_launch  # noqa: E402
 
@@ -205,8 +205,6 @@ def test_the_guide_shows_exactly_what_the_launcher_prints():
 def test_launcher_constants_match_the_config_and_the_notebook():
   """The batch sizes the launcher checks are configs/ade20k.py's, and it installs from the
   same repository as the Colab notebook."""
-  from test_notebook import parameters_index, read_notebook
-  from test_train import load_config
 
   config = load_config('ade20k')
   assert (config.batch_size, config.eval.batch_size) == (

@@ -3,8 +3,10 @@
 A tiny PSPNet (depth 18, width 4, crop 41) on 8 simulated CPU devices (tests/conftest.py).
 """
 
-import importlib
+import os
 import pathlib
+import socket
+import subprocess
 import sys
 
 import jax
@@ -13,31 +15,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from psp_jax import distributed
+from psp_jax import distributed, weights
+from psp_jax.data import pipeline
 from psp_jax.models import codec
-from psp_jax.train import optim, train_state, train_step
+from psp_jax.train import loop, losses, optim, train_state, train_step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-NUM_CLASSES, CROP, BATCH = 5, 41, 8
-
-
-def load_config(name: str) -> ml_collections.ConfigDict:
-  """configs/NAME.py's get_config() (configs/ imports itself as a package from the root)."""
-  if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-  return importlib.import_module(f'configs.{name}').get_config()
-
-
-def tiny_config(**optim_overrides) -> ml_collections.ConfigDict:
-  """configs/default.py shrunk to a PSPNet that compiles and runs in seconds on a CPU."""
-  config = load_config('default')
-  config.model.update(depth=18, width=4, head_channels=8, aux_channels=8, dtype='float32')
-  config.data.num_classes = NUM_CLASSES
-  config.data.crop_size = CROP
-  config.batch_size = BATCH
-  config.num_train_steps = 6
-  config.optim.update(optim_overrides)
-  return config
+from helpers import BATCH, CROP, NUM_CLASSES, tiny_config
 
 
 def global_batch(seed: int = 0, batch: int = BATCH) -> dict[str, np.ndarray]:
@@ -64,7 +47,7 @@ def initial_abstract(config: ml_collections.ConfigDict):
   model = codec.build_model(codec.of_experiment(config, 'cpu'))
   tx, _ = optim.create_optimizer(config.optim, config.num_train_steps)
   init = train_state.init_fn(model, tx, (1, CROP, CROP, 3))
-  return jax.eval_shape(init, jax.random.PRNGKey(config.seed))
+  return jax.eval_shape(init, jax.random.key(config.seed))
 
 
 def place(host_state, mesh: jax.sharding.Mesh):
@@ -74,10 +57,8 @@ def place(host_state, mesh: jax.sharding.Mesh):
 
 def run_steps(compiled, host_state, mesh, batches, rng_seed: int = 1):
   """The state after one step per batch from host_state, and each step's metrics."""
-  from psp_jax.data import pipeline
-
   state = place(host_state, mesh)
-  key = jax.device_put(jax.random.PRNGKey(rng_seed), distributed.replicated(mesh))
+  key = jax.device_put(jax.random.key(rng_seed), distributed.replicated(mesh))
   history = []
   for batch in batches:
     state, metrics = compiled(state, pipeline.to_global(batch, mesh), key)
@@ -99,7 +80,7 @@ def initial_state():
   tx, _ = optim.create_optimizer(config.optim, config.num_train_steps)
   mesh = distributed.create_mesh()
   state, shardings = train_state.create_train_state(
-    model, tx, jax.random.PRNGKey(0), (1, CROP, CROP, 3), mesh
+    model, tx, jax.random.key(0), (1, CROP, CROP, 3), mesh
   )
   assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings))
   assert jax.tree.leaves(state)[0].sharding.mesh.size == 8
@@ -109,13 +90,11 @@ def initial_state():
 @pytest.fixture(scope='module')
 def eight_device_run(initial_state):
   """3 steps on 8 devices: (final params/stats, metrics per step, compiled HLO text)."""
-  from psp_jax.data import pipeline
-
   mesh = distributed.create_mesh()
   assert mesh.size == 8
   batches = [global_batch(i) for i in range(3)]
   example = (place(initial_state, mesh), pipeline.to_global(batches[0], mesh))
-  compiled = make_step(tiny_config(), mesh).lower(*example, jax.random.PRNGKey(1)).compile()
+  compiled = make_step(tiny_config(), mesh).lower(*example, jax.random.key(1)).compile()
   state, history = run_steps(compiled, initial_state, mesh, batches)
   return as_numpy(state), history, compiled.as_text()
 
@@ -186,8 +165,6 @@ def test_gradient_accumulation_averages_micro_batch_gradients(initial_state):
 
 
 def test_loss_groups_average_per_group_means():
-  from psp_jax.train import losses
-
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(4, 3, 5, NUM_CLASSES)), jnp.float32)
   labels = rng.integers(0, NUM_CLASSES, (4, 3, 5))
@@ -219,8 +196,6 @@ def numpy_mmseg_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
 
 
 def test_loss_normalization_all_is_mmseg_mean_over_every_pixel():
-  from psp_jax.train import losses
-
   rng = np.random.default_rng(5)
   logits = rng.normal(size=(4, 6, 7, NUM_CLASSES)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, (4, 6, 7))
@@ -268,7 +243,6 @@ def test_cross_entropy_matches_torch_ignore_index():
   logits = rng.normal(size=(2, 7, 9, NUM_CLASSES)).astype(np.float32)
   labels = rng.integers(0, NUM_CLASSES, (2, 7, 9))
   labels[rng.random(labels.shape) < 0.3] = 255
-  from psp_jax.train import losses
 
   got = losses.cross_entropy(jnp.asarray(logits), jnp.asarray(labels), 255)
   criterion = torch.nn.CrossEntropyLoss(ignore_index=255)
@@ -277,8 +251,6 @@ def test_cross_entropy_matches_torch_ignore_index():
 
 
 def _free_port() -> int:
-  import socket
-
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
     return s.getsockname()[1]
@@ -289,9 +261,6 @@ def _free_port() -> int:
 def test_two_processes_of_four_devices_match_one_of_eight(
   initial_state, eight_device_run, tmp_path
 ):
-  import os
-  import subprocess
-
   # The workers start from the same initial state (saved here: spares them its compilation).
   np.savez(tmp_path / 'initial.npz', *jax.tree.leaves(initial_state))
   port, script = _free_port(), str(pathlib.Path(__file__).resolve())
@@ -337,9 +306,6 @@ if __name__ == '__main__' and sys.argv[1:2] == ['worker']:
 
 
 def test_init_checkpoint_copies_the_weights_that_fit(initial_state, tmp_path):
-  from psp_jax import weights
-  from psp_jax.train import loop
-
   host = {'params': initial_state.params, 'batch_stats': initial_state.batch_stats}
   saved = jax.tree.map(lambda x: np.asarray(x) + 1.0, host)
   # A classifier of another data set (7 classes) does not fit and stays fresh.

@@ -4,13 +4,14 @@ import jax
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from test_train import ROOT, load_config, tiny_config  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax import experiment
+from psp_jax import errors, experiment
 from psp_jax.data import datasets
 from psp_jax.models import codec
 from psp_jax.train import config_checks
 from psp_jax.train.config_checks import ConfigError
+
+from helpers import ROOT, load_config, tiny_config
 
 
 def validate(config):
@@ -85,7 +86,6 @@ def test_command_line_overrides_and_unknown_keys():
 
 def test_none_on_the_command_line_sets_a_tuple_key_to_none():
   # ml_collections reads None for a tuple key as (None,); errors.parse_flags makes it None.
-  from psp_jax import errors
 
   args = ['--config.data.rotate_range=None', '--config.data.scale_range', 'None']
   args.append('--config.eval.scales=(None)')

@@ -12,17 +12,29 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
-from test_train import ROOT  # noqa: I001 (tests/ is on sys.path)
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+from psp_jax.train import checkpointing
+
+import datagen
+from helpers import (
+  assert_same_state,
+  check,
+  command,
+  restored,
+  snapshot,
+  steps,
+  train,
+  user_env,
+)
 
 # One worker: one data set, one XLA cache.
 pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group('train_py')]
-SHRINK = dict(depth=18, width=4, head_channels=8, aux_channels=8, dtype='float32')
 
 
 @pytest.fixture(scope='module')
@@ -32,61 +44,7 @@ def shared(tmp_path_factory):
   return dict(data_dir=str(root / 'tfds'), cache=str(root / 'xla_cache'))
 
 
-def command(shared, workdir, *extra: str, script: str = 'train.py', **overrides) -> list[str]:
-  """The command line of train.py (or tests/faults.py) on configs/synthetic.py shrunk to a
-  tiny model, 6 steps of 4 images; keyword arguments override config keys (a__b: a.b)."""
-  config = {f'model.{k}': v for k, v in SHRINK.items()}
-  config.update(
-    {
-      'data.data_dir': shared['data_dir'],
-      'data.synthetic.num_train': 32,
-      'data.synthetic.num_val': 8,
-      'data.crop_size': 41,
-      'data.shuffle_buffer': 32,
-      'batch_size': 4,
-      'num_train_steps': 6,
-      'log_every_steps': 1,
-      'eval_every_steps': 3,
-      'checkpoint_every_steps': 3,
-      'eval.batch_size': 8,
-    }
-  )
-  config.update({k.replace('__', '.'): v for k, v in overrides.items()})
-  path = ROOT / 'tests' / 'faults.py' if script == 'faults.py' else ROOT / script
-  args = [sys.executable, str(path), f'--config={ROOT / "configs/synthetic.py"}']
-  args += [f'--workdir={workdir}', f'--compilation_cache_dir={shared["cache"]}', *extra]
-  return args + [f'--config.{k}={v}' for k, v in config.items()]
-
-
-def user_env(**faults: str) -> dict[str, str]:
-  """The environment as a user runs train.py (no XLA_FLAGS), plus tests/faults.py's."""
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS' and not k.startswith('FAULT_')}
-  return env | faults
-
-
-def train(
-  shared, workdir, *extra: str, env=None, cwd=None, **overrides
-) -> subprocess.CompletedProcess:
-  """Runs command(...) to the end (in workdir's parent unless cwd is given)."""
-  return subprocess.run(
-    command(shared, workdir, *extra, **overrides),
-    env=env or user_env(),
-    cwd=str(cwd or workdir.parent),
-    capture_output=True,
-    text=True,
-    timeout=1200,
-  )
-
-
-def check(proc: subprocess.CompletedProcess) -> str:
-  log = proc.stdout + proc.stderr
-  assert proc.returncode == 0, log[-4000:]
-  return log
-
-
 def event_tags(workdir) -> set[str]:
-  from tensorboard.backend.event_processing import event_accumulator
-
   files = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   assert files, f'no TensorBoard events in {workdir}'
   tags = set()
@@ -96,23 +54,6 @@ def event_tags(workdir) -> set[str]:
     for kind in ('scalars', 'tensors', 'images'):
       tags.update(acc.Tags().get(kind, []))
   return tags
-
-
-def restored(step_dir, keys=('params', 'batch_stats')) -> dict[str, np.ndarray]:
-  """{path: array} of parts of a checkpoint's state, read without a target."""
-  state = ocp.StandardCheckpointer().restore(step_dir / 'state')
-  flat = {}
-
-  def walk(tree, prefix):
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    for key, value in items:
-      if isinstance(value, dict | list | tuple):
-        walk(value, f'{prefix}/{key}')
-      elif value is not None:
-        flat[f'{prefix}/{key}'] = np.asarray(value)
-
-  walk({k: state[k] for k in keys}, '')
-  return flat
 
 
 @pytest.fixture(scope='module')
@@ -171,13 +112,6 @@ def test_stopping_and_resuming_gives_the_same_run(shared, straight_run, tmp_path
   assert snapshot(workdir) == before
 
 
-def snapshot(workdir) -> dict[str, bytes]:
-  """{relative path: contents} of every file of a workdir."""
-  return {
-    str(p.relative_to(workdir)): p.read_bytes() for p in sorted(workdir.rglob('*')) if p.is_file()
-  }
-
-
 # --- When things go wrong. ---------------------------------------------------------------------
 
 
@@ -203,18 +137,6 @@ def wait_for(proc, ready, what: str, timeout: float = 600) -> None:
     assert proc.poll() is None, f'the run ended (status {proc.returncode}) before {what}'
     assert time.monotonic() < deadline, f'no {what} after {timeout} s'
     time.sleep(0.05)
-
-
-def steps(workdir) -> list[str]:
-  return sorted(os.listdir(workdir / 'checkpoints'), key=lambda n: (len(n), n))
-
-
-def assert_same_state(got_dir, expected_dir) -> None:
-  keys = ('step', 'params', 'batch_stats', 'opt_state')
-  got, expected = restored(got_dir, keys), restored(expected_dir, keys)
-  assert got.keys() == expected.keys()
-  for key in expected:
-    np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'SIGINT'])
@@ -261,7 +183,6 @@ def test_kill_9_during_a_save_keeps_the_previous_checkpoint(shared, straight_run
   names = os.listdir(workdir / 'checkpoints')
   assert '3' in names and '6' not in names, names
   assert any(n.startswith('6.orbax-checkpoint-tmp') for n in names), names
-  from psp_jax.train import checkpointing
 
   checkpoints = checkpointing.Checkpoints(str(workdir), keep=2)
   assert checkpoints.latest_step() == 3
@@ -293,9 +214,6 @@ def test_a_nan_loss_stops_naming_the_step_or_is_skipped(shared, tmp_path):
 
 def scalar_series(workdir, tag: str) -> list[float]:
   """The values of a TensorBoard scalar, by step (float32 as written)."""
-  from tensorboard.backend.event_processing import event_accumulator
-  from tensorboard.util import tensor_util
-
   (name,) = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
   acc = event_accumulator.EventAccumulator(str(workdir / name), size_guidance={'tensors': 0})
   acc.Reload()
@@ -313,8 +231,6 @@ def test_same_seed_and_config_give_the_same_losses_bit_for_bit(shared, straight_
 
 
 def test_bad_data_file_is_named_or_skipped_and_counted(shared, tmp_path):
-  import datagen
-
   datagen.write_list(tmp_path / 'data', 'train', 8, num_classes=11)
   datagen.write_list(tmp_path / 'data', 'val', 2, num_classes=11, seed=1)
   bad = tmp_path / 'data' / 'data' / 'img' / 'train_003.jpg'

@@ -5,9 +5,10 @@ import math
 import numpy as np
 import pytest
 import tensorflow as tf
-from augment_reference import augment_reference  # noqa: I001 (tests/ is on sys.path)
 
 from psp_jax.data import augment, geometry, normalization, transforms
+
+from augment_reference import augment_reference  # noqa: I001 (tests/ is on sys.path)
 
 MEAN = np.array(normalization.MEAN_RGB, np.float32)
 STD = np.array(normalization.STD_RGB, np.float32)

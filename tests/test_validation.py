@@ -5,16 +5,16 @@ A short in-process run validates at its last step; evaluating the checkpoint it 
 129 px) and on a folder of non-square images whose sides are no multiple of anything.
 """
 
-import datagen
 import jax
 import numpy as np
 import pytest
-from test_train import load_config  # noqa: I001 (tests/ is on sys.path)
-from test_train_run import SHRINK
 
 from psp_jax import experiment, weights
 from psp_jax.inference import evaluation
 from psp_jax.train import summaries
+
+import datagen
+from helpers import SHRINK, load_config
 
 
 def tiny_config(tmp_path, data: str):
