@@ -32,9 +32,11 @@ train: setup
 test: setup preflight-setup lint
 	$(PY) -m pytest -n 2 --dist loadgroup
 
-# The suite without the `slow` tests (full-size networks, whole training runs), for iteration.
-test-fast: setup preflight-setup lint
-	$(PY) -m pytest -n 2 --dist loadgroup -m "not slow"
+# The tier to iterate on: no process started (`e2e`), no registry (`network`), no full-size
+# network or TPU compile (`slow`); pyproject.toml defines the markers. Needs no .venv-tpu.
+FAST := not slow and not e2e and not network
+test-fast: setup lint
+	$(PY) -m pytest -n 2 --dist loadgroup -m "$(FAST)"
 
 # Only the project's core dependencies and jax[tpu] (no data/torch/dev extras): the cheapest
 # install that compiles the train and eval steps for TPU (tests/test_preflight.py runs it).

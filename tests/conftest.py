@@ -1,6 +1,10 @@
-"""Test set-up: 8 simulated CPU devices, quiet TensorFlow, TF kept off accelerators."""
+"""Test set-up: 8 simulated CPU devices, quiet TensorFlow, TF kept off accelerators, and only
+tests marked e2e may start processes."""
 
+import contextlib
+import multiprocessing
 import os
+import subprocess
 
 # Both must be set before TensorFlow or JAX is imported (XLA_FLAGS is read by both).
 _flag = '--xla_force_host_platform_device_count=8'
@@ -23,3 +27,39 @@ def num_devices() -> int:
 def pytest_configure(config):
   # pytest-xdist registers this marker; declared here too so `-p no:xdist` runs accept it.
   config.addinivalue_line('markers', 'xdist_group(name): tests that share one xdist worker')
+
+
+class StartedAProcess(AssertionError):
+  """A test not marked e2e started a process: mark it, so `make test-fast` leaves it out."""
+
+
+def _refuse_processes(*args, **kwargs):
+  raise StartedAProcess(
+    'this test starts a process but is not marked e2e: add @pytest.mark.e2e (pyproject.toml '
+    'lists the tiers)'
+  )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+  with _processes_allowed(item):
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+  with _processes_allowed(item):
+    return (yield)
+
+
+@contextlib.contextmanager
+def _processes_allowed(item):
+  """Keeps the e2e marker true: outside e2e tests (and their fixtures' set-up) subprocess and
+  multiprocessing refuse to start anything."""
+  if item.get_closest_marker('e2e'):
+    yield
+    return
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(subprocess.Popen, '__init__', _refuse_processes)
+    patch.setattr(multiprocessing.process.BaseProcess, 'start', _refuse_processes)
+    yield
