@@ -35,8 +35,9 @@ test: setup preflight-setup lint
 # The tier to iterate on: no process started (`e2e`), no registry (`network`), no full-size
 # network or TPU compile (`slow`); pyproject.toml defines the markers. Needs no .venv-tpu.
 FAST := not slow and not e2e and not network
+# --dist loadscope: a module's tests share one worker, so its module fixtures are built once.
 test-fast: setup lint
-	$(PY) -m pytest -n 2 --dist loadgroup -m "$(FAST)"
+	$(PY) -m pytest -n 2 --dist loadscope -m "$(FAST)"
 
 # Only the project's core dependencies and jax[tpu] (no data/torch/dev extras): the cheapest
 # install that compiles the train and eval steps for TPU (tests/test_preflight.py runs it).

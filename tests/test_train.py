@@ -123,6 +123,7 @@ def test_one_device_and_eight_devices_agree(initial_state, eight_device_run):
   assert any(not np.allclose(moved[k], got1[k]) for k in got1 if 'batch_stats' in k)
 
 
+@pytest.mark.slow  # eight_device_run: an 8-device train-step compile, ~1 min on 2 cores.
 def test_compiled_step_all_reduces_gradients_and_never_gathers_parameters(eight_device_run):
   hlo = eight_device_run[2]
   assert 'all-reduce' in hlo  # Gradients (and BatchNorm moments) summed over devices.
@@ -221,6 +222,7 @@ def test_loss_normalization_all_is_mmseg_mean_over_every_pixel():
     losses.cross_entropy(*args, normalization='valid')
 
 
+@pytest.mark.slow  # eight_device_run: an 8-device train-step compile, ~1 min on 2 cores.
 def test_train_step_uses_the_configured_loss_normalization(initial_state, eight_device_run):
   # The same first step on the same batch with 'all' (mmseg): both heads' losses are the
   # 'labelled' ones times the labelled fraction of the batch, and loss = main + 0.4 aux.
