@@ -29,7 +29,7 @@ from psp_jax.interop import mmseg, pth, semseg  # noqa: E402
 from psp_jax.interop.torch_mmseg import TorchMMSegPSPNet  # noqa: E402
 from psp_jax.models import PSPNet  # noqa: E402
 from psp_jax.train import config_checks  # noqa: E402
-from psp_jax.train import defaults  # noqa: E402
+from psp_jax import config_schema  # noqa: E402
 from psp_jax.train.loop import load_init_checkpoint  # noqa: E402
 from psp_jax.train.train_state import TrainState  # noqa: E402
 
@@ -258,7 +258,7 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
     return evaluation.Evaluation({'ok': True}, [])
 
   monkeypatch.setattr(evaluation, 'evaluate_model', fake_evaluate_model)
-  config = defaults.get_config()
+  config = config_schema.get_config()
   config.data.num_classes = 11
   assert evaluation.evaluate(config, tmp_path / 'zoo.pth', progress=False) == {'ok': True}
   assert seen['class_names'] == names
@@ -349,7 +349,7 @@ def test_v1c_backbone_loads_as_init_checkpoint(tmp_path, prefix):
 
 
 def test_model_config_keys_are_validated():
-  config = defaults.get_config()
+  config = config_schema.get_config()
   assert config.model.stem == 'deep' and config.model.contract_dilation is False
   assert config.model.align_corners is True
   for key, value, message in (
@@ -357,12 +357,12 @@ def test_model_config_keys_are_validated():
     ('contract_dilation', 1, 'config.model.contract_dilation'),
     ('align_corners', 'no', 'config.model.align_corners'),
   ):
-    bad = defaults.get_config()
+    bad = config_schema.get_config()
     # A config file may build config.model afresh: the types are then its own.
     bad.model = ml_collections.ConfigDict({**bad.model.to_dict(), key: value})
     with pytest.raises(config_checks.ConfigError, match=message):
       config_checks.validate(bad, device_count=1, process_count=1)
-  bad = defaults.get_config()
+  bad = config_schema.get_config()
   bad.model.stem, bad.model.width = 'deep_v1c', 9
   with pytest.raises(config_checks.ConfigError, match='config.model.width'):
     config_checks.validate(bad, device_count=1, process_count=1)

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 from test_inference import random_variables  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax import metrics, weights
+from psp_jax import config_schema, metrics, weights
 from psp_jax.data import pipeline, sources
 from psp_jax.inference import evaluation, planning
 from psp_jax.inference.planning import MEAN, STD, InferenceConfig, fit_size, window_grid
 from psp_jax.inference.sliding_window import SlidingWindowInference
 from psp_jax.models import PSPNet
-from psp_jax.train import config_checks, defaults
+from psp_jax.train import config_checks
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 K = 5
@@ -110,7 +110,7 @@ def assert_same_prediction(got_logits, got_labels, ref):
 
 
 def test_defaults_are_the_official_protocol():
-  config = defaults.get_config()
+  config = config_schema.get_config()
   assert InferenceConfig.from_config(config) == InferenceConfig(crop_size=473)
   official = InferenceConfig()
   assert (official.resize, official.average, official.clip_windows, official.stride) == (
@@ -271,7 +271,7 @@ def test_bad_eval_keys_name_the_key():
     ('average', 'softmax', 'eval.average'),
     ('stride', -1, 'eval.stride'),
   ]:
-    config = defaults.get_config()
+    config = config_schema.get_config()
     config.eval[key] = value
     with pytest.raises(config_checks.ConfigError, match=match):
       config_checks.validate(config, device_count=1, process_count=1)

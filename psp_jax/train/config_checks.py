@@ -8,13 +8,13 @@ from typing import Any
 
 import ml_collections
 
-from psp_jax import errors, metrics, sizes
+from psp_jax import config_schema, errors, metrics, sizes
 from psp_jax.models import codec, resnet
-from psp_jax.train import defaults, losses
+from psp_jax.train import losses
 
 # config.data belongs to the data pipeline (psp_jax.data), which checks its own keys; model
 # keys are PSPNet's constructor arguments (psp_jax.models.codec).
-_DEFAULTS = defaults.get_config()
+_DEFAULTS = config_schema.get_config()
 TOP_KEYS = frozenset(_DEFAULTS.keys())
 OPTIM_KEYS = frozenset(_DEFAULTS.optim.keys())
 EVAL_KEYS = frozenset(_DEFAULTS.eval.keys())
@@ -35,7 +35,7 @@ def _unknown(section: Any, known: frozenset[str], prefix: str) -> None:
     names = ', '.join(f'{prefix}{k}' for k in unknown)
     raise ConfigError(
       f'Unknown config key(s): {names}. Known {prefix or "top-level "}keys: {sorted(known)}. '
-      'Check the spelling (psp_jax/train/defaults.py declares every key).'
+      'Check the spelling (psp_jax/config_schema.py declares every key).'
     )
 
 
