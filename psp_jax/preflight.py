@@ -65,13 +65,13 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
   mesh = Mesh(np.asarray(devices), ('data',), axis_types=(AxisType.Auto,))
   windows = max(1, config.eval.batch_size // topology.mesh.size)
   scale = max(config.eval.scales)
-  inference = planning.InferenceConfig.from_config(
+  procedure = planning.InferenceConfig.from_config(
     config, windows_per_step=windows, scales=(scale,)
   )
   size = (config.eval.base_size,) * 2
-  if inference.resize == 'fit':  # The largest image that fits (long, short) lies wide.
-    size = (min(inference.fit_scale), max(inference.fit_scale))
-  (first,) = planning.plan_image(np.zeros((*size, 3), np.uint8), inference).scales
+  if procedure.resize == 'fit':  # The largest image that fits (long, short) lies wide.
+    size = (min(procedure.fit_scale), max(procedure.fit_scale))
+  (first,) = planning.plan_image(np.zeros((*size, 3), np.uint8), procedure).scales
   model_config = codec.of_experiment(config, 'tpu')
   model = codec.build_model(model_config, 'tpu')
   image = jax.ShapeDtypeStruct((1, *first.crop, 3), np.float32)
@@ -93,20 +93,20 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
     mesh=mesh,
     num_classes=config.data.num_classes,
     crop=first.crop,
-    flip=inference.flip,
+    flip=procedure.flip,
     per_step=windows,
-    average=inference.average,
+    average=procedure.average,
   )
   height, width = first.canvas.shape[:2]
   what = (
-    f'eval step ({inference.mode}, scale {scale}: canvas {height}x{width}, '
+    f'eval step ({procedure.mode}, scale {scale}: canvas {height}x{width}, '
     f'{len(first.offsets)} windows of {first.crop[0]}x{first.crop[1]}, {windows} a pass'
-    f'{", flip" if inference.flip else ""}, {model_config["dtype"]})'
+    f'{", flip" if procedure.flip else ""}, {model_config["dtype"]})'
   )
   remedy = (
     f'a smaller --config.eval.batch_size (now {config.eval.batch_size}: '
     f'{windows} windows a pass), --config.model.dtype=bfloat16 (now {config.model.dtype})'
-    + (', or --config.eval.mode=slide' if inference.mode == 'whole' else '')
+    + (', or --config.eval.mode=slide' if procedure.mode == 'whole' else '')
   )
   return aot.Program(what, sliding_window.scale_canvases, args, kwargs, n, remedy)
 

@@ -234,7 +234,7 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
   _zoo_file(tmp_path / 'zoo.pth', torch_model, names, palette)
   # mmseg's test by default (an mmseg model, no run config); fit_scale kept small here.
   seg = segmenter.Segmenter.from_checkpoint(tmp_path / 'zoo.pth', fit_scale=(64, 48))
-  got = seg.inference.config
+  got = seg.inference.procedure
   assert (got.mode, got.resize, got.fit_scale, got.flip, got.average) == (
     'whole',
     'fit',

@@ -158,20 +158,20 @@ PROTOCOL_NOTES = {
 }
 
 
-def describe(config: InferenceConfig) -> dict[str, Any]:
+def describe(procedure: InferenceConfig) -> dict[str, Any]:
   """The inference procedure, for the report."""
-  out = dict(mode=config.mode, resize=config.resize)
-  if config.resize == 'fit':
-    out['fit_scale'] = list(config.fit_scale)
+  out = dict(mode=procedure.mode, resize=procedure.resize)
+  if procedure.resize == 'fit':
+    out['fit_scale'] = list(procedure.fit_scale)
   else:
-    out['base_size'] = config.base_size
-  out.update(scales=list(config.scales), flip=config.flip, average=config.average)
-  if config.mode == 'slide':
-    out['crop_size'] = list(config.crop_size)
-    out['stride'] = list(config.strides)
-    out['clip_windows'] = config.clip_windows
+    out['base_size'] = procedure.base_size
+  out.update(scales=list(procedure.scales), flip=procedure.flip, average=procedure.average)
+  if procedure.mode == 'slide':
+    out['crop_size'] = list(procedure.crop_size)
+    out['stride'] = list(procedure.strides)
+    out['clip_windows'] = procedure.clip_windows
   else:
-    out['whole_multiple'] = config.whole_multiple
+    out['whole_multiple'] = procedure.whole_multiple
   return out
 
 
@@ -295,12 +295,12 @@ def evaluate_model(
   runtime.setup_tensorflow()
   num_classes = config.data.num_classes
   windows = max(1, config.eval.batch_size // jax.device_count())  # Per local device.
-  inference_config = InferenceConfig.from_config(config, windows_per_step=windows)
+  procedure = InferenceConfig.from_config(config, windows_per_step=windows)
   inference = SlidingWindowInference(
     apply_fn,
     variables,
     num_classes=num_classes,
-    config=inference_config,
+    procedure=procedure,
     ignore_label=config.data.ignore_label,
   )
   split = config.data.eval_split
@@ -324,7 +324,7 @@ def evaluate_model(
   confusion = sum_over_hosts(totals.confusion)
   images = int(sum_over_hosts(np.array([totals.images], np.int64))[0])
   names = tuple(class_names) if class_names else classes.names(config.data.name, num_classes)
-  setup = dict(data=config.data.name, split=split, images=images, **describe(inference_config))
+  setup = dict(data=config.data.name, split=split, images=images, **describe(procedure))
   setup['dtype'] = codec.compute_dtype(config.model.dtype, jax.default_backend()).name
   results = summarize(confusion, names, protocol=config.eval.protocol, setup=setup)
   return Evaluation(results, totals.kept)

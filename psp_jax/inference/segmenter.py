@@ -210,7 +210,7 @@ class Segmenter:
     *,
     num_classes: int,
     dataset: str | None = None,
-    config: InferenceConfig | None = None,
+    procedure: InferenceConfig | None = None,
     devices: Sequence[jax.Device] | None = None,
     class_names: Sequence[str] | None = None,
     palette: np.ndarray | None = None,
@@ -220,11 +220,11 @@ class Segmenter:
     class_names and palette (uint8 [K, 3]), e.g. a checkpoint's own, replace the data set's.
     """
     self.dataset = dataset_of(num_classes, dataset).name
-    if config is None:
-      config = default_inference(self.dataset)
+    if procedure is None:
+      procedure = default_inference(self.dataset)
     self.num_classes = num_classes
     self.inference = SlidingWindowInference(
-      apply_fn, variables, num_classes=num_classes, config=config, devices=devices
+      apply_fn, variables, num_classes=num_classes, procedure=procedure, devices=devices
     )
     self.class_names, self.palette = class_table(self.dataset, num_classes, class_names, palette)
 
@@ -258,15 +258,15 @@ class Segmenter:
     num_classes = int(model_config['num_classes'])
     choice = dataset_of(num_classes, dataset, config=config, meta=meta)
     if config is not None:
-      inference = InferenceConfig.from_config(config, **inference_overrides)
+      procedure = InferenceConfig.from_config(config, **inference_overrides)
     else:
-      inference = default_inference(choice.name, model_config, **inference_overrides)
+      procedure = default_inference(choice.name, model_config, **inference_overrides)
     return cls(
       apply_fn,
       variables,
       num_classes=num_classes,
       dataset=choice.name,
-      config=inference,
+      procedure=procedure,
       class_names=choice.class_names,
       palette=choice.palette,
     )
