@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from psp_jax import config_schema
 from psp_jax.data import pipeline
 
 NUM = 10  # examples in the in-memory split
@@ -13,20 +14,9 @@ CROP = 33
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(
-    dict(
-      train_split='train',
-      eval_split='validation',
-      ignore_label=255,
-      crop_size=CROP,
-      scale_range=(0.5, 2.0),
-      rotate_range=(-10.0, 10.0),
-      blur=True,
-      flip=True,
-      shuffle_buffer=4,
-      deterministic=True,
-    )
-  )
+  """The schema's config.data (the official recipe) with a small crop and shuffle buffer."""
+  config = config_schema.get_config().data
+  config.update(dict(crop_size=CROP, shuffle_buffer=4, deterministic=True))
   config.update(overrides)
   return config
 
@@ -141,7 +131,7 @@ def synthetic_config(tmp_path_factory):
   """The project's synthetic TFDS source: 6 train and 5 validation 65x65 scenes."""
   config = data_config(name='synthetic', num_classes=11, skip_bad_examples=False)
   config.data_dir = str(tmp_path_factory.mktemp('tfds'))
-  config.synthetic = ml_collections.ConfigDict(dict(image_size=65, num_train=6, num_val=5))
+  config.synthetic.update(dict(image_size=65, num_train=6, num_val=5))
   return config
 
 

@@ -108,13 +108,13 @@ class InferenceConfig:
       base_size=ev.base_size,
       scales=ev.scales,
       flip=ev.flip,
-      whole_multiple=ev.get('whole_multiple', 64),
-      tile_size=ev.get('tile_size', 512),
-      resize=ev.get('resize', 'long_side'),
-      fit_scale=ev.get('fit_scale', (2048, 512)),
-      stride=ev.get('stride', 0),
-      clip_windows=ev.get('clip_windows', False),
-      average=ev.get('average', 'probs'),
+      whole_multiple=ev.whole_multiple,
+      tile_size=ev.tile_size,
+      resize=ev.resize,
+      fit_scale=ev.fit_scale,
+      stride=ev.stride,
+      clip_windows=ev.clip_windows,
+      average=ev.average,
     )
     kwargs.update(overrides)
     try:

@@ -71,7 +71,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
 
   model, data, optim = config.model, config.data, config.optim
   dtypes = codec.DTYPES
-  _check(model.get('dtype', 'auto') in dtypes, 'model.dtype', f'must be one of {dtypes}.')
+  _check(model.dtype in dtypes, 'model.dtype', f'must be one of {dtypes}.')
   _check_model_variant(model)
   _check(data.num_classes >= 1, 'data.num_classes', f'must be >= 1, got {data.num_classes}.')
   _check(
@@ -102,7 +102,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     f'{groups} must divide the batch of each gradient step ({micro} = batch_size / '
     'grad_accum_steps).',
   )
-  bins = model.get('bins', (1, 2, 3, 6))
+  bins = model.bins
   _check(
     _positive_numbers(bins, int),
     'model.bins',
@@ -110,7 +110,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     "line: --config.model.bins='(1, 2, 3, 6)').",
   )
   bins = tuple(bins)
-  if model.get('use_ppm', True) and 1 in bins:
+  if model.use_ppm and 1 in bins:
     # The bin-1 branch's BatchNorm sees one value per channel and image; torch refuses a
     # batch of one ("Expected more than 1 value per channel when training") and the
     # unbiased running variance n / (n - 1) would divide by zero.
@@ -136,18 +136,16 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   _check(optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0.')
   _check(optim.head_lr_mult > 0, 'optim.head_lr_mult', 'must be > 0.')
   _check(optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0.')
-  min_lr = optim.get('min_lr', 0.0)
   _check(
-    0 <= min_lr < optim.base_lr,
+    0 <= optim.min_lr < optim.base_lr,
     'optim.min_lr',
-    f'must be in [0, optim.base_lr = {optim.base_lr}), got {min_lr}.',
+    f'must be in [0, optim.base_lr = {optim.base_lr}), got {optim.min_lr}.',
   )
   _check(optim.aux_weight >= 0, 'optim.aux_weight', 'must be >= 0.')
-  normalization = optim.get('loss_normalization', 'labelled')
   _check(
-    normalization in losses.NORMALIZATIONS,
+    optim.loss_normalization in losses.NORMALIZATIONS,
     'optim.loss_normalization',
-    f"{normalization!r} must be one of {losses.NORMALIZATIONS} ('all' is mmseg's).",
+    f"{optim.loss_normalization!r} must be one of {losses.NORMALIZATIONS} ('all' is mmseg's).",
   )
   _check(
     config.num_train_steps > 0 or config.num_epochs > 0,
@@ -167,22 +165,21 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     'eval.batch_size',
     f'{config.eval.batch_size} is not a positive multiple of the {device_count} devices.',
   )
-  _check(config.eval.get('whole_multiple', 1) >= 1, 'eval.whole_multiple', 'must be >= 1.')
+  _check(config.eval.whole_multiple >= 1, 'eval.whole_multiple', 'must be >= 1.')
   _check_eval_protocol(config.eval)
 
 
 def _check_model_variant(model: ml_collections.ConfigDict) -> None:
   """config.model.stem, contract_dilation and align_corners (official vs mmseg network)."""
-  stem = model.get('stem', 'deep')
+  stem, width = model.stem, model.width
   _check(stem in resnet.STEMS, 'model.stem', f'{stem!r} must be one of {resnet.STEMS}.')
-  width = model.get('width', 64)
   _check(
     stem != 'deep_v1c' or width % 2 == 0,
     'model.width',
     f"{width} must be even with stem='deep_v1c' (its first convs have width / 2 channels).",
   )
   for key in ('contract_dilation', 'align_corners'):
-    value = model.get(key, key == 'align_corners')
+    value = model[key]
     _check(isinstance(value, bool), f'model.{key}', f'must be True or False, got {value!r}.')
 
 
@@ -196,21 +193,21 @@ def _positive_numbers(value: Any, kind: type) -> bool:
 
 def _check_eval_protocol(ev: ml_collections.ConfigDict) -> None:
   """config.eval.scales, resize, fit_scale, stride and average (official vs mmseg test)."""
-  scales = ev.get('scales', (1.0,))
+  scales = ev.scales
   _check(
     _positive_numbers(scales, float),
     'eval.scales',
     f'must be a tuple of positive scales, got {scales!r} (on the command line: '
     "--config.eval.scales='(1.0,)' or '(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)').",
   )
-  resize = ev.get('resize', 'long_side')
+  resize = ev.resize
   _check(resize in RESIZES, 'eval.resize', f'{resize!r} must be one of {RESIZES}.')
   try:
-    sizes.pair(ev.get('fit_scale', (2048, 512)), 'config.eval.fit_scale')
+    sizes.pair(ev.fit_scale, 'config.eval.fit_scale')
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  _check(ev.get('stride', 0) >= 0, 'eval.stride', 'must be >= 0 (0: ceil(crop * 2/3)).')
-  average = ev.get('average', 'probs')
+  _check(ev.stride >= 0, 'eval.stride', 'must be >= 0 (0: ceil(crop * 2/3)).')
+  average = ev.average
   _check(average in AVERAGES, 'eval.average', f'{average!r} must be one of {AVERAGES}.')
 
 

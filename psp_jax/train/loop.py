@@ -118,7 +118,7 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
     started = time.perf_counter()
     state, shardings = train_state.create_train_state(model, tx, init_key, image_shape, mesh)
     logging.info('Initialised the model in %.1f s.', time.perf_counter() - started)
-    if config.get('init_checkpoint'):
+    if config.init_checkpoint:
       state = load_init_checkpoint(state, config.init_checkpoint)
     return state, shardings, checkpoints
   logging.info('Resumed from %s at step %d.', workdir, int(jax.device_get(state.step)))
@@ -218,7 +218,7 @@ def _train(config, workdir, stop_at_step, stop, validate: Validate) -> dict[str,
     )
   )
   palette = classes.palette(config.data.name, config.data.num_classes)
-  nonfinite = safeguards.NonFiniteSteps(bool(config.optim.get('skip_nonfinite_steps', False)))
+  nonfinite = safeguards.NonFiniteSteps(bool(config.optim.skip_nonfinite_steps))
   eval_stop = (lambda: stop.requested) if pc == 1 else None
 
   progress = summaries.Progress(total_steps, start_step, config.batch_size)
