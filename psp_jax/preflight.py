@@ -17,6 +17,7 @@ import os
 # that libtpu, installed in .venv-tpu, would otherwise look for at backend start.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
@@ -64,10 +65,9 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
   devices = [d for d in topology.mesh.devices.flat if d.process_index == 0]
   mesh = Mesh(np.asarray(devices), ('data',), axis_types=(AxisType.Auto,))
   windows = max(1, config.eval.batch_size // topology.mesh.size)
-  scale = max(config.eval.scales)
-  procedure = planning.InferenceConfig.from_config(
-    config, windows_per_step=windows, scales=(scale,)
-  )
+  procedure = planning.InferenceConfig.from_config(config, windows_per_step=windows)  # Checked.
+  scale = max(procedure.scales)
+  procedure = dataclasses.replace(procedure, scales=(scale,))
   size = (config.eval.base_size,) * 2
   if procedure.resize == 'fit':  # The largest image that fits (long, short) lies wide.
     size = (min(procedure.fit_scale), max(procedure.fit_scale))
@@ -194,6 +194,7 @@ def main(argv: list[str]) -> None:
   topology = aot.topology_mesh(FLAGS.topology)
   steps = aot.total_steps(config)
   train = aot.train_program(config, topology)
+  window_step = eval_program(config, topology) if FLAGS.eval else None  # Checks config.eval.
   chip = topology.chip
   head = (
     f'TPU pre-flight: {FLAGS["config"].config_filename} on {topology.name} '
@@ -209,7 +210,7 @@ def main(argv: list[str]) -> None:
     result['train'] = aot.compile_report(train, topology, steps)
     print('\n'.join(format_train(result['train'], topology, recipe(config, steps))), flush=True)
     if FLAGS.eval:
-      result['eval'] = aot.compile_report(eval_program(config, topology), topology)
+      result['eval'] = aot.compile_report(window_step, topology)
       report = result['eval']
       print(f'{report["what"]}: compiled in {report["compile_s"]:.0f} s', flush=True)
       print('\n'.join(format_memory(report)), flush=True)

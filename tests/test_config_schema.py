@@ -1,19 +1,21 @@
 """psp_jax/config_schema.py: one default per key, read directly; old configs upgraded in one
-place."""
+place; config.eval's values checked once, at start-up, by the inference that uses them."""
 
 import ast
 import json
 import pathlib
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
 from test_inference import random_variables
-from test_train import ROOT, load_config  # noqa: I001 (tests/ is on sys.path)
+from test_train import ROOT, load_config, tiny_config  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax import config_schema, errors, weights
+from psp_jax import config_schema, errors, experiment, weights
 from psp_jax.inference import evaluation, segmenter
 from psp_jax.models import PSPNet
+from psp_jax.train import config_checks
 
 # ----------------------------------------------------------------------------------------
 # Every declared key is read directly: its default lives in the schema alone.
@@ -172,3 +174,39 @@ def test_an_unknown_stored_key_is_named_and_model_keys_are_the_models(tmp_path):
   del stored['eval']['strid']
   config = config_schema.upgrade(stored)
   assert config.model.bn_epsilon == 1e-3  # PSPNet's own argument: config_checks checks it.
+
+
+# ----------------------------------------------------------------------------------------
+# config.eval's values: checked once, by the inference, when training or evaluate starts.
+
+
+@pytest.mark.parametrize(
+  ('key', 'value', 'hint'),
+  [
+    ('resize', 'short_side', "one of \\('long_side', 'fit'\\)"),
+    ('average', 'softmax', "one of \\('probs', 'logits'\\)"),
+    ('stride', -1, '>= 0'),
+    ('scales', (None,), "scales='"),
+    ('fit_scale', (512,), "fit_scale='"),
+    ('whole_multiple', 0, '>= 1'),
+    ('protocol', 'voc', 'official'),
+  ],
+)
+def test_a_bad_eval_value_is_refused_at_start_up_naming_the_key(
+  tmp_path, monkeypatch, key, value, hint
+):
+  config = tiny_config()
+  with config.ignore_type():
+    config.eval[key] = value
+  config_checks.validate(config, device_count=8, process_count=1)  # Not the training's to check.
+
+  def no_jit(*args, **kwargs):
+    raise AssertionError('jax.jit was called before the config was checked')
+
+  monkeypatch.setattr(jax, 'jit', no_jit)
+  match = f'(?s)config\\.eval\\.{key}.*{hint}'
+  with pytest.raises(errors.InvalidInputError, match=match):
+    experiment.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+  with pytest.raises(errors.InvalidInputError, match=match):  # Before reading the checkpoint.
+    evaluation.evaluate(config, tmp_path / 'no_such_checkpoint', progress=False)

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from test_inference import random_variables  # noqa: I001 (tests/ is on sys.path)
 
-from psp_jax import config_schema, metrics, weights
+from psp_jax import config_schema, errors, metrics, weights
 from psp_jax.data import pipeline, sources
 from psp_jax.inference import evaluation, planning
 from psp_jax.inference.planning import MEAN, STD, InferenceConfig, fit_size, window_grid
@@ -120,7 +120,6 @@ def test_defaults_are_the_official_protocol():
     0,
   )
   assert official.strides == (316, 316)  # ceil(473 * 2/3)
-  assert config_checks.RESIZES == planning.RESIZES and config_checks.AVERAGES == planning.AVERAGES
 
 
 @pytest.mark.parametrize(
@@ -266,15 +265,18 @@ def test_mmseg_configs_hold_mmseg_settings(name):
 
 
 def test_bad_eval_keys_name_the_key():
+  """The one check of config.eval's values is the inference's (InferenceConfig.from_config,
+  which predict, evaluate and training run; tests/test_config_schema.py runs the last two)."""
   for key, value, match in [
-    ('resize', 'short_side', 'eval.resize'),
-    ('average', 'softmax', 'eval.average'),
-    ('stride', -1, 'eval.stride'),
+    ('resize', 'short_side', 'config.eval.resize'),
+    ('average', 'softmax', 'config.eval.average'),
+    ('stride', -1, 'config.eval.stride'),
   ]:
     config = config_schema.get_config()
     config.eval[key] = value
-    with pytest.raises(config_checks.ConfigError, match=match):
-      config_checks.validate(config, device_count=1, process_count=1)
+    config_checks.validate(config, device_count=1, process_count=1)  # Not the training's.
+    with pytest.raises(errors.InvalidInputError, match=match):
+      InferenceConfig.from_config(config)
 
 
 def test_command_line_mmseg_protocol_equals_restatement(tmp_path):

@@ -257,6 +257,22 @@ def check_model_config(
     )
 
 
+def procedure_of(config: ml_collections.ConfigDict) -> InferenceConfig:
+  """The test procedure of config.eval, every eval value checked: what training and evaluate
+  call at start-up (windows_per_step: config.eval.batch_size over the devices).
+
+  Raises:
+    errors.InvalidInputError: naming the config.eval key (or config.data.crop_size) at fault.
+  """
+  protocol = config.eval.protocol
+  if protocol not in metrics.PROTOCOLS:
+    raise errors.InvalidInputError(
+      f'config.eval.protocol: must be one of {metrics.PROTOCOLS}, got {protocol!r}.'
+    )
+  windows = max(1, config.eval.batch_size // jax.device_count())  # Per local device.
+  return InferenceConfig.from_config(config, windows_per_step=windows)
+
+
 class Evaluation(NamedTuple):
   """summarize()'s results of a split and this host's first examples with predictions."""
 
@@ -294,8 +310,7 @@ def evaluate_model(
   """
   runtime.setup_tensorflow()
   num_classes = config.data.num_classes
-  windows = max(1, config.eval.batch_size // jax.device_count())  # Per local device.
-  procedure = InferenceConfig.from_config(config, windows_per_step=windows)
+  procedure = procedure_of(config)
   inference = SlidingWindowInference(
     apply_fn,
     variables,
@@ -334,6 +349,7 @@ def evaluate(
   config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, *, progress: bool = True
 ) -> dict[str, Any]:
   """Loads the checkpoint, evaluates config.data.eval_split and returns summarize()."""
+  procedure_of(config)  # A bad eval value fails now, not after loading the checkpoint.
   # The checkpoint fixes the architecture; the config may only change the compute dtype.
   apply_fn, variables, model_config, meta = segmenter.load(checkpoint, dtype=config.model.dtype)
   check_model_config(config, model_config, checkpoint)
@@ -355,9 +371,13 @@ def validator(
   Returns:
     validate(variables, stop) -> Evaluation or None (stopped), keeping
     config.num_summary_images examples.
+
+  Raises:
+    errors.InvalidInputError: naming a config.eval key whose value cannot work.
   """
   whole = ml_collections.ConfigDict(config.to_dict())
   whole.eval.mode = 'whole'
+  procedure_of(whole)  # A bad eval value fails before training starts.
   models = []  # Built at the first validation, after the training loop checked the config.
 
   # One function object for the whole run: the compiled inference steps are cached on it.

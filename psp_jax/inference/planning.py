@@ -76,6 +76,8 @@ class InferenceConfig:
       raise ValueError(f'average must be one of {AVERAGES}, got {self.average!r}')
     if self.stride < 0:
       raise ValueError(f'stride must be >= 0 (0: from stride_rate), got {self.stride}')
+    if self.whole_multiple < 1:
+      raise ValueError(f'whole_multiple must be >= 1, got {self.whole_multiple}')
     object.__setattr__(self, 'fit_scale', sizes.pair(self.fit_scale, 'fit_scale'))
     try:
       scales = tuple(float(s) for s in self.scales)
@@ -97,6 +99,8 @@ class InferenceConfig:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> 'InferenceConfig':
     """Reads config.eval.* and config.data.crop_size; keyword overrides win.
+
+    The one check of those values: training, evaluate and the pre-flight call it at start-up.
 
     Raises:
       errors.InvalidInputError: naming the config key, for a value that cannot work.

@@ -8,21 +8,18 @@ from typing import Any
 
 import ml_collections
 
-from psp_jax import config_schema, errors, metrics, sizes
+from psp_jax import config_schema, errors, sizes
 from psp_jax.models import codec, resnet
 from psp_jax.train import losses
 
-# config.data belongs to the data pipeline (psp_jax.data), which checks its own keys; model
-# keys are PSPNet's constructor arguments (psp_jax.models.codec).
+# config.data belongs to the data pipeline (psp_jax.data) and config.eval's values to the
+# inference (psp_jax.inference.planning), which check their own keys; model keys are PSPNet's
+# constructor arguments (psp_jax.models.codec).
 _DEFAULTS = config_schema.get_config()
 TOP_KEYS = frozenset(_DEFAULTS.keys())
 OPTIM_KEYS = frozenset(_DEFAULTS.optim.keys())
 EVAL_KEYS = frozenset(_DEFAULTS.eval.keys())
 DATA_REQUIRED = ('name', 'num_classes', 'ignore_label', 'crop_size', 'train_split', 'eval_split')
-# config.eval.resize and .average values; psp_jax.inference.planning has the same (train/ and
-# inference/ do not import each other; tests/test_mmseg_protocol.py checks they agree).
-RESIZES = ('long_side', 'fit')
-AVERAGES = ('probs', 'logits')
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -156,17 +153,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     _check(config[key] >= 1, key, f'must be >= 1, got {config[key]}.')
   _check(config.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1.')
   _check(
-    config.eval.protocol in metrics.PROTOCOLS,
-    'eval.protocol',
-    f'must be one of {metrics.PROTOCOLS}, got {config.eval.protocol!r}.',
-  )
-  _check(
     config.eval.batch_size >= 1 and config.eval.batch_size % device_count == 0,
     'eval.batch_size',
     f'{config.eval.batch_size} is not a positive multiple of the {device_count} devices.',
   )
-  _check(config.eval.whole_multiple >= 1, 'eval.whole_multiple', 'must be >= 1.')
-  _check_eval_protocol(config.eval)
 
 
 def _check_model_variant(model: ml_collections.ConfigDict) -> None:
@@ -189,26 +179,6 @@ def _positive_numbers(value: Any, kind: type) -> bool:
     return False
   kinds = (int,) if kind is int else (int, float)
   return all(isinstance(v, kinds) and not isinstance(v, bool) and v > 0 for v in value)
-
-
-def _check_eval_protocol(ev: ml_collections.ConfigDict) -> None:
-  """config.eval.scales, resize, fit_scale, stride and average (official vs mmseg test)."""
-  scales = ev.scales
-  _check(
-    _positive_numbers(scales, float),
-    'eval.scales',
-    f'must be a tuple of positive scales, got {scales!r} (on the command line: '
-    "--config.eval.scales='(1.0,)' or '(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)').",
-  )
-  resize = ev.resize
-  _check(resize in RESIZES, 'eval.resize', f'{resize!r} must be one of {RESIZES}.')
-  try:
-    sizes.pair(ev.fit_scale, 'config.eval.fit_scale')
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  _check(ev.stride >= 0, 'eval.stride', 'must be >= 0 (0: ceil(crop * 2/3)).')
-  average = ev.average
-  _check(average in AVERAGES, 'eval.average', f'{average!r} must be one of {AVERAGES}.')
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
