@@ -169,9 +169,9 @@ def markdown(results: list[dict[str, Any]], env: dict[str, Any]) -> str:
     f'{len(results)} runs took {env["total_seconds"] / 60:.1f} min of training and '
     'evaluation in all.',
     '',
-    f'Ours: psp_jax.evaluate on the {setup.get("images", "?")} validation images (official '
-    f'protocol: mean over all 11 classes; {setup.get("mode", "?")} image, '
-    f'{"with" if setup.get("flip") else "without"} the flip), in %, mean over seeds '
+    f'Ours: psp_jax.evaluate on the {setup["images"]} validation images (official '
+    f'protocol: mean over all 11 classes; {setup["mode"]} image, '
+    f'{"with" if setup["flip"] else "without"} the flip), in %, mean over seeds '
     '(min–max). car, boat, cow, seal: the IoU (%, mean over seeds) of the classes only the '
     'scene tells apart.',
     '',

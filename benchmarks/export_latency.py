@@ -110,7 +110,7 @@ def main() -> None:
 
   print()
   print(
-    f'{model.model_config.get("depth", 50)}-layer PSPNet, {args.size}, batch {args.batch}, '
+    f'{model.model_config["depth"]}-layer PSPNet, {args.size}, batch {args.batch}, '
     f'output {args.outputs}; {args.repeats} calls each, round-robin; {os.cpu_count()} CPUs '
     f'({cpu_name()}), load average {os.getloadavg()[0]:.1f} '
     'at the end; default threads of each runtime.'

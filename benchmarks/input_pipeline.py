@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-from psp_jax import runtime
+from psp_jax import config_schema, runtime
 
 runtime.setup()  # TensorFlow quiet and off accelerators, before it is imported below.
 
@@ -82,20 +82,12 @@ def source(path: str, num: int) -> tf.data.Dataset:
   return ds.apply(tf.data.experimental.assert_cardinality(num))
 
 
-def data_config(shuffle_buffer: int, **extra) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(
-    dict(
-      **extra,
-      crop_size=473,
-      scale_range=(0.5, 2.0),
-      rotate_range=(-10.0, 10.0),
-      blur=True,
-      flip=True,
-      ignore_label=255,
-      shuffle_buffer=shuffle_buffer,
-      deterministic=False,
-    )
-  )
+def data_config(shuffle_buffer: int, synthetic=None, **extra) -> ml_collections.ConfigDict:
+  """The schema's config.data (the official recipe, crop 473), tf.data order not fixed."""
+  config = config_schema.get_config().data
+  config.update(dict(**extra, crop_size=473, shuffle_buffer=shuffle_buffer, deterministic=False))
+  config.synthetic.update(synthetic or {})
+  return config
 
 
 def measure(dataset: tf.data.Dataset, batch: int, warmup: int, batches: int):

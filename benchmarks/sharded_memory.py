@@ -53,7 +53,7 @@ def main() -> None:
   config = ml_collections.ConfigDict(
     dict(base_lr=0.01, momentum=0.9, weight_decay=1e-4, power=0.9, head_lr_mult=10.0)
   )
-  config.warmup_steps = 0
+  config.warmup_steps, config.min_lr = 0, 0.0
   tx, schedule = optim.create_optimizer(config, 100_000)
   step = train_step.make_train_step(model, tx, schedule, loss_groups=args.loss_groups, mesh=mesh)
   key = jax.random.key(0)

@@ -40,7 +40,7 @@ def main() -> None:
   mesh = distributed.create_mesh(jax.devices()[:1])
   model = codec.build_model(dict(num_classes=150, depth=50, dropout_rate=0.0))
   config = SimpleNamespace(base_lr=0.01, momentum=0.9, weight_decay=1e-4, power=0.9,
-                           head_lr_mult=10.0, warmup_steps=0)  # fmt: skip
+                           head_lr_mult=10.0, warmup_steps=0, min_lr=0.0)  # fmt: skip
   tx, schedule = optim.create_optimizer(config, 1000)
   shape = (args.batch, args.crop, args.crop, 3)
   state, shardings = train_state.create_train_state(model, tx, jax.random.key(0), shape, mesh)

@@ -168,7 +168,7 @@ class JaxSide:
 
     self.jax, self.spec = jax, spec
     self.device = jax.devices()[0]
-    dtype = jnp.dtype(spec.get('dtype', 'float32'))
+    dtype = jnp.dtype(spec['dtype'])
     dropout = 0.0 if spec['kind'] == 'train' else 0.1
     self.model = codec.build_model({**spec['model'], 'dropout_rate': dropout, 'dtype': dtype})
     inputs = load_inputs(spec)
@@ -197,6 +197,7 @@ class JaxSide:
         power=POWER,
         head_lr_mult=HEAD_LR_MULT,
         warmup_steps=0,
+        min_lr=0.0,
       )
       tx, schedule = optim.create_optimizer(config, MAX_ITER)
       step = train_step.make_train_step(self.model, tx, schedule, aux_weight=AUX_WEIGHT)

@@ -72,7 +72,7 @@ def _config_key_message(argv: list[str], error: Exception) -> str:
   hint = f' Did you mean {close.group(1)!r}?' if close else ''
   return (
     f'{where}: there is no config key {key!r}.{hint} Every key is declared in '
-    'psp_jax/train/defaults.py.'
+    'psp_jax/config_schema.py.'
   )
 
 

@@ -17,6 +17,7 @@ import os
 # that libtpu, installed in .venv-tpu, would otherwise look for at backend start.
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 
+import dataclasses  # noqa: E402
 import datetime  # noqa: E402
 import functools  # noqa: E402
 import importlib.metadata  # noqa: E402
@@ -64,14 +65,13 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
   devices = [d for d in topology.mesh.devices.flat if d.process_index == 0]
   mesh = Mesh(np.asarray(devices), ('data',), axis_types=(AxisType.Auto,))
   windows = max(1, config.eval.batch_size // topology.mesh.size)
-  scale = max(config.eval.scales)
-  inference = planning.InferenceConfig.from_config(
-    config, windows_per_step=windows, scales=(scale,)
-  )
+  procedure = planning.InferenceConfig.from_config(config, windows_per_step=windows)  # Checked.
+  scale = max(procedure.scales)
+  procedure = dataclasses.replace(procedure, scales=(scale,))
   size = (config.eval.base_size,) * 2
-  if inference.resize == 'fit':  # The largest image that fits (long, short) lies wide.
-    size = (min(inference.fit_scale), max(inference.fit_scale))
-  (first,) = planning.plan_image(np.zeros((*size, 3), np.uint8), inference).scales
+  if procedure.resize == 'fit':  # The largest image that fits (long, short) lies wide.
+    size = (min(procedure.fit_scale), max(procedure.fit_scale))
+  (first,) = planning.plan_image(np.zeros((*size, 3), np.uint8), procedure).scales
   model_config = codec.of_experiment(config, 'tpu')
   model = codec.build_model(model_config, 'tpu')
   image = jax.ShapeDtypeStruct((1, *first.crop, 3), np.float32)
@@ -93,20 +93,20 @@ def eval_program(config: ml_collections.ConfigDict, topology: aot.Topology) -> a
     mesh=mesh,
     num_classes=config.data.num_classes,
     crop=first.crop,
-    flip=inference.flip,
+    flip=procedure.flip,
     per_step=windows,
-    average=inference.average,
+    average=procedure.average,
   )
   height, width = first.canvas.shape[:2]
   what = (
-    f'eval step ({inference.mode}, scale {scale}: canvas {height}x{width}, '
+    f'eval step ({procedure.mode}, scale {scale}: canvas {height}x{width}, '
     f'{len(first.offsets)} windows of {first.crop[0]}x{first.crop[1]}, {windows} a pass'
-    f'{", flip" if inference.flip else ""}, {model_config["dtype"]})'
+    f'{", flip" if procedure.flip else ""}, {model_config["dtype"]})'
   )
   remedy = (
     f'a smaller --config.eval.batch_size (now {config.eval.batch_size}: '
     f'{windows} windows a pass), --config.model.dtype=bfloat16 (now {config.model.dtype})'
-    + (', or --config.eval.mode=slide' if inference.mode == 'whole' else '')
+    + (', or --config.eval.mode=slide' if procedure.mode == 'whole' else '')
   )
   return aot.Program(what, sliding_window.scale_canvases, args, kwargs, n, remedy)
 
@@ -194,6 +194,7 @@ def main(argv: list[str]) -> None:
   topology = aot.topology_mesh(FLAGS.topology)
   steps = aot.total_steps(config)
   train = aot.train_program(config, topology)
+  window_step = eval_program(config, topology) if FLAGS.eval else None  # Checks config.eval.
   chip = topology.chip
   head = (
     f'TPU pre-flight: {FLAGS["config"].config_filename} on {topology.name} '
@@ -209,7 +210,7 @@ def main(argv: list[str]) -> None:
     result['train'] = aot.compile_report(train, topology, steps)
     print('\n'.join(format_train(result['train'], topology, recipe(config, steps))), flush=True)
     if FLAGS.eval:
-      result['eval'] = aot.compile_report(eval_program(config, topology), topology)
+      result['eval'] = aot.compile_report(window_step, topology)
       report = result['eval']
       print(f'{report["what"]}: compiled in {report["compile_s"]:.0f} s', flush=True)
       print('\n'.join(format_memory(report)), flush=True)

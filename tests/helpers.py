@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorflow as tf
 
+from psp_jax import config_schema
 from psp_jax.inference.planning import MEAN, STD, scaled_size
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -234,20 +235,9 @@ def semseg_test_reference(
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict(
-    dict(
-      train_split='train',
-      eval_split='validation',
-      ignore_label=255,
-      crop_size=PIPELINE_CROP,
-      scale_range=(0.5, 2.0),
-      rotate_range=(-10.0, 10.0),
-      blur=True,
-      flip=True,
-      shuffle_buffer=4,
-      deterministic=True,
-    )
-  )
+  """The schema's config.data (the official recipe) with a small crop and shuffle buffer."""
+  config = config_schema.get_config().data
+  config.update(dict(crop_size=PIPELINE_CROP, shuffle_buffer=4, deterministic=True))
   config.update(overrides)
   return config
 

@@ -55,8 +55,8 @@ def random_examples(seed, count, present=5):
 @pytest.fixture(scope='module')
 def oracle_inference():
   # Scale 1 with base_size 40 keeps images up to 40 px unresized: predictions stay exact.
-  config = InferenceConfig(crop_size=(24, 24), base_size=40, tile_size=16, flip=True)
-  return SlidingWindowInference(oracle, {}, num_classes=K, config=config)
+  procedure = InferenceConfig(crop_size=(24, 24), base_size=40, tile_size=16, flip=True)
+  return SlidingWindowInference(oracle, {}, num_classes=K, procedure=procedure)
 
 
 def test_oracle_predictions_survive_the_pipeline(oracle_inference):
@@ -132,7 +132,7 @@ import test_evaluate as t
 from psp_jax.inference import evaluation
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
 inference = SlidingWindowInference(
-  t.oracle, {}, num_classes=t.K, config=InferenceConfig(crop_size=(24, 24), base_size=40))
+  t.oracle, {}, num_classes=t.K, procedure=InferenceConfig(crop_size=(24, 24), base_size=40))
 pid = jax.process_index()
 examples = t.random_examples(10 + pid, 3 if pid == 0 else 7)  # Unequal numbers of steps.
 local = evaluation.evaluate_examples(inference, iter(examples), progress=False).confusion

@@ -42,9 +42,9 @@ def slide_ms(model_and_variables, apply_fn):
   Base 48: at scale 0.5 every image is below the 33 px crop (mean padding on both sides), at
   1.5 the long side is 72 (up to 3 x 3 windows).
   """
-  config = InferenceConfig(crop_size=CROP, base_size=48, scales=(0.5, 1.5), tile_size=32)
+  procedure = InferenceConfig(crop_size=CROP, base_size=48, scales=(0.5, 1.5), tile_size=32)
   return SlidingWindowInference(
-    apply_fn, model_and_variables[1], num_classes=NUM_CLASSES, config=config
+    apply_fn, model_and_variables[1], num_classes=NUM_CLASSES, procedure=procedure
   )
 
 
@@ -110,7 +110,7 @@ def test_multiscale_slide_equals_reference(slide_ms, apply_fn, model_and_variabl
   (image,) = _images([size], seed=size[0])
   probs = slide_ms.probabilities(image)
   assert probs.shape == (*size, NUM_CLASSES)  # Back at the original size.
-  cfg = slide_ms.config
+  cfg = slide_ms.procedure
   args = (apply_fn, model_and_variables[1], image, CROP, cfg.base_size, cfg.scales)
   ref = semseg_test_reference(*args, classes=NUM_CLASSES)
   np.testing.assert_allclose(probs, ref, atol=2e-5)
@@ -123,8 +123,8 @@ def test_multiscale_slide_equals_reference(slide_ms, apply_fn, model_and_variabl
 def test_several_windows_per_forward_change_nothing(apply_fn, model_and_variables):
   variables = model_and_variables[1]
   # 64x90 at scale 1.75 of base 48 is 60x84: 3 x 4 windows, in forwards of 5, 5 and 2.
-  config = InferenceConfig(crop_size=CROP, base_size=48, scales=(1.75,), windows_per_step=5)
-  slide = SlidingWindowInference(apply_fn, variables, num_classes=NUM_CLASSES, config=config)
+  procedure = InferenceConfig(crop_size=CROP, base_size=48, scales=(1.75,), windows_per_step=5)
+  slide = SlidingWindowInference(apply_fn, variables, num_classes=NUM_CLASSES, procedure=procedure)
   (image,) = _images([(64, 90)], seed=5)
   plan = slide.plan(image)
   assert plan.scales[0].num_windows == 12
@@ -147,8 +147,8 @@ def test_crop_equal_to_image_is_one_whole_forward(apply_fn, model_and_variables,
   variables = model_and_variables[1]
   (image,) = _images([(40, 56)], seed=3)
   # base_size 56 keeps the size; a 40x56 crop is then the whole image: one window.
-  config = InferenceConfig(crop_size=(40, 56), base_size=56, flip=flip, tile_size=64)
-  slide = SlidingWindowInference(apply_fn, variables, num_classes=NUM_CLASSES, config=config)
+  procedure = InferenceConfig(crop_size=(40, 56), base_size=56, flip=flip, tile_size=64)
+  slide = SlidingWindowInference(apply_fn, variables, num_classes=NUM_CLASSES, procedure=procedure)
   expected = _hand_forward(apply_fn, variables, image, flip)
   np.testing.assert_allclose(slide.probabilities(image), expected, atol=1e-5)
   if flip:  # The flip changes the answer, so the check above can tell them apart.
@@ -163,13 +163,13 @@ def test_crop_larger_than_image_equals_whole_mode(apply_fn, model_and_variables)
     apply_fn,
     variables,
     num_classes=NUM_CLASSES,
-    config=InferenceConfig(crop_size=(64, 64), **common),
+    procedure=InferenceConfig(crop_size=(64, 64), **common),
   )
   whole = SlidingWindowInference(
     apply_fn,
     variables,
     num_classes=NUM_CLASSES,
-    config=InferenceConfig(mode='whole', whole_multiple=64, **common),
+    procedure=InferenceConfig(mode='whole', whole_multiple=64, **common),
   )
   # By hand: the image in the middle of a 64x64 mean-padded square, one forward.
   padded = np.tile(MEAN, (64, 64, 1))
@@ -188,7 +188,7 @@ def test_one_and_eight_devices_agree(slide_ms, apply_fn, model_and_variables):
     apply_fn,
     model_and_variables[1],
     num_classes=NUM_CLASSES,
-    config=slide_ms.config,
+    procedure=slide_ms.procedure,
     devices=jax.local_devices()[:1],
   )
   for image, labels in zip(images, labels8, strict=True):
@@ -228,7 +228,7 @@ def test_compilations_do_not_grow_with_image_sizes(slide_ms, apply_fn, model_and
     apply_fn,
     model_and_variables[1],
     num_classes=NUM_CLASSES,
-    config=InferenceConfig(mode='whole', base_size=48, whole_multiple=16, tile_size=32),
+    procedure=InferenceConfig(mode='whole', base_size=48, whole_multiple=16, tile_size=32),
   )
   first = _images([(48, 30), (40, 48), (48, 36), (37, 48), (48, 48), (20, 48)], seed=12)
   # Long side 48; the short sides fall in the buckets 32 and 48: 3 shapes for 6 images.

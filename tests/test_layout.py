@@ -8,7 +8,7 @@ name per module; test modules share code through tests/helpers.py, never through
       -> psp_jax.weights -> psp_jax.interop/ -> psp_jax.models/
       -> psp_jax.data/                        (never models/, train/, inference/)
       -> shared leaves: psp_jax.{paths, metrics, visualize, distributed, runtime, sizes,
-         errors} (models/ imports none of them: it stands alone)
+         errors, config_schema} (models/ imports none of them: it stands alone)
 
 Function-local imports count like top-level ones: laziness does not change the dependency.
 """
@@ -27,6 +27,7 @@ COMMANDS |= {'psp_jax.experiment'}  # the training job: joins train/ and inferen
 COMMANDS |= {'psp_jax.export'}  # serving export: psp_jax.serving
 SHARED = {'psp_jax.paths', 'psp_jax.metrics', 'psp_jax.visualize', 'psp_jax.distributed'}
 SHARED |= {'psp_jax.runtime', 'psp_jax.sizes', 'psp_jax.errors'}
+SHARED |= {'psp_jax.config_schema'}  # the experiment config: train/ checks it, inference/ reads it
 # room -> the rooms and modules it may import (besides itself and the shared leaves).
 ALLOWED = {
   'psp_jax.models': set(),
@@ -46,7 +47,7 @@ ALLOWED = {
 }
 SHARED_ALLOWED = {'psp_jax.paths': set(), 'psp_jax.metrics': set(), 'psp_jax.visualize': set()}
 SHARED_ALLOWED |= {'psp_jax.distributed': set(), 'psp_jax.runtime': set(), 'psp_jax.sizes': set()}
-SHARED_ALLOWED |= {'psp_jax.errors': set()}
+SHARED_ALLOWED |= {'psp_jax.errors': set(), 'psp_jax.config_schema': set()}
 
 
 def module_name(path: pathlib.Path) -> str:

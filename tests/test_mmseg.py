@@ -17,20 +17,21 @@ import ml_collections
 import numpy as np
 import pytest
 
+# ruff: noqa: E402 (what follows imports torch: it comes after the skip)
 torch = pytest.importorskip('torch')
 
-from psp_jax import convert as convert_cli  # noqa: E402
-from psp_jax import weights  # noqa: E402
-from psp_jax.data import classes  # noqa: E402
-from psp_jax.inference import segmenter  # noqa: E402
-from psp_jax.interop import mmseg, pth, semseg  # noqa: E402
-from psp_jax.interop.torch_mmseg import TorchMMSegPSPNet  # noqa: E402
-from psp_jax.models import PSPNet  # noqa: E402
-from psp_jax.train import config_checks, defaults  # noqa: E402
-from psp_jax.train.loop import load_init_checkpoint  # noqa: E402
-from psp_jax.train.train_state import TrainState  # noqa: E402
+from psp_jax import config_schema, weights
+from psp_jax import convert as convert_cli
+from psp_jax.data import classes
+from psp_jax.inference import segmenter
+from psp_jax.interop import mmseg, pth, semseg
+from psp_jax.interop.torch_mmseg import TorchMMSegPSPNet
+from psp_jax.models import PSPNet
+from psp_jax.train import config_checks
+from psp_jax.train.loop import load_init_checkpoint
+from psp_jax.train.train_state import TrainState
 
-from torch_helpers import compare_eval, errors, flax_model, nhwc, randomize  # noqa: E402
+from torch_helpers import compare_eval, errors, flax_model, nhwc, randomize
 
 pytestmark = pytest.mark.torch
 DATA = pathlib.Path(__file__).parent / 'data'
@@ -234,7 +235,7 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
   _zoo_file(tmp_path / 'zoo.pth', torch_model, names, palette)
   # mmseg's test by default (an mmseg model, no run config); fit_scale kept small here.
   seg = segmenter.Segmenter.from_checkpoint(tmp_path / 'zoo.pth', fit_scale=(64, 48))
-  got = seg.inference.config
+  got = seg.inference.procedure
   assert (got.mode, got.resize, got.fit_scale, got.flip, got.average) == (
     'whole',
     'fit',
@@ -258,7 +259,7 @@ def test_class_names_reach_predict_and_evaluate(tmp_path, monkeypatch):
     return evaluation.Evaluation({'ok': True}, [])
 
   monkeypatch.setattr(evaluation, 'evaluate_model', fake_evaluate_model)
-  config = defaults.get_config()
+  config = config_schema.get_config()
   config.data.num_classes = 11
   assert evaluation.evaluate(config, tmp_path / 'zoo.pth', progress=False) == {'ok': True}
   assert seen['class_names'] == names
@@ -349,7 +350,7 @@ def test_v1c_backbone_loads_as_init_checkpoint(tmp_path, prefix):
 
 
 def test_model_config_keys_are_validated():
-  config = defaults.get_config()
+  config = config_schema.get_config()
   assert config.model.stem == 'deep' and config.model.contract_dilation is False
   assert config.model.align_corners is True
   for key, value, message in (
@@ -357,12 +358,12 @@ def test_model_config_keys_are_validated():
     ('contract_dilation', 1, 'config.model.contract_dilation'),
     ('align_corners', 'no', 'config.model.align_corners'),
   ):
-    bad = defaults.get_config()
+    bad = config_schema.get_config()
     # A config file may build config.model afresh: the types are then its own.
     bad.model = ml_collections.ConfigDict({**bad.model.to_dict(), key: value})
     with pytest.raises(config_checks.ConfigError, match=message):
       config_checks.validate(bad, device_count=1, process_count=1)
-  bad = defaults.get_config()
+  bad = config_schema.get_config()
   bad.model.stem, bad.model.width = 'deep_v1c', 9
   with pytest.raises(config_checks.ConfigError, match='config.model.width'):
     config_checks.validate(bad, device_count=1, process_count=1)

@@ -19,13 +19,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from psp_jax import metrics, weights
+from psp_jax import config_schema, errors, metrics, weights
 from psp_jax.data import pipeline, sources
 from psp_jax.inference import evaluation, planning
 from psp_jax.inference.planning import MEAN, STD, InferenceConfig, fit_size, window_grid
 from psp_jax.inference.sliding_window import SlidingWindowInference
 from psp_jax.models import PSPNet
-from psp_jax.train import config_checks, defaults
+from psp_jax.train import config_checks
 
 from helpers import ROOT, random_variables
 
@@ -34,7 +34,7 @@ MMSEG_VARIANT = dict(stem='deep_v1c', contract_dilation=True, align_corners=Fals
 TINY = dict(depth=18, width=8, head_channels=16, aux_channels=8, **MMSEG_VARIANT)
 
 
-def mmseg_config(**overrides):
+def mmseg_procedure(**overrides):
   kwargs = dict(resize='fit', clip_windows=True, average='logits', flip=False, crop_size=(33, 33))
   return InferenceConfig(**{**kwargs, **overrides})
 
@@ -109,7 +109,7 @@ def assert_same_prediction(got_logits, got_labels, ref):
 
 
 def test_defaults_are_the_official_protocol():
-  config = defaults.get_config()
+  config = config_schema.get_config()
   assert InferenceConfig.from_config(config) == InferenceConfig(crop_size=473)
   official = InferenceConfig()
   assert (official.resize, official.average, official.clip_windows, official.stride) == (
@@ -119,7 +119,6 @@ def test_defaults_are_the_official_protocol():
     0,
   )
   assert official.strides == (316, 316)  # ceil(473 * 2/3)
-  assert config_checks.RESIZES == planning.RESIZES and config_checks.AVERAGES == planning.AVERAGES
 
 
 @pytest.mark.parametrize(
@@ -160,9 +159,9 @@ def test_window_grid_is_slide_inference_for_images_larger_than_the_crop(h, w, cr
 
 
 def test_windows_clipped_to_a_small_image():
-  config = mmseg_config(fit_scale=(64, 40), stride=20)
+  procedure = mmseg_procedure(fit_scale=(64, 40), stride=20)
   image = np.zeros((10, 60, 3), np.uint8)  # fits as 11 x 64: shorter than the crop
-  (scale_plan,) = planning.plan_image(image, config).scales
+  (scale_plan,) = planning.plan_image(image, procedure).scales
   assert scale_plan.crop == (11, 33)  # mmseg runs the window at the image's own height
   expected = [(y1, x1) for y1, _, x1, _ in mmseg_windows(11, 64, (33, 33), (20, 20))]
   got = [tuple(o) for o in scale_plan.offsets[: scale_plan.num_windows].tolist()]
@@ -176,8 +175,8 @@ def test_windows_clipped_to_a_small_image():
 
 def test_slide_equals_mmseg_restatement(model):
   apply_fn, variables = model
-  config = mmseg_config(mode='slide', fit_scale=(64, 40), stride=20, tile_size=32)
-  inference = SlidingWindowInference(apply_fn, variables, num_classes=K, config=config)
+  procedure = mmseg_procedure(mode='slide', fit_scale=(64, 40), stride=20, tile_size=32)
+  inference = SlidingWindowInference(apply_fn, variables, num_classes=K, procedure=procedure)
   # Wide (2 x 3 windows), tall, and one whose short side ends up below the crop.
   for image in _images([(30, 50), (50, 30), (10, 60)], seed=1):
     ref = mmseg_logits(apply_fn, variables, image, scale=(64, 40), mode='slide',
@@ -187,8 +186,8 @@ def test_slide_equals_mmseg_restatement(model):
 
 def test_whole_equals_mmseg_restatement(model):
   apply_fn, variables = model
-  config = mmseg_config(mode='whole', fit_scale=(64, 40), whole_multiple=1, tile_size=32)
-  inference = SlidingWindowInference(apply_fn, variables, num_classes=K, config=config)
+  procedure = mmseg_procedure(mode='whole', fit_scale=(64, 40), whole_multiple=1, tile_size=32)
+  inference = SlidingWindowInference(apply_fn, variables, num_classes=K, procedure=procedure)
   for image in _images([(30, 50), (41, 29)], seed=2):
     ref = mmseg_logits(apply_fn, variables, image, scale=(64, 40), mode='whole')
     assert_same_prediction(inference.probabilities(image), inference.predict(image), ref)
@@ -197,12 +196,12 @@ def test_whole_equals_mmseg_restatement(model):
 def test_averaging_logits_is_not_averaging_probabilities(model):
   apply_fn, variables = model
   image = _images([(30, 50)], seed=1)[0]
-  config = mmseg_config(mode='slide', fit_scale=(64, 40), stride=20, tile_size=32)
+  procedure = mmseg_procedure(mode='slide', fit_scale=(64, 40), stride=20, tile_size=32)
   ref = mmseg_logits(apply_fn, variables, image, scale=(64, 40), mode='slide',
                      crop=(33, 33), stride=(20, 20))  # fmt: skip
-  probs_config = dataclasses.replace(config, average='probs')
+  probs_procedure = dataclasses.replace(procedure, average='probs')
   probs = SlidingWindowInference(
-    apply_fn, variables, num_classes=K, config=probs_config
+    apply_fn, variables, num_classes=K, procedure=probs_procedure
   ).probabilities(image)
   assert np.abs(probs - ref).max() > 0.1  # softmax values, not logits
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
@@ -265,15 +264,18 @@ def test_mmseg_configs_hold_mmseg_settings(name):
 
 
 def test_bad_eval_keys_name_the_key():
+  """The one check of config.eval's values is the inference's (InferenceConfig.from_config,
+  which predict, evaluate and training run; tests/test_config_schema.py runs the last two)."""
   for key, value, match in [
-    ('resize', 'short_side', 'eval.resize'),
-    ('average', 'softmax', 'eval.average'),
-    ('stride', -1, 'eval.stride'),
+    ('resize', 'short_side', 'config.eval.resize'),
+    ('average', 'softmax', 'config.eval.average'),
+    ('stride', -1, 'config.eval.stride'),
   ]:
-    config = defaults.get_config()
+    config = config_schema.get_config()
     config.eval[key] = value
-    with pytest.raises(config_checks.ConfigError, match=match):
-      config_checks.validate(config, device_count=1, process_count=1)
+    config_checks.validate(config, device_count=1, process_count=1)  # Not the training's.
+    with pytest.raises(errors.InvalidInputError, match=match):
+      InferenceConfig.from_config(config)
 
 
 @pytest.mark.e2e

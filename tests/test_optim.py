@@ -13,9 +13,8 @@ BASE, STEPS, WD, M = 0.01, 50, 1e-4, 0.9
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-  values = dict(
-    base_lr=BASE, momentum=M, weight_decay=WD, power=0.9, head_lr_mult=10.0, warmup_steps=0
-  )
+  values = dict(base_lr=BASE, momentum=M, weight_decay=WD, power=0.9, head_lr_mult=10.0)
+  values.update(warmup_steps=0, min_lr=0.0)
   values.update(overrides)
   return ml_collections.ConfigDict(values)
 

@@ -1,7 +1,6 @@
 """Tests of psp_jax.data.pipeline on small in-memory sources."""
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -99,7 +98,7 @@ def synthetic_config(tmp_path_factory):
   """The project's synthetic TFDS source: 6 train and 5 validation 65x65 scenes."""
   config = data_config(name='synthetic', num_classes=11, skip_bad_examples=False)
   config.data_dir = str(tmp_path_factory.mktemp('tfds'))
-  config.synthetic = ml_collections.ConfigDict(dict(image_size=65, num_train=6, num_val=5))
+  config.synthetic.update(dict(image_size=65, num_train=6, num_val=5))
   return config
 
 

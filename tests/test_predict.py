@@ -36,12 +36,12 @@ def tiny():
 @pytest.fixture(scope='module')
 def segmenter(tiny):
   model, variables = tiny
-  config = InferenceConfig(crop_size=(33, 33), base_size=48, tile_size=32)
+  procedure = InferenceConfig(crop_size=(33, 33), base_size=48, tile_size=32)
   return Segmenter(
     lambda v, x: model.apply(v, x, train=False),
     variables,
     num_classes=NUM_CLASSES,
-    config=config,
+    procedure=procedure,
   )
 
 
@@ -124,13 +124,13 @@ def test_a_training_workdir_sets_dataset_and_test_geometry(tmp_path):
   variables = random_variables(PSPNet(**model_config), seed=2)
   weights.save_variables(tmp_path, variables, model_config)
   seg = Segmenter.from_checkpoint(tmp_path)
-  assert seg.dataset is None and seg.inference.config.base_size == 512  # No run config.
+  assert seg.dataset is None and seg.inference.procedure.base_size == 512  # No run config.
   config = load_config('synthetic')
   (tmp_path / weights.RUN_CONFIG_FILE).write_text(config.to_json())
   seg = Segmenter.from_checkpoint(tmp_path, flip=False)
   assert seg.dataset == 'synthetic' and seg.class_names[7] == 'car'
   np.testing.assert_array_equal(seg.palette, classes.PALETTES['synthetic'])
-  got = seg.inference.config
+  got = seg.inference.procedure
   assert (got.mode, got.base_size, got.flip) == ('whole', config.eval.base_size, False)
   (tmp_path / weights.RUN_CONFIG_FILE).write_text('{not json')
   with pytest.raises(ValueError, match='config.json is not a run config'):

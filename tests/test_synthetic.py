@@ -127,7 +127,7 @@ def test_source_prepares_on_first_use(tmp_path):
   config = ml_collections.ConfigDict(
     dict(name='synthetic', data_dir=str(tmp_path), num_classes=11, skip_bad_examples=False)
   )
-  config.synthetic = ml_collections.ConfigDict(dict(image_size=17, num_train=4, num_val=2))
+  config.synthetic = ml_collections.ConfigDict(dict(image_size=17, num_train=4, num_val=2, seed=0))
   assert sources.num_examples(config, 'validation') == 2
   assert (tmp_path / 'psp_synthetic' / 'size17_train4_val2_seed0' / '1.0.0').is_dir()
   example = next(sources.get_source(config, 'train').as_numpy_iterator())

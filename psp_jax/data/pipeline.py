@@ -104,7 +104,7 @@ def mmseg_kwargs(data_config: Any) -> dict[str, Any]:
 
 def train_augmenter(data_config: Any) -> Callable[[transforms.Example, tf.Tensor], Any]:
   """The training augmentation config.data.recipe names, as fn(example, seed), validated."""
-  recipe = data_config.get('recipe', 'official')
+  recipe = data_config.recipe
   if recipe == 'official':
     return functools.partial(augment.train_augment, **augment_kwargs(data_config))
   if recipe == 'mmseg':

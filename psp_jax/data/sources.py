@@ -11,6 +11,7 @@ Design: docs/design.md#data-sources
 
 import contextlib
 import fcntl
+import inspect
 import logging
 import os
 import pathlib
@@ -26,13 +27,9 @@ from psp_jax.data.builders import synthetic as synthetic_builder
 from psp_jax.data.builders.common import is_prepared
 
 _SPLIT_ALIASES = {'val': 'validation', 'training': 'train'}
+# config.data.synthetic's keys: the arguments of the synthetic builder's make_config.
+SYNTHETIC_KEYS = tuple(inspect.signature(synthetic_builder.make_config).parameters)
 _FOLDER_SPLITS = {'train': ('train', 'training'), 'validation': ('validation', 'val')}
-
-
-def _option(data_config: Any, key: str, default: Any = None) -> Any:
-  """data_config[key] for a ConfigDict or a dict, default when absent or None."""
-  value = data_config.get(key, default) if hasattr(data_config, 'get') else default
-  return default if value is None else value
 
 
 def prepare_command(name: str) -> str:
@@ -41,7 +38,7 @@ def prepare_command(name: str) -> str:
 
 
 def _check_classes(data_config: Any, expected: int) -> None:
-  got = _option(data_config, 'num_classes')
+  got = data_config.num_classes
   if got is not None and int(got) != expected:
     raise errors.InvalidInputError(
       f'config.data.num_classes is {got} but {data_config.name} has {expected} classes: set '
@@ -72,21 +69,19 @@ def _file_lock(path: pathlib.Path):
 
 
 def synthetic_options(data_config: Any) -> dict[str, int]:
-  """config.data.synthetic's image_size / num_train / num_val / seed, with the defaults."""
-  options = _option(data_config, 'synthetic', {}) or {}
-  defaults = {'image_size': 129, 'num_train': 2000, 'num_val': 200, 'seed': 0}
-  unknown = set(options) - set(defaults)
+  """config.data.synthetic's image_size / num_train / num_val / seed."""
+  options = data_config.synthetic
+  unknown = set(options) - set(SYNTHETIC_KEYS)
   if unknown:
     raise errors.InvalidInputError(
-      f'Unknown config.data.synthetic keys {sorted(unknown)}; known: {sorted(defaults)}.'
+      f'Unknown config.data.synthetic keys {sorted(unknown)}; known: {sorted(SYNTHETIC_KEYS)}.'
     )
-  values = {k: options.get(k) for k in defaults}
-  return {k: int(defaults[k] if v is None else v) for k, v in values.items()}
+  return {k: int(options[k]) for k in SYNTHETIC_KEYS}
 
 
 def _builder(data_config: Any) -> tfds.core.DatasetBuilder:
   """The prepared TFDS builder of data_config.name (the synthetic one is prepared if needed)."""
-  name, data_dir = data_config.name, _option(data_config, 'data_dir')
+  name, data_dir = data_config.name, data_config.data_dir
   data_dir = data_dir and os.path.expanduser(data_dir)
   if name == 'synthetic':
     _check_classes(data_config, synthetic.NUM_CLASSES)
@@ -157,15 +152,15 @@ def _tfds_source(
 
 def _list_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
   """(image, label) paths of a semseg list file (util/dataset.py make_dataset)."""
-  if split in ('train', _option(data_config, 'train_split', 'train')):
+  if split in ('train', data_config.train_split):
     key = 'train_list'
-  elif split in ('validation', 'val', 'test', _option(data_config, 'eval_split', 'validation')):
+  elif split in ('validation', 'val', 'test', data_config.eval_split):
     key = 'val_list'
   else:
     raise errors.InvalidInputError(
       f'list source: split {split!r} is neither the train nor the eval split.'
     )
-  list_file, root = _option(data_config, key), _option(data_config, 'root', '')
+  list_file, root = data_config[key], data_config.root or ''
   if list_file is None:
     raise errors.InvalidInputError(
       f'list source: config.data.{key} is not set (needed for split {split!r}).'
@@ -198,7 +193,7 @@ def _list_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
 
 def _folder_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
   """(image, label) paths of root/images/<split>/ and root/labels/<split>/, by stem."""
-  root = _option(data_config, 'root')
+  root = data_config.root
   if root is None:
     raise errors.InvalidInputError('folder source: config.data.root is not set.')
   root = pathlib.Path(root)
@@ -250,7 +245,7 @@ def _file_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
       f'{data_config.name} source ({split}): {len(missing)} files do not exist, '
       f'e.g. {", ".join(missing[:5])}.'
     )
-    if not _option(data_config, 'skip_bad_examples', False):
+    if not data_config.skip_bad_examples:
       raise MissingDataError(message)
     logging.warning('%s Skipping those examples.', message)
     gone = set(missing)
@@ -266,12 +261,12 @@ def _file_source(
   data_config: Any, split: str, process_index: int, process_count: int, shuffle_seed: int | None
 ) -> tf.data.Dataset:
   pairs = _file_pairs(data_config, split)[process_index::process_count]
-  if _option(data_config, 'num_classes') is None:
+  if data_config.num_classes is None:
     raise errors.InvalidInputError(
       f'{data_config.name} source: config.data.num_classes is not set.'
     )
   num_classes = int(data_config.num_classes)
-  ignore = int(_option(data_config, 'ignore_label', 255))
+  ignore = int(data_config.ignore_label)
   table = files.label_table(num_classes=num_classes)
   table[255] = files.INVALID
   table[ignore] = ignore
@@ -286,7 +281,7 @@ def _file_source(
   if shuffle_seed is not None:
     ds = ds.shuffle(len(pairs), seed=shuffle_seed, reshuffle_each_iteration=True)
   ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
-  skip = bool(_option(data_config, 'skip_bad_examples', False))
+  skip = bool(data_config.skip_bad_examples)
   return decode.drop_or_raise(ds, skip=skip, what=f'{data_config.name} {split}')
 
 

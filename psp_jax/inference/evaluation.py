@@ -158,20 +158,20 @@ PROTOCOL_NOTES = {
 }
 
 
-def describe(config: InferenceConfig) -> dict[str, Any]:
+def describe(procedure: InferenceConfig) -> dict[str, Any]:
   """The inference procedure, for the report."""
-  out = dict(mode=config.mode, resize=config.resize)
-  if config.resize == 'fit':
-    out['fit_scale'] = list(config.fit_scale)
+  out = dict(mode=procedure.mode, resize=procedure.resize)
+  if procedure.resize == 'fit':
+    out['fit_scale'] = list(procedure.fit_scale)
   else:
-    out['base_size'] = config.base_size
-  out.update(scales=list(config.scales), flip=config.flip, average=config.average)
-  if config.mode == 'slide':
-    out['crop_size'] = list(config.crop_size)
-    out['stride'] = list(config.strides)
-    out['clip_windows'] = config.clip_windows
+    out['base_size'] = procedure.base_size
+  out.update(scales=list(procedure.scales), flip=procedure.flip, average=procedure.average)
+  if procedure.mode == 'slide':
+    out['crop_size'] = list(procedure.crop_size)
+    out['stride'] = list(procedure.strides)
+    out['clip_windows'] = procedure.clip_windows
   else:
-    out['whole_multiple'] = config.whole_multiple
+    out['whole_multiple'] = procedure.whole_multiple
   return out
 
 
@@ -257,6 +257,22 @@ def check_model_config(
     )
 
 
+def procedure_of(config: ml_collections.ConfigDict) -> InferenceConfig:
+  """The test procedure of config.eval, every eval value checked: what training and evaluate
+  call at start-up (windows_per_step: config.eval.batch_size over the devices).
+
+  Raises:
+    errors.InvalidInputError: naming the config.eval key (or config.data.crop_size) at fault.
+  """
+  protocol = config.eval.protocol
+  if protocol not in metrics.PROTOCOLS:
+    raise errors.InvalidInputError(
+      f'config.eval.protocol: must be one of {metrics.PROTOCOLS}, got {protocol!r}.'
+    )
+  windows = max(1, config.eval.batch_size // jax.device_count())  # Per local device.
+  return InferenceConfig.from_config(config, windows_per_step=windows)
+
+
 class Evaluation(NamedTuple):
   """summarize()'s results of a split and this host's first examples with predictions."""
 
@@ -294,13 +310,12 @@ def evaluate_model(
   """
   runtime.setup_tensorflow()
   num_classes = config.data.num_classes
-  windows = max(1, config.eval.batch_size // jax.device_count())  # Per local device.
-  inference_config = InferenceConfig.from_config(config, windows_per_step=windows)
+  procedure = procedure_of(config)
   inference = SlidingWindowInference(
     apply_fn,
     variables,
     num_classes=num_classes,
-    config=inference_config,
+    procedure=procedure,
     ignore_label=config.data.ignore_label,
   )
   split = config.data.eval_split
@@ -324,7 +339,7 @@ def evaluate_model(
   confusion = sum_over_hosts(totals.confusion)
   images = int(sum_over_hosts(np.array([totals.images], np.int64))[0])
   names = tuple(class_names) if class_names else classes.names(config.data.name, num_classes)
-  setup = dict(data=config.data.name, split=split, images=images, **describe(inference_config))
+  setup = dict(data=config.data.name, split=split, images=images, **describe(procedure))
   setup['dtype'] = codec.compute_dtype(config.model.dtype, jax.default_backend()).name
   results = summarize(confusion, names, protocol=config.eval.protocol, setup=setup)
   return Evaluation(results, totals.kept)
@@ -334,6 +349,7 @@ def evaluate(
   config: ml_collections.ConfigDict, checkpoint: str | os.PathLike, *, progress: bool = True
 ) -> dict[str, Any]:
   """Loads the checkpoint, evaluates config.data.eval_split and returns summarize()."""
+  procedure_of(config)  # A bad eval value fails now, not after loading the checkpoint.
   # The checkpoint fixes the architecture; the config may only change the compute dtype.
   apply_fn, variables, model_config, meta = segmenter.load(checkpoint, dtype=config.model.dtype)
   check_model_config(config, model_config, checkpoint)
@@ -355,9 +371,13 @@ def validator(
   Returns:
     validate(variables, stop) -> Evaluation or None (stopped), keeping
     config.num_summary_images examples.
+
+  Raises:
+    errors.InvalidInputError: naming a config.eval key whose value cannot work.
   """
   whole = ml_collections.ConfigDict(config.to_dict())
   whole.eval.mode = 'whole'
+  procedure_of(whole)  # A bad eval value fails before training starts.
   models = []  # Built at the first validation, after the training loop checked the config.
 
   # One function object for the whole run: the compiled inference steps are cached on it.

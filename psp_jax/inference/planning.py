@@ -76,6 +76,8 @@ class InferenceConfig:
       raise ValueError(f'average must be one of {AVERAGES}, got {self.average!r}')
     if self.stride < 0:
       raise ValueError(f'stride must be >= 0 (0: from stride_rate), got {self.stride}')
+    if self.whole_multiple < 1:
+      raise ValueError(f'whole_multiple must be >= 1, got {self.whole_multiple}')
     object.__setattr__(self, 'fit_scale', sizes.pair(self.fit_scale, 'fit_scale'))
     try:
       scales = tuple(float(s) for s in self.scales)
@@ -98,6 +100,8 @@ class InferenceConfig:
   def from_config(cls, config: ml_collections.ConfigDict, **overrides) -> 'InferenceConfig':
     """Reads config.eval.* and config.data.crop_size; keyword overrides win.
 
+    The one check of those values: training, evaluate and the pre-flight call it at start-up.
+
     Raises:
       errors.InvalidInputError: naming the config key, for a value that cannot work.
     """
@@ -108,13 +112,13 @@ class InferenceConfig:
       base_size=ev.base_size,
       scales=ev.scales,
       flip=ev.flip,
-      whole_multiple=ev.get('whole_multiple', 64),
-      tile_size=ev.get('tile_size', 512),
-      resize=ev.get('resize', 'long_side'),
-      fit_scale=ev.get('fit_scale', (2048, 512)),
-      stride=ev.get('stride', 0),
-      clip_windows=ev.get('clip_windows', False),
-      average=ev.get('average', 'probs'),
+      whole_multiple=ev.whole_multiple,
+      tile_size=ev.tile_size,
+      resize=ev.resize,
+      fit_scale=ev.fit_scale,
+      stride=ev.stride,
+      clip_windows=ev.clip_windows,
+      average=ev.average,
     )
     kwargs.update(overrides)
     try:
@@ -155,11 +159,11 @@ def fit_size(height: int, width: int, scale: float, fit_scale: tuple[int, int]) 
   return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
-def resized_size(height: int, width: int, scale: float, config: 'InferenceConfig'):
-  """(new_h, new_w) of an image at `scale` under config.resize."""
-  if config.resize == 'fit':
-    return fit_size(height, width, scale, config.fit_scale)
-  return scaled_size(height, width, scale, config.base_size)
+def resized_size(height: int, width: int, scale: float, procedure: 'InferenceConfig'):
+  """(new_h, new_w) of an image at `scale` under procedure.resize."""
+  if procedure.resize == 'fit':
+    return fit_size(height, width, scale, procedure.fit_scale)
+  return scaled_size(height, width, scale, procedure.base_size)
 
 
 def linear_indices(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -297,49 +301,49 @@ class ImagePlan:
     return tuple((s.canvas.shape[:2], s.crop, len(s.offsets)) for s in self.scales)
 
 
-def _canvas_and_crop(new_h: int, new_w: int, scale: float, config: InferenceConfig):
+def _canvas_and_crop(new_h: int, new_w: int, scale: float, procedure: InferenceConfig):
   """Canvas shape, window shape and the most windows any image of this canvas has.
 
   The canvas depends on the scale (and with resize='fit' on the orientation) only, so one
   compilation serves every image; the window is the crop (clipped to the image with
   clip_windows), or in whole mode the image padded to a multiple of whole_multiple.
   """
-  if config.mode == 'whole':
-    m = config.whole_multiple
+  if procedure.mode == 'whole':
+    m = procedure.whole_multiple
     crop = (-(-new_h // m) * m, -(-new_w // m) * m)
     return crop, crop, 1
-  crop = config.crop_size
-  if config.clip_windows:
+  crop = procedure.crop_size
+  if procedure.clip_windows:
     crop = (min(crop[0], new_h), min(crop[1], new_w))
-  if config.resize == 'fit':
+  if procedure.resize == 'fit':
     # Every resized image fits (short, long) or (long, short), as it is wide or tall.
-    edges = [int(e * scale) for e in config.fit_scale]
+    edges = [int(e * scale) for e in procedure.fit_scale]
     long, short = max(edges), min(edges)
     bound = (short, long) if new_w >= new_h else (long, short)
   else:
     # Every image at this scale fits a long_size square.
-    long_size = round(scale * config.base_size)
+    long_size = round(scale * procedure.base_size)
     bound = (long_size, long_size)
   canvas_hw = (max(bound[0], crop[0]), max(bound[1], crop[1]))
-  max_windows = len(window_grid(*canvas_hw, crop, stride=config.strides)[2])
+  max_windows = len(window_grid(*canvas_hw, crop, stride=procedure.strides)[2])
   return canvas_hw, crop, max_windows
 
 
-def plan_image(image: np.ndarray, config: InferenceConfig) -> ImagePlan:
+def plan_image(image: np.ndarray, procedure: InferenceConfig) -> ImagePlan:
   """Resizes, pads and normalises `image` (uint8 or float [H, W, 3], RGB) for every scale."""
   if image.ndim != 3 or image.shape[-1] != 3:
     raise ValueError(f'expected an RGB image [H, W, 3], got shape {image.shape}')
   height, width = image.shape[:2]
   source, image = image, image.astype(np.float32)
   plans = []
-  for scale in config.scales:
-    new_h, new_w = resized_size(height, width, scale, config)
-    if config.resize == 'fit':  # mmcv resizes the uint8 image with cv2: uint8 again.
+  for scale in procedure.scales:
+    new_h, new_w = resized_size(height, width, scale, procedure)
+    if procedure.resize == 'fit':  # mmcv resizes the uint8 image with cv2: uint8 again.
       resized = resize_uint8(source, new_h, new_w).astype(np.float32)
     else:
       resized = resize_bilinear(image, new_h, new_w)
-    canvas_hw, crop, max_windows = _canvas_and_crop(new_h, new_w, scale, config)
-    (top, left), _, offsets = window_grid(new_h, new_w, crop, stride=config.strides)
+    canvas_hw, crop, max_windows = _canvas_and_crop(new_h, new_w, scale, procedure)
+    (top, left), _, offsets = window_grid(new_h, new_w, crop, stride=procedure.strides)
     # Mean padding (cv2.copyMakeBorder value=mean) is 0 once normalised, as is the rest of
     # the canvas, which no window reads.
     canvas = np.zeros((*canvas_hw, 3), np.float32)

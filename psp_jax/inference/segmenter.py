@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from psp_jax import errors, paths, visualize, weights
+from psp_jax import config_schema, errors, paths, visualize, weights
 from psp_jax.data import classes, datasets
 from psp_jax.data.files import IMAGE_EXTENSIONS
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
@@ -28,7 +28,8 @@ from psp_jax.models import codec
 
 def is_mmseg_variant(model_config: dict[str, Any]) -> bool:
   """Whether a model config is mmseg's network (ResNetV1c stem or align_corners=False)."""
-  return model_config.get('stem') == 'deep_v1c' or model_config.get('align_corners') is False
+  settings = {**codec.defaults(), **model_config}  # A key it lacks means PSPNet's default.
+  return settings['stem'] == 'deep_v1c' or settings['align_corners'] is False
 
 
 def default_inference(
@@ -101,12 +102,15 @@ def load_model(
 
 
 def run_config(checkpoint: str | os.PathLike) -> ml_collections.ConfigDict | None:
-  """The experiment config a training workdir was run with (its config.json), else None."""
+  """The experiment config a training workdir was run with (its config.json), else None.
+
+  A config.json written before a key existed reads as the key's default (config_schema.upgrade).
+  """
   path = paths.as_path(checkpoint) / weights.RUN_CONFIG_FILE
   if not path.is_file():
     return None
   try:
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return config_schema.upgrade(json.loads(path.read_text()))
   except (ValueError, TypeError) as e:
     raise errors.InvalidInputError(f'{path} is not a run config written by train.py: {e}') from e
 
@@ -210,7 +214,7 @@ class Segmenter:
     *,
     num_classes: int,
     dataset: str | None = None,
-    config: InferenceConfig | None = None,
+    procedure: InferenceConfig | None = None,
     devices: Sequence[jax.Device] | None = None,
     class_names: Sequence[str] | None = None,
     palette: np.ndarray | None = None,
@@ -220,11 +224,11 @@ class Segmenter:
     class_names and palette (uint8 [K, 3]), e.g. a checkpoint's own, replace the data set's.
     """
     self.dataset = dataset_of(num_classes, dataset).name
-    if config is None:
-      config = default_inference(self.dataset)
+    if procedure is None:
+      procedure = default_inference(self.dataset)
     self.num_classes = num_classes
     self.inference = SlidingWindowInference(
-      apply_fn, variables, num_classes=num_classes, config=config, devices=devices
+      apply_fn, variables, num_classes=num_classes, procedure=procedure, devices=devices
     )
     self.class_names, self.palette = class_table(self.dataset, num_classes, class_names, palette)
 
@@ -258,15 +262,15 @@ class Segmenter:
     num_classes = int(model_config['num_classes'])
     choice = dataset_of(num_classes, dataset, config=config, meta=meta)
     if config is not None:
-      inference = InferenceConfig.from_config(config, **inference_overrides)
+      procedure = InferenceConfig.from_config(config, **inference_overrides)
     else:
-      inference = default_inference(choice.name, model_config, **inference_overrides)
+      procedure = default_inference(choice.name, model_config, **inference_overrides)
     return cls(
       apply_fn,
       variables,
       num_classes=num_classes,
       dataset=choice.name,
-      config=inference,
+      procedure=procedure,
       class_names=choice.class_names,
       palette=choice.palette,
     )

@@ -168,12 +168,12 @@ class SlidingWindowInference:
     variables: Any,
     *,
     num_classes: int,
-    config: InferenceConfig | None = None,
+    procedure: InferenceConfig | None = None,
     ignore_label: int = 255,
     devices: Sequence[jax.Device] | None = None,
   ):
     """apply_fn(variables, images [B, H, W, 3]) -> logits [B, H, W, K] at the input size."""
-    self.config = config = config or InferenceConfig()
+    self.procedure = procedure or InferenceConfig()
     self.num_classes = num_classes
     self.ignore_label = ignore_label
     devices = list(devices) if devices is not None else jax.local_devices()
@@ -189,7 +189,7 @@ class SlidingWindowInference:
 
   def plan(self, image: np.ndarray) -> ImagePlan:
     """Host-side preparation of one image [H, W, 3]; see plan_image."""
-    return plan_image(np.asarray(image), self.config)
+    return plan_image(np.asarray(image), self.procedure)
 
   def zero_confusion(self) -> jax.Array:
     """Per-device confusion matrices int32 [n, K, K] (sum over axis 0 for the total)."""
@@ -218,9 +218,9 @@ class SlidingWindowInference:
           mesh=self.mesh,
           num_classes=self.num_classes,
           crop=first.crop,
-          flip=self.config.flip,
-          per_step=self.config.windows_per_step,
-          average=self.config.average,
+          flip=self.procedure.flip,
+          per_step=self.procedure.windows_per_step,
+          average=self.procedure.average,
         )
       )
     return tuple(out)
@@ -244,7 +244,7 @@ class SlidingWindowInference:
     Returns:
       (outputs per plan or None, confusion).
     """
-    t, k = self.config.tile_size, self.num_classes
+    t, k = self.procedure.tile_size, self.num_classes
     canvases = self.canvases(plans)
     if confusion is None:
       confusion = self.zero_confusion()
@@ -275,7 +275,7 @@ class SlidingWindowInference:
 
   def _tile_inputs(self, plans, places, labels):
     """Host arrays of one tile per device: where each tile row / column reads each canvas."""
-    n, t, num_scales = self.batch_size, self.config.tile_size, len(plans[0].scales)
+    n, t, num_scales = self.batch_size, self.procedure.tile_size, len(plans[0].scales)
     index = np.zeros((2, 2, n, num_scales, t), np.int32)  # (rows, cols), (i0, i1)
     frac = np.zeros((2, n, num_scales, t), np.float32)
     tile_labels = np.full((n, t, t), self.ignore_label, np.int32)
@@ -302,6 +302,6 @@ class SlidingWindowInference:
   def probabilities(self, image: np.ndarray) -> np.ndarray:
     """Scale-averaged class probabilities float32 [H, W, K] of one image [H, W, 3].
 
-    With config.average='logits' these are the averaged logits, resized back.
+    With procedure.average='logits' these are the averaged logits, resized back.
     """
     return self.run([self.plan(image)], outputs='probs')[0][0]

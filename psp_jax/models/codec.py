@@ -90,7 +90,7 @@ def of_experiment(config: ml_collections.ConfigDict, platform: str) -> dict[str,
     platform: where the model will run ('auto' is resolved for it).
   """
   kwargs = config.model.to_dict()
-  kwargs['dtype'] = compute_dtype(kwargs.get('dtype', 'auto'), platform).name
+  kwargs['dtype'] = compute_dtype(config.model.dtype, platform).name
   kwargs['num_classes'] = int(config.data.num_classes)
   return encode(kwargs)
 

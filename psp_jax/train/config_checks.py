@@ -8,21 +8,18 @@ from typing import Any
 
 import ml_collections
 
-from psp_jax import errors, metrics, sizes
+from psp_jax import config_schema, errors, sizes
 from psp_jax.models import codec, resnet
-from psp_jax.train import defaults, losses
+from psp_jax.train import losses
 
-# config.data belongs to the data pipeline (psp_jax.data), which checks its own keys; model
-# keys are PSPNet's constructor arguments (psp_jax.models.codec).
-_DEFAULTS = defaults.get_config()
+# config.data belongs to the data pipeline (psp_jax.data) and config.eval's values to the
+# inference (psp_jax.inference.planning), which check their own keys; model keys are PSPNet's
+# constructor arguments (psp_jax.models.codec).
+_DEFAULTS = config_schema.get_config()
 TOP_KEYS = frozenset(_DEFAULTS.keys())
 OPTIM_KEYS = frozenset(_DEFAULTS.optim.keys())
 EVAL_KEYS = frozenset(_DEFAULTS.eval.keys())
 DATA_REQUIRED = ('name', 'num_classes', 'ignore_label', 'crop_size', 'train_split', 'eval_split')
-# config.eval.resize and .average values; psp_jax.inference.planning has the same (train/ and
-# inference/ do not import each other; tests/test_mmseg_protocol.py checks they agree).
-RESIZES = ('long_side', 'fit')
-AVERAGES = ('probs', 'logits')
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -35,7 +32,7 @@ def _unknown(section: Any, known: frozenset[str], prefix: str) -> None:
     names = ', '.join(f'{prefix}{k}' for k in unknown)
     raise ConfigError(
       f'Unknown config key(s): {names}. Known {prefix or "top-level "}keys: {sorted(known)}. '
-      'Check the spelling (psp_jax/train/defaults.py declares every key).'
+      'Check the spelling (psp_jax/config_schema.py declares every key).'
     )
 
 
@@ -71,7 +68,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
 
   model, data, optim = config.model, config.data, config.optim
   dtypes = codec.DTYPES
-  _check(model.get('dtype', 'auto') in dtypes, 'model.dtype', f'must be one of {dtypes}.')
+  _check(model.dtype in dtypes, 'model.dtype', f'must be one of {dtypes}.')
   _check_model_variant(model)
   _check(data.num_classes >= 1, 'data.num_classes', f'must be >= 1, got {data.num_classes}.')
   _check(
@@ -102,7 +99,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     f'{groups} must divide the batch of each gradient step ({micro} = batch_size / '
     'grad_accum_steps).',
   )
-  bins = model.get('bins', (1, 2, 3, 6))
+  bins = model.bins
   _check(
     _positive_numbers(bins, int),
     'model.bins',
@@ -110,7 +107,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     "line: --config.model.bins='(1, 2, 3, 6)').",
   )
   bins = tuple(bins)
-  if model.get('use_ppm', True) and 1 in bins:
+  if model.use_ppm and 1 in bins:
     # The bin-1 branch's BatchNorm sees one value per channel and image; torch refuses a
     # batch of one ("Expected more than 1 value per channel when training") and the
     # unbiased running variance n / (n - 1) would divide by zero.
@@ -136,18 +133,16 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   _check(optim.weight_decay >= 0, 'optim.weight_decay', 'must be >= 0.')
   _check(optim.head_lr_mult > 0, 'optim.head_lr_mult', 'must be > 0.')
   _check(optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0.')
-  min_lr = optim.get('min_lr', 0.0)
   _check(
-    0 <= min_lr < optim.base_lr,
+    0 <= optim.min_lr < optim.base_lr,
     'optim.min_lr',
-    f'must be in [0, optim.base_lr = {optim.base_lr}), got {min_lr}.',
+    f'must be in [0, optim.base_lr = {optim.base_lr}), got {optim.min_lr}.',
   )
   _check(optim.aux_weight >= 0, 'optim.aux_weight', 'must be >= 0.')
-  normalization = optim.get('loss_normalization', 'labelled')
   _check(
-    normalization in losses.NORMALIZATIONS,
+    optim.loss_normalization in losses.NORMALIZATIONS,
     'optim.loss_normalization',
-    f"{normalization!r} must be one of {losses.NORMALIZATIONS} ('all' is mmseg's).",
+    f"{optim.loss_normalization!r} must be one of {losses.NORMALIZATIONS} ('all' is mmseg's).",
   )
   _check(
     config.num_train_steps > 0 or config.num_epochs > 0,
@@ -158,31 +153,23 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
     _check(config[key] >= 1, key, f'must be >= 1, got {config[key]}.')
   _check(config.keep_checkpoints >= 1, 'keep_checkpoints', 'must be >= 1.')
   _check(
-    config.eval.protocol in metrics.PROTOCOLS,
-    'eval.protocol',
-    f'must be one of {metrics.PROTOCOLS}, got {config.eval.protocol!r}.',
-  )
-  _check(
     config.eval.batch_size >= 1 and config.eval.batch_size % device_count == 0,
     'eval.batch_size',
     f'{config.eval.batch_size} is not a positive multiple of the {device_count} devices.',
   )
-  _check(config.eval.get('whole_multiple', 1) >= 1, 'eval.whole_multiple', 'must be >= 1.')
-  _check_eval_protocol(config.eval)
 
 
 def _check_model_variant(model: ml_collections.ConfigDict) -> None:
   """config.model.stem, contract_dilation and align_corners (official vs mmseg network)."""
-  stem = model.get('stem', 'deep')
+  stem, width = model.stem, model.width
   _check(stem in resnet.STEMS, 'model.stem', f'{stem!r} must be one of {resnet.STEMS}.')
-  width = model.get('width', 64)
   _check(
     stem != 'deep_v1c' or width % 2 == 0,
     'model.width',
     f"{width} must be even with stem='deep_v1c' (its first convs have width / 2 channels).",
   )
   for key in ('contract_dilation', 'align_corners'):
-    value = model.get(key, key == 'align_corners')
+    value = model[key]
     _check(isinstance(value, bool), f'model.{key}', f'must be True or False, got {value!r}.')
 
 
@@ -192,26 +179,6 @@ def _positive_numbers(value: Any, kind: type) -> bool:
     return False
   kinds = (int,) if kind is int else (int, float)
   return all(isinstance(v, kinds) and not isinstance(v, bool) and v > 0 for v in value)
-
-
-def _check_eval_protocol(ev: ml_collections.ConfigDict) -> None:
-  """config.eval.scales, resize, fit_scale, stride and average (official vs mmseg test)."""
-  scales = ev.get('scales', (1.0,))
-  _check(
-    _positive_numbers(scales, float),
-    'eval.scales',
-    f'must be a tuple of positive scales, got {scales!r} (on the command line: '
-    "--config.eval.scales='(1.0,)' or '(0.5, 0.75, 1.0, 1.25, 1.5, 1.75)').",
-  )
-  resize = ev.get('resize', 'long_side')
-  _check(resize in RESIZES, 'eval.resize', f'{resize!r} must be one of {RESIZES}.')
-  try:
-    sizes.pair(ev.get('fit_scale', (2048, 512)), 'config.eval.fit_scale')
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  _check(ev.get('stride', 0) >= 0, 'eval.stride', 'must be >= 0 (0: ceil(crop * 2/3)).')
-  average = ev.get('average', 'probs')
-  _check(average in AVERAGES, 'eval.average', f'{average!r} must be one of {AVERAGES}.')
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:

@@ -118,7 +118,7 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
     started = time.perf_counter()
     state, shardings = train_state.create_train_state(model, tx, init_key, image_shape, mesh)
     logging.info('Initialised the model in %.1f s.', time.perf_counter() - started)
-    if config.get('init_checkpoint'):
+    if config.init_checkpoint:
       state = load_init_checkpoint(state, config.init_checkpoint)
     return state, shardings, checkpoints
   logging.info('Resumed from %s at step %d.', workdir, int(jax.device_get(state.step)))
@@ -169,135 +169,134 @@ def train(
   checkpointing.check_workdir(workdir)
   with safeguards.StopRequest() as stop:
     logging.info('SIGTERM or Ctrl-C saves a checkpoint after the current step and stops.')
-    return _train(config, workdir, stop_at_step, stop, validate)
-
-
-def _train(config, workdir, stop_at_step, stop, validate: Validate) -> dict[str, Any]:
-  """The body of train_and_evaluate, with the stop request installed."""
-  runtime.setup_tensorflow()
-  platform = jax.devices()[0].platform
-  model_config = codec.of_experiment(config, platform)
-  model = codec.build_model(model_config, platform)
-  num_train = None
-  if config.num_train_steps <= 0:
-    num_train = sources.num_examples(config.data, config.data.train_split)
-  total_steps = config_checks.num_train_steps(config, num_train)
-  tx, schedule = optim.create_optimizer(config.optim, total_steps)
-  mesh = distributed.create_mesh()
-  pc, pi = jax.process_count(), jax.process_index()
-  logging.info(
-    'Training %s on %d devices (%d processes, %s) for %d steps of %d images; model %s.',
-    config.data.name,
-    jax.device_count(),
-    pc,
-    platform,
-    total_steps,
-    config.batch_size,
-    model_config,
-  )
-
-  state, shardings, checkpoints = _initial_state(config, workdir, model, tx, mesh, model_config)
-  start_step = int(jax.device_get(state.step))
-  end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
-  summaries.write_config(workdir, config, model_config)
-  writer = summaries.create_writer(workdir)
-
-  step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
-  p_train_step = train_step.compile_train_step(safeguards.guard_nonfinite(step_fn), shardings, mesh)
-  dropout_key = jax.device_put(
-    jax.random.fold_in(jax.random.key(config.seed), 1), distributed.replicated(mesh)
-  )
-  train_iter = pipeline.numpy_batches(
-    pipeline.create_train_dataset(
-      config.data,
-      batch_size=config.batch_size // pc,
-      seed=config.seed,
-      process_index=pi,
-      process_count=pc,
-      start_step=start_step,
+    runtime.setup_tensorflow()
+    platform = jax.devices()[0].platform
+    model_config = codec.of_experiment(config, platform)
+    model = codec.build_model(model_config, platform)
+    num_train = None
+    if config.num_train_steps <= 0:
+      num_train = sources.num_examples(config.data, config.data.train_split)
+    total_steps = config_checks.num_train_steps(config, num_train)
+    tx, schedule = optim.create_optimizer(config.optim, total_steps)
+    mesh = distributed.create_mesh()
+    pc, pi = jax.process_count(), jax.process_index()
+    logging.info(
+      'Training %s on %d devices (%d processes, %s) for %d steps of %d images; model %s.',
+      config.data.name,
+      jax.device_count(),
+      pc,
+      platform,
+      total_steps,
+      config.batch_size,
+      model_config,
     )
-  )
-  palette = classes.palette(config.data.name, config.data.num_classes)
-  nonfinite = safeguards.NonFiniteSteps(bool(config.optim.get('skip_nonfinite_steps', False)))
-  eval_stop = (lambda: stop.requested) if pc == 1 else None
 
-  progress = summaries.Progress(total_steps, start_step, config.batch_size)
-  pending: list[dict[str, jax.Array]] = []
-  train_scalars: dict[str, float] = {}
-  val_scalars: dict[str, float] = {}
-  preempted = False
-  try:
-    for step in range(start_step, end_step):
-      batch = distributed_batch(next(train_iter), mesh)
-      started = time.perf_counter()
-      state, step_metrics = p_train_step(state, batch, dropout_key)
-      pending.append(step_metrics)
-      done = step + 1
-      nonfinite.add(done, step_metrics)
-      if step == start_step:
-        jax.block_until_ready(step_metrics)
-        progress.write(f'First step (compilation included): {time.perf_counter() - started:.1f} s')
-        progress.restart_clock(done)
-      log_now = done % config.log_every_steps == 0 or done == end_step
-      preempted = done < end_step and stop.agreed(sync_point=log_now)
-      eval_now = done % config.eval_every_steps == 0 or done == total_steps
-      save_now = done % config.checkpoint_every_steps == 0 or done == end_step or preempted
-      if log_now or eval_now or save_now:
-        # Raises (keeping the checkpoints on disk) before a bad state is logged or saved.
-        nonfinite.check(checkpoints.latest_step())
-      if log_now:
-        train_scalars = safeguards.finite_mean(jax.device_get(pending))
-        rate = progress.update(done, train_scalars)
-        scalars = summaries.scalars_of(train_scalars, 'train')
-        scalars['train/skipped_steps'] = nonfinite.skipped
-        if rate is not None:
-          scalars['train/images_per_sec'] = rate
-        writer.write_scalars(done, scalars)
-        pending = []
-      else:
-        progress.update(done)
-      if eval_now and not preempted:
+    state, shardings, checkpoints = _initial_state(config, workdir, model, tx, mesh, model_config)
+    start_step = int(jax.device_get(state.step))
+    end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
+    summaries.write_config(workdir, config, model_config)
+    writer = summaries.create_writer(workdir)
+
+    step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
+    p_train_step = train_step.compile_train_step(
+      safeguards.guard_nonfinite(step_fn), shardings, mesh
+    )
+    dropout_key = jax.device_put(
+      jax.random.fold_in(jax.random.key(config.seed), 1), distributed.replicated(mesh)
+    )
+    train_iter = pipeline.numpy_batches(
+      pipeline.create_train_dataset(
+        config.data,
+        batch_size=config.batch_size // pc,
+        seed=config.seed,
+        process_index=pi,
+        process_count=pc,
+        start_step=start_step,
+      )
+    )
+    palette = classes.palette(config.data.name, config.data.num_classes)
+    nonfinite = safeguards.NonFiniteSteps(bool(config.optim.skip_nonfinite_steps))
+    eval_stop = (lambda: stop.requested) if pc == 1 else None
+
+    progress = summaries.Progress(total_steps, start_step, config.batch_size)
+    pending: list[dict[str, jax.Array]] = []
+    train_scalars: dict[str, float] = {}
+    val_scalars: dict[str, float] = {}
+    preempted = False
+    try:
+      for step in range(start_step, end_step):
+        batch = distributed_batch(next(train_iter), mesh)
         started = time.perf_counter()
-        # The last validation runs whole (a rerun would not repeat it).
-        cut = eval_stop if done < end_step else None
-        result = validate(state.variables, cut)
-        if result is None:  # A signal arrived during validation: save and stop now.
-          preempted, save_now = True, True
-        else:
-          val_scalars = {k: result.results[k] for k in ('mIoU', 'mAcc', 'allAcc')}
-          _write_validation(writer, done, val_scalars, result.examples, palette, config)
-          best = checkpoints.save_if_best(state, model_config, val_scalars)
+        state, step_metrics = p_train_step(state, batch, dropout_key)
+        pending.append(step_metrics)
+        done = step + 1
+        nonfinite.add(done, step_metrics)
+        if step == start_step:
+          jax.block_until_ready(step_metrics)
           progress.write(
-            f'step {done}: val mIoU {val_scalars["mIoU"]:.4f} mAcc {val_scalars["mAcc"]:.4f} '
-            f'allAcc {val_scalars["allAcc"]:.4f} ({time.perf_counter() - started:.1f} s)'
-            + (' (best so far)' if best else '')
+            f'First step (compilation included): {time.perf_counter() - started:.1f} s'
           )
           progress.restart_clock(done)
-      if save_now:
-        checkpoints.save(state, model_config)
-      if preempted:
-        checkpoints.wait()
-        logging.warning(
-          'Preempted at step %d (%s): checkpoint saved; rerun the same command to resume.',
-          done,
-          stop.signal_name or 'a signal to another process',
-        )
-        break
-  finally:  # Pending checkpoint writes complete even if a step fails.
-    progress.close()
-    checkpoints.close()
-    writer.flush()
-    writer.close()
-  if nonfinite.skipped:
-    logging.warning('%d step(s) with a non-finite loss were skipped.', nonfinite.skipped)
-  return dict(
-    step=int(jax.device_get(state.step)),
-    train=train_scalars,
-    val=val_scalars,
-    state=state,
-    preempted=preempted,
-    skipped_steps=nonfinite.skipped,
-  )
+        log_now = done % config.log_every_steps == 0 or done == end_step
+        preempted = done < end_step and stop.agreed(sync_point=log_now)
+        eval_now = done % config.eval_every_steps == 0 or done == total_steps
+        save_now = done % config.checkpoint_every_steps == 0 or done == end_step or preempted
+        if log_now or eval_now or save_now:
+          # Raises (keeping the checkpoints on disk) before a bad state is logged or saved.
+          nonfinite.check(checkpoints.latest_step())
+        if log_now:
+          train_scalars = safeguards.finite_mean(jax.device_get(pending))
+          rate = progress.update(done, train_scalars)
+          scalars = summaries.scalars_of(train_scalars, 'train')
+          scalars['train/skipped_steps'] = nonfinite.skipped
+          if rate is not None:
+            scalars['train/images_per_sec'] = rate
+          writer.write_scalars(done, scalars)
+          pending = []
+        else:
+          progress.update(done)
+        if eval_now and not preempted:
+          started = time.perf_counter()
+          # The last validation runs whole (a rerun would not repeat it).
+          cut = eval_stop if done < end_step else None
+          result = validate(state.variables, cut)
+          if result is None:  # A signal arrived during validation: save and stop now.
+            preempted, save_now = True, True
+          else:
+            val_scalars = {k: result.results[k] for k in ('mIoU', 'mAcc', 'allAcc')}
+            _write_validation(writer, done, val_scalars, result.examples, palette, config)
+            best = checkpoints.save_if_best(state, model_config, val_scalars)
+            progress.write(
+              f'step {done}: val mIoU {val_scalars["mIoU"]:.4f} mAcc {val_scalars["mAcc"]:.4f} '
+              f'allAcc {val_scalars["allAcc"]:.4f} ({time.perf_counter() - started:.1f} s)'
+              + (' (best so far)' if best else '')
+            )
+            progress.restart_clock(done)
+        if save_now:
+          checkpoints.save(state, model_config)
+        if preempted:
+          checkpoints.wait()
+          logging.warning(
+            'Preempted at step %d (%s): checkpoint saved; rerun the same command to resume.',
+            done,
+            stop.signal_name or 'a signal to another process',
+          )
+          break
+    finally:  # Pending checkpoint writes complete even if a step fails.
+      progress.close()
+      checkpoints.close()
+      writer.flush()
+      writer.close()
+    if nonfinite.skipped:
+      logging.warning('%d step(s) with a non-finite loss were skipped.', nonfinite.skipped)
+    return dict(
+      step=int(jax.device_get(state.step)),
+      train=train_scalars,
+      val=val_scalars,
+      state=state,
+      preempted=preempted,
+      skipped_steps=nonfinite.skipped,
+    )
 
 
 def _write_validation(writer, step, val_scalars, examples, palette, config) -> None:

@@ -123,7 +123,7 @@ def create_optimizer(
     int(num_train_steps),
     float(optim_config.power),
     int(optim_config.warmup_steps),
-    float(getattr(optim_config, 'min_lr', 0.0)),
+    float(optim_config.min_lr),
   )
   mult = float(optim_config.head_lr_mult)
 

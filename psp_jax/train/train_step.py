@@ -140,7 +140,7 @@ def train_step_of_config(
     aux_weight=config.optim.aux_weight,
     ignore_label=config.data.ignore_label,
     loss_groups=config.optim.loss_groups,
-    loss_normalization=config.optim.get('loss_normalization', 'labelled'),
+    loss_normalization=config.optim.loss_normalization,
     grad_accum_steps=config.optim.grad_accum_steps,
     mesh=mesh,
   )

@@ -1,14 +1,24 @@
-"""Default configuration: PSPNet-50 with the official recipe (hszhao/semseg, ADE20K yaml).
+"""The experiment config's schema: every key, its default (PSPNet-50, the official recipe).
 
-It is also the schema: every key a config may have is declared here, and
-psp_jax.train.config_checks checks configs against it. configs/*.py start from this one (through
-configs/default.py) and override a few keys. Values copied from the
-original name the yaml key they mirror. Any key can be overridden on the command line:
+The one declaration of every key and its default value: code reads keys directly
+(`config.eval.stride`), psp_jax.train.config_checks checks configs against it and `upgrade`
+reads a stored config.json into it. configs/*.py start from this one (through
+configs/default.py) and override a few keys; values copied from the original (hszhao/semseg,
+ADE20K yaml) name the yaml key they mirror. Any key can be overridden on the command line:
 
   python train.py --config configs/default.py --workdir runs/x --config.optim.base_lr=0.02
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
+
+from psp_jax import errors
+
+# config.model holds PSPNet's keyword arguments: besides those declared below, a config may
+# set any other (bn_epsilon, ...), which psp_jax.train.config_checks checks against the model.
+OPEN_SECTIONS = ('model',)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -152,3 +162,36 @@ def get_config() -> ml_collections.ConfigDict:
   # a key nobody reads; existing keys stay assignable.
   config.lock()
   return config
+
+
+def upgrade(stored: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The config a stored one (a training workdir's config.json) means today.
+
+  Keys it lacks (added to the schema after it was written) take their defaults; the values
+  it has are kept as stored (tuples as JSON lists).
+
+  Raises:
+    errors.InvalidInputError: naming a key the schema does not declare.
+  """
+  config = get_config()
+  with config.ignore_type():  # e.g. crop_size, an int here, may be a pair (configs/mmseg_*).
+    _overlay(config, stored, '')
+  return config
+
+
+def _overlay(section: ml_collections.ConfigDict, stored: Mapping[str, Any], prefix: str) -> None:
+  for key, value in stored.items():
+    name = f'config.{prefix}{key}'
+    if key not in section:
+      if prefix.rstrip('.') not in OPEN_SECTIONS:
+        raise errors.InvalidInputError(
+          f'{name}: no such key (psp_jax/config_schema.py declares every key).'
+        )
+      with section.unlocked():
+        section[key] = value
+    elif isinstance(section[key], ml_collections.ConfigDict):
+      if not isinstance(value, Mapping):
+        raise errors.InvalidInputError(f'{name}: a section, got {value!r}.')
+      _overlay(section[key], value, f'{prefix}{key}.')
+    else:
+      section[key] = value
