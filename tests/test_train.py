@@ -307,6 +307,7 @@ if __name__ == '__main__' and sys.argv[1:2] == ['worker']:
   _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 
 
+@pytest.mark.slow  # initial_state: a train-state init compile, ~35 s on 2 cores.
 def test_init_checkpoint_copies_the_weights_that_fit(initial_state, tmp_path):
   host = {'params': initial_state.params, 'batch_stats': initial_state.batch_stats}
   saved = jax.tree.map(lambda x: np.asarray(x) + 1.0, host)
