@@ -98,6 +98,20 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def replicated_key(mesh: Mesh, seed: int, *fold_in: int) -> jax.Array:
+  """jax.random.key(seed), folded with each of fold_in, replicated over a mesh of any number
+  of processes: made by a jitted function, since jax.device_put cannot place a typed key on
+  devices of other processes (a raw uint32 key it can)."""
+
+  def make() -> jax.Array:
+    key = jax.random.key(seed)
+    for data in fold_in:
+      key = jax.random.fold_in(key, data)
+    return key
+
+  return jax.jit(make, out_shardings=replicated(mesh))()
+
+
 def batch_sharded(mesh: Mesh) -> NamedSharding:
   """The leading (batch) axis split over the 'data' axis."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))

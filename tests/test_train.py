@@ -58,7 +58,7 @@ def place(host_state, mesh: jax.sharding.Mesh):
 def run_steps(compiled, host_state, mesh, batches, rng_seed: int = 1):
   """The state after one step per batch from host_state, and each step's metrics."""
   state = place(host_state, mesh)
-  key = jax.device_put(jax.random.key(rng_seed), distributed.replicated(mesh))
+  key = distributed.replicated_key(mesh, rng_seed)
   history = []
   for batch in batches:
     state, metrics = compiled(state, pipeline.to_global(batch, mesh), key)

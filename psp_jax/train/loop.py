@@ -201,9 +201,7 @@ def train(
     p_train_step = train_step.compile_train_step(
       safeguards.guard_nonfinite(step_fn), shardings, mesh
     )
-    dropout_key = jax.device_put(
-      jax.random.fold_in(jax.random.key(config.seed), 1), distributed.replicated(mesh)
-    )
+    dropout_key = distributed.replicated_key(mesh, config.seed, 1)
     train_iter = pipeline.numpy_batches(
       pipeline.create_train_dataset(
         config.data,
