@@ -4,6 +4,7 @@ tests marked e2e may start processes."""
 import contextlib
 import multiprocessing
 import os
+import pathlib
 import subprocess
 
 # Both must be set before TensorFlow or JAX is imported (XLA_FLAGS is read by both).
@@ -22,6 +23,19 @@ runtime.setup()  # As every entry point does: TensorFlow quiet and off accelerat
 @pytest.fixture(scope='session')
 def num_devices() -> int:
   return jax.device_count()
+
+
+@pytest.fixture(scope='session')
+def tpu_python() -> pathlib.Path:
+  """.venv-tpu's python (jax[tpu], for TPU compiles); CI (CI=true, where `make test` creates
+  it) fails without it, elsewhere the test is skipped with the command that makes it."""
+  python = pathlib.Path(__file__).resolve().parents[1] / '.venv-tpu' / 'bin' / 'python'
+  if not python.exists():
+    message = f'{python} is missing: run `make preflight-setup`'
+    if os.environ.get('CI') == 'true':
+      pytest.fail(message)
+    pytest.skip(message)
+  return python
 
 
 def pytest_configure(config):

@@ -17,23 +17,11 @@ from psp_jax.train import aot
 
 from helpers import ROOT
 
-TPU_PYTHON = ROOT / '.venv-tpu' / 'bin' / 'python'
 # A tiny PSPNet (tests/test_train.py's sizes): a compile that fits still takes 2-4 minutes
 # (slow); one that does not fit fails in seconds.
 TINY = dict(depth=18, width=4, head_channels=8, aux_channels=8, dtype='float32')
 COMMON = ['--config=configs/synthetic.py', '--topology=v5e:2x2', '--config.num_train_steps=100']
 COMMON += [f'--config.model.{k}={v}' for k, v in TINY.items()]
-
-
-@pytest.fixture(scope='module')
-def tpu_python() -> pathlib.Path:
-  """.venv-tpu's python; CI (CI=true, where `make test` creates it) fails without it."""
-  if not TPU_PYTHON.exists():
-    message = f'{TPU_PYTHON} is missing: run `make preflight-setup`'
-    if os.environ.get('CI') == 'true':
-      pytest.fail(message)
-    pytest.skip(message)
-  return TPU_PYTHON
 
 
 def preflight(python: pathlib.Path, *args: str) -> subprocess.CompletedProcess:

@@ -1,0 +1,227 @@
+"""HBM traffic of a compiled TPU program, read from its optimised HLO (our estimate).
+
+XLA's `cost_analysis()['bytes accessed']` counts a TPU matmul or convolution at 4.5-8x the
+tensors it touches (docs/tpu.md), so the pre-flight's roofline uses this count instead:
+every top-level op of the entry computation (while bodies times their trip count) reads its
+operands and writes its results once, at the tiled layouts the HLO prints (tile padding
+included); buffers outside HBM (memory spaces S(1) and up: VMEM, SMEM, sync flags) cost
+nothing; an async -start reads, its -done writes, so a pair counts once; parameters,
+constants, tuples and bitcasts move nothing themselves. A fusion that only slices an operand
+counts the slices, and one that updates a buffer in place counts the update.
+
+  estimate = traffic(compiled.as_text())   # Traffic(bytes=..., by_op={...}, exact=...)
+"""
+
+import collections
+import dataclasses
+import math
+import re
+
+_BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'c64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2}
+_BYTES |= {'f16': 2, 's16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1, 'f8e4m3fn': 1}
+_BYTES |= {'f8e5m2': 1, 'c128': 16}
+# One array shape: dtype, dims, and the layout in braces (minor-to-major, tiles, memory space).
+# A dtype not listed (sub-byte types) is not matched: it counts 0, and the estimate is low.
+_ARRAY = re.compile(r'\b(' + '|'.join(_BYTES) + r'|token)\[([\d,]*)\](\{[^}]*\})?')
+_HEADER = re.compile(r'^(ENTRY\s+)?%(\S+)\s+\(.*\{\s*$')
+_INSTRUCTION = re.compile(r'^\s*(ROOT\s+)?%(\S+)\s*=\s*(.*)$')
+_CALLS = re.compile(r'\b(?:calls|body|to_apply)=%([\w.\-]+)')
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+FREE = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'after-all'}
+FREE |= {'opt-barrier', 'add-dependency', 'partition-id', 'replica-id'}
+SLICES = {'slice', 'dynamic-slice'}
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  name: str
+  shape: str  # The result's shape text (a tuple of arrays for some ops).
+  op: str
+  operands: tuple[str, ...]
+  arguments: str  # The text in the op's parentheses (a parameter's number).
+  rest: str  # Attributes: calls=, metadata, backend_config.
+  root: bool = False
+
+
+@dataclasses.dataclass
+class Traffic:
+  """HBM bytes a program moves per run, in total and by top-level op kind.
+
+  exact: False when a while loop's trip count was not in the HLO (its body counted once), so
+  the estimate may be low; True otherwise.
+  """
+
+  bytes: int = 0
+  by_op: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+  by_name: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+  exact: bool = True
+
+  def add(self, op: str, name: str, n: int) -> None:
+    self.bytes += n
+    self.by_op[op] += n
+    self.by_name[name] += n
+
+
+def array_bytes(dtype: str, dims: str, layout: str | None, anywhere: bool = False) -> int:
+  """Bytes of one array at its tiled layout: 0 outside HBM (memory space S(n>0)) unless
+  `anywhere` (the size it would have in HBM)."""
+  if dtype == 'token':
+    return 0
+  shape = [int(d) for d in dims.split(',') if d]
+  if layout:
+    body = layout[1:-1]
+    space = re.search(r'S\((\d+)\)', body)
+    if space and int(space.group(1)) != 0 and not anywhere:
+      return 0
+    order, _, tiling = body.partition(':')
+    if order.strip():
+      minor_to_major = [int(d) for d in order.split(',')]
+      shape = [shape[d] for d in reversed(minor_to_major)]  # Physical order, major first.
+    # The first tile pads the minor dimensions; later ones tile within it (bf16 pairs).
+    if tile := re.match(r'T\(([\d,]+)\)', tiling):
+      sizes = [int(t) for t in tile.group(1).split(',')]
+      shape = [1] * max(0, len(sizes) - len(shape)) + shape
+      head, tail = shape[: -len(sizes)], shape[-len(sizes) :]
+      shape = head + [math.ceil(d / t) * t for d, t in zip(tail, sizes, strict=True)]
+  return math.prod(shape) * _BYTES[dtype]
+
+
+def shape_bytes(shape: str, anywhere: bool = False) -> int:
+  """HBM bytes of a shape text: an array or a tuple of them."""
+  return sum(array_bytes(*m, anywhere=anywhere) for m in _ARRAY.findall(shape))
+
+
+def _slice_read(i: Instruction, shapes: dict[str, str]) -> int:
+  """Bytes a (dynamic-)slice or its async -start reads: the slice, if its source is in HBM."""
+  source = shape_bytes(shapes.get(i.operands[0], '')) if i.operands else 0
+  result = i.shape
+  if i.op.endswith('-start'):  # ((operands), result, sync flag)
+    result = _ARRAY.findall(i.shape)[-2]
+    return min(source, array_bytes(*result, anywhere=True))
+  return min(source, shape_bytes(result, anywhere=True))
+
+
+def _closing(text: str, start: int) -> int:
+  """The index of the parenthesis closing the one at text[start]."""
+  depth = 0
+  for i in range(start, len(text)):
+    depth += {'(': 1, ')': -1}.get(text[i], 0)
+    if depth == 0:
+      return i
+  raise ValueError(f'unbalanced parentheses in {text[:200]!r}')
+
+
+def parse(hlo_text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """({computation: its instructions}, the entry computation's name) of HLO text."""
+  computations: dict[str, list[Instruction]] = {}
+  entry, current = '', None
+  for line in hlo_text.splitlines():
+    if header := _HEADER.match(line):
+      current = computations.setdefault(header.group(2), [])
+      entry = header.group(2) if header.group(1) else entry
+      continue
+    if line.strip() == '}':
+      current = None
+      continue
+    if current is None or not (match := _INSTRUCTION.match(line)):
+      continue
+    text = match.group(3)
+    end = _closing(text, 0) + 1 if text.startswith('(') else text.index(' ')
+    shape, rest = text[:end], text[end:].lstrip()
+    start = rest.index('(')
+    close = _closing(rest, start)
+    arguments = rest[start + 1 : close]
+    operands = tuple(re.findall(r'%([\w.\-]+)', arguments))
+    instruction = Instruction(
+      match.group(2),
+      shape,
+      rest[:start].strip(),
+      operands,
+      arguments,
+      rest[close + 1 :],
+      bool(match.group(1)),
+    )
+    current.append(instruction)
+  if not entry:
+    raise ValueError('no ENTRY computation in the HLO text')
+  return computations, entry
+
+
+def _fusion_reads(body: list[Instruction]) -> dict[int, int]:
+  """{parameter number: bytes read} for the parameters of a fused computation that are only
+  sliced (the slices' bytes) or only the buffer of an in-place dynamic-update-slice (0)."""
+  params = {i.name: int(i.arguments) for i in body if i.op == 'parameter'}
+  users: dict[str, list[tuple[Instruction, int]]] = collections.defaultdict(list)
+  for i in body:
+    for k, operand in enumerate(i.operands):
+      users[operand].append((i, k))
+  out = {}
+  for name, number in params.items():
+    uses = users.get(name, [])
+    if uses and all(u.op in SLICES and k == 0 for u, k in uses):
+      out[number] = sum(shape_bytes(u.shape, anywhere=True) for u, _ in uses)
+    elif uses and all(u.op == 'dynamic-update-slice' and k == 0 for u, k in uses):
+      out[number] = 0
+  return out
+
+
+def _written(body: list[Instruction], result: str) -> int:
+  """Bytes a fusion writes: its result, but only the update of an in-place update slice."""
+  root = next((i for i in body if i.root), None)
+  if root is not None and root.op == 'dynamic-update-slice':
+    update = {i.name: i.shape for i in body}[root.operands[1]]
+    return min(shape_bytes(update, anywhere=True), shape_bytes(result))
+  return shape_bytes(result)
+
+
+def traffic(hlo_text: str) -> Traffic:
+  """Our estimate of the HBM bytes one run of a compiled program moves (module docstring).
+
+  Args:
+    hlo_text: compiled.as_text() of a TPU program (the optimised, scheduled HLO).
+
+  Raises:
+    ValueError: text with no ENTRY computation.
+  """
+  computations, entry = parse(hlo_text)
+
+  def walk(name: str, times: int, out: Traffic) -> Traffic:
+    body = computations[name]
+    shapes = {i.name: i.shape for i in body}
+    for i in body:
+      if i.op in FREE:
+        continue
+      label = match.group(1) if (match := _OP_NAME.search(i.rest)) else ''
+      kind = i.op.removesuffix('-start').removesuffix('-done')
+      if i.op == 'while':
+        trip = _TRIP.search(i.rest)
+        out.exact &= trip is not None
+        body_name = re.search(r'body=%([\w.\-]+)', i.rest).group(1)
+        walk(body_name, times * (int(trip.group(1)) if trip else 1), out)
+      elif i.op == 'call':
+        walk(_CALLS.findall(i.rest)[0], times, out)
+      elif i.op == 'conditional':  # The cheapest branch: the estimate stays a lower bound.
+        branches = re.findall(r'%([\w.\-]+)', i.rest.split('branch_computations=')[-1])
+        branches = [b for b in branches if b in computations] or _CALLS.findall(i.rest)
+        costs = [walk(b, times, Traffic()) for b in branches]
+        cheapest = min(costs, key=lambda t: t.bytes, default=Traffic())
+        for op, n in cheapest.by_op.items():
+          out.add(op, label, n)
+        out.exact &= all(c.exact for c in costs)
+      elif i.op.endswith('-done'):
+        out.add(kind, label, times * shape_bytes(i.shape))
+      else:
+        reads = [shape_bytes(shapes.get(o, '')) for o in i.operands]
+        written = 0 if i.op.endswith('-start') else shape_bytes(i.shape)
+        if kind in SLICES:
+          reads[0] = _slice_read(i, shapes)
+        elif i.op == 'fusion':
+          fused = computations[_CALLS.findall(i.rest)[0]]
+          for k, n in _fusion_reads(fused).items():
+            reads[k] = min(reads[k], n)
+          written = _written(fused, i.shape)
+        out.add(kind, label, times * (sum(reads) + written))
+    return out
+
+  return walk(entry, 1, Traffic())
