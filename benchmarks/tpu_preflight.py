@@ -118,16 +118,16 @@ def _cells(row: Row, result: dict | None) -> list[str]:
   topology = f'`{row.topology}`'
   head = [f'PSPNet-{row.depth}', row.config, row.dtype]
   if result is None:
-    return [*head, topology, *['-'] * 11, 'not run: time']
+    return [*head, topology, *['-'] * 13, 'not run: time']
   if 'error' in result:
-    return [*head, topology, *['-'] * 11, f'failed: {result["error"]}']
+    return [*head, topology, *['-'] * 13, f'failed: {result["error"]}']
   topology += f' ({result["chips"]} chips, {result["hosts"]} host{"s" * (result["hosts"] > 1)})'
   train = result.get('train')
   evaluation = result.get('eval')
   compile_s = [f'{r["compile_s"]:.0f}' for r in (train, evaluation) if r]
   when = f'{" + ".join(compile_s) or "-"} s, {result["date"]}'
   if train is None:
-    return [*head, topology, 'no', *['-'] * 10, f'{when}: {result["message"]}']
+    return [*head, topology, 'no', *['-'] * 12, f'{when}: {result["message"]}']
   mem, coll = train['memory'], train['collectives']
   reduce = coll.get('all-reduce', {'count': 0, 'bytes': 0})
   others = sorted(k for k in coll if k != 'all-reduce')
@@ -142,11 +142,14 @@ def _cells(row: Row, result: dict | None) -> list[str]:
     f'{mem["temp"] / GiB:.2f}',
     f'{mem["total"] / GiB:.2f} / {train["hbm_bytes"] / GiB:.0f}',
     f'{train["flops"] / 1e12:.2f}',
-    f'{train["bytes_accessed"] / 1e9:.1f}',
+    f'{train["xla_bytes_accessed"] / 1e9:.1f}',
+    f'{train["hbm_traffic"] / 1e9:.1f}',
     f'{reduce["count"]} x, {reduce["bytes"] / 1e6:.0f} MB' + (f' (+{others})' if others else ''),
+    f'{train["compute_s"] * 1e3:.1f}',
     f'{train["step_s"] * 1e3:.1f} ({train["bound"]})',
     f'{train["images_per_s"]:.0f}',
-    f'{train["run_s"] / 3600:.2f} ({result["steps"]:,} steps)',
+    f'>= {train["run_lower_bound_s"] / 3600:.2f}, ~{train["run_s"] / 3600:.2f} '
+    f'({result["steps"]:,} steps)',
     eval_cell,
     when,
   ]
@@ -162,11 +165,13 @@ HEADER = (
   'temp GiB',
   'live / HBM GiB',
   'TFLOP / step',
-  'GB accessed / step',
+  'XLA GB accessed (cost model)',
+  'HBM GB (our estimate)',
   'all-reduce / step',
-  'roofline ms / step',
-  'images/s bound',
-  'recipe bound (h)',
+  'FLOP ms (lower bound)',
+  'roofline ms (estimate)',
+  'images/s (estimate)',
+  'recipe h (bound, estimate)',
   'eval live GiB',
   'compile (train + eval), date',
 )
@@ -194,10 +199,13 @@ def write_table(results: dict[Row, dict | None], out: pathlib.Path) -> None:
     f'{versions.get("libtpu", "?")}; {compiled} of {len(results)} rows compiled. Figures are '
     "per chip, from XLA's `memory_analysis()` and `cost_analysis()` of the program libtpu "
     "compiles for the slice; the global batch is the recipe's 16, split over the chips. "
-    '"live" = arguments + outputs - aliased (the donated state) + temporaries + code. The '
-    'roofline is max(FLOPs / bf16 peak, bytes / HBM bandwidth): a lower bound on the step, '
-    "an upper bound on images/s (float32 uses the bf16 peak too, as JAX's default matmul "
-    'precision does on TPU). Recipe bound = steps x roofline step. Compile time is on 2 '
+    '"live" = arguments + outputs - aliased (the donated state) + temporaries + code. XLA\'s '
+    '"bytes accessed" counts a TPU matmul or convolution several times over and is shown, not '
+    'used; HBM traffic is our estimate from the optimised HLO (psp_jax/train/hbm.py). FLOPs at '
+    "the bf16 peak are a lower bound on the step (float32 uses the bf16 peak too, as JAX's "
+    'default matmul precision does on TPU); the roofline, max(FLOPs / peak, estimated bytes / '
+    'HBM bandwidth), is an estimate. Recipe hours: steps x the FLOP bound, and steps x the '
+    'roofline. Compile time is on 2 '
     'shared CPU cores.',
     '',
     '| chip | bf16 TFLOP/s | HBM GiB | HBM GB/s | source |',

@@ -5,10 +5,10 @@
 
 compiles, with libtpu for the described slice, the train step exactly as train.py runs it
 and the window step of psp_jax.evaluate, and prints per chip the memory XLA assigns against
-the chip's HBM, the FLOPs and bytes of a step, its collectives, and a roofline bound on the
-step and run time. Exit status 1, with one message, when the step does not fit a chip or a
-config value cannot work; 2 for a bad topology, flag or config key. `make preflight-setup`
-creates .venv-tpu (jax[tpu]).
+the chip's HBM, the FLOPs of a step (a lower bound on its time at the chip's peak), our
+estimate of its HBM traffic beside XLA's count, its collectives, and the roofline estimate.
+Exit status 1, with one message, when the step does not fit a chip or a config value cannot
+work; 2 for a bad topology, flag or config key. `make preflight-setup` creates .venv-tpu.
 """
 
 import os
@@ -159,24 +159,30 @@ def recipe(config: ml_collections.ConfigDict, steps: int) -> str:
 
 
 def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> list[str]:
-  """The train step's lines: memory, cost, collectives, roofline and the bound on `run`."""
+  """The train step's lines: memory, cost, collectives, roofline and the time of `run`."""
   chip = topology.chip
   lines = [f'{report["what"]}: compiled in {report["compile_s"]:.0f} s', *format_memory(report)]
   lines.append(
-    f'  per step and chip: {report["flops"] / 1e12:.3f} TFLOP, '
-    f'{report["bytes_accessed"] / 1e9:.2f} GB accessed'
+    f"  per step and chip: {report['flops'] / 1e12:.3f} TFLOP (XLA's cost model); HBM "
+    f'traffic {report["hbm_traffic"] / 1e9:.2f} GB (our estimate from the optimised HLO'
+    + ('' if report['traffic_exact'] else ', a loop without a trip count counted once')
+    + f'); XLA\'s "bytes accessed" {report["xla_bytes_accessed"] / 1e9:.2f} GB (its cost '
+    'model, which counts a TPU matmul or convolution several times over: not used)'
   )
   coll = report['collectives']
   parts = [f'{k} {v["count"]} x {v["bytes"] / 1e6:.1f} MB' for k, v in sorted(coll.items())]
   lines.append(f'  collectives per step and chip: {"; ".join(parts) or "none"}')
   lines.append(
-    f'  roofline: >= {report["step_s"] * 1e3:.1f} ms a step ({report["bound"]}-bound; '
-    f'{chip.peak_flops / 1e12:.0f} TFLOP/s bf16, {chip.hbm_bytes_per_s / 1e9:.0f} GB/s HBM, '
-    f'{chip.source}) = <= {report["images_per_s"]:.0f} images/s'
+    f'  roofline: FLOPs {report["compute_s"] * 1e3:.1f} ms a step (a lower bound: '
+    f'{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 peak), HBM {report["memory_s"] * 1e3:.1f} ms '
+    f'(the estimate at {chip.hbm_bytes_per_s / 1e9:.0f} GB/s; {chip.source}): '
+    f'{report["bound"]}-bound, about {report["step_s"] * 1e3:.1f} ms = '
+    f'{report["images_per_s"]:.0f} images/s at best'
   )
   lines.append(
-    f'  recipe: {run}: >= {report["run_s"] / 3600:.2f} h of {topology.name} '
-    '(a lower bound: real steps are slower)'
+    f'  recipe: {run}: >= {report["run_lower_bound_s"] / 3600:.2f} h of {topology.name} '
+    f'(FLOPs at peak), about {report["run_s"] / 3600:.2f} h at the roofline estimate; real '
+    'steps are slower'
   )
   return lines
 

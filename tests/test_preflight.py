@@ -51,7 +51,9 @@ def test_a_config_that_fits(tpu_python, tmp_path):
   report = json.loads(out.read_text())
   train = report['train']
   assert train['memory']['total'] > 0 and train['memory']['argument'] > 0
-  assert train['flops'] > 0 and train['bytes_accessed'] > 0 and train['step_s'] > 0
+  assert train['flops'] > 0 and train['hbm_traffic'] > 0 and train['step_s'] > 0
+  assert train['xla_bytes_accessed'] > train['hbm_traffic']  # XLA counts dots several times
+  assert train['step_s'] == max(train['compute_s'], train['memory_s'])
   assert train['collectives']['all-reduce']['count'] > 0  # The gradients, and SyncBN.
   assert train['memory']['alias'] > 0  # The old state is donated.
   assert report['eval']['memory']['total'] > 0 and report['fits']

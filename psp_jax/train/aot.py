@@ -3,8 +3,8 @@
 libtpu compiles for a described TPU slice without a TPU: `topology_mesh` gives the slice's
 compile-only devices as the training mesh, `train_program` the train step of train.py with
 its shardings and abstract inputs, `compile_report` XLA's per-chip memory and cost analysis,
-the collectives of the compiled program and a roofline bound on the step time. Needs
-jax[tpu] (the `tpu` extra, in .venv-tpu: see the Makefile); nothing is allocated or run.
+our HBM traffic estimate (hbm.py), the collectives and a roofline estimate of the step.
+Needs jax[tpu] (the `tpu` extra, in .venv-tpu: see the Makefile); nothing is allocated or run.
 """
 
 import collections
@@ -28,7 +28,7 @@ from jax.sharding import Mesh
 from psp_jax import distributed, errors
 from psp_jax.data import datasets
 from psp_jax.models import codec
-from psp_jax.train import config_checks, optim, safeguards, train_state, train_step
+from psp_jax.train import config_checks, hbm, optim, safeguards, train_state, train_step
 
 GiB = 2**30
 
@@ -351,8 +351,12 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
 
   Returns:
     {'what', 'compile_s', 'memory' (per chip, see `memory`), 'hbm_bytes', 'headroom_bytes',
-    'flops', 'bytes_accessed' (per chip and step), 'collectives', 'step_s' (roofline lower
-    bound), 'bound' ('compute' or 'memory'), 'images_per_s', 'run_s' (or None)}.
+    'flops' (XLA's cost model), 'xla_bytes_accessed' (XLA's cost model: on TPU it counts a
+    matmul or convolution several times over), 'hbm_traffic' (our estimate, psp_jax/train/
+    hbm.py), 'traffic_exact', 'collectives' (per chip and step), 'compute_s' (FLOPs at the
+    chip's peak: a lower bound), 'memory_s' (the estimate at the chip's HBM bandwidth: an
+    estimate, not a bound), 'step_s' (the larger: the roofline estimate), 'bound' ('compute'
+    or 'memory'), 'images_per_s', 'run_s' and 'run_lower_bound_s' (or None)}.
   """
   chip = topology.chip
   compiled, compile_s = compile_program(program, chip)
@@ -360,10 +364,12 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, list | tuple) else cost  # One dict per chip program.
   flops, accessed = float(cost.get('flops', 0.0)), float(cost.get('bytes accessed', 0.0))
+  text = compiled.as_text()
+  traffic = hbm.traffic(text)
   # cost_analysis()['optimal_seconds'] comes out negative for compile-only devices: the
   # bound is computed here. float32 uses the bfloat16 peak too: JAX's default matmul
   # precision runs float32 matmuls as bfloat16 passes on TPU, and a bound must not be high.
-  compute_s, memory_s = flops / chip.peak_flops, accessed / chip.hbm_bytes_per_s
+  compute_s, memory_s = flops / chip.peak_flops, traffic.bytes / chip.hbm_bytes_per_s
   step_s = max(compute_s, memory_s)
   return dict(
     what=program.what,
@@ -372,12 +378,17 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
     hbm_bytes=chip.hbm_bytes,
     headroom_bytes=chip.hbm_bytes - mem['total'],
     flops=flops,
-    bytes_accessed=accessed,
-    collectives=collectives(compiled.as_text()),
+    xla_bytes_accessed=accessed,
+    hbm_traffic=traffic.bytes,
+    traffic_exact=traffic.exact,
+    collectives=collectives(text),
+    compute_s=compute_s,
+    memory_s=memory_s,
     step_s=step_s,
     bound='compute' if compute_s >= memory_s else 'memory',
     images_per_s=program.images_per_step / step_s if step_s > 0 else None,
     run_s=steps * step_s if steps else None,
+    run_lower_bound_s=steps * compute_s if steps else None,
   )
 
 
