@@ -119,7 +119,10 @@ def test_each_format_gives_the_models_logits(fmt, model, exported):
   assert len(np.unique(reference.argmax(-1))) >= 3  # The labels test something.
 
 
-@pytest.mark.parametrize(('fmt', 'outputs'), [('stablehlo', 'probs'), ('onnx', 'labels')])
+@pytest.mark.parametrize(
+  ('fmt', 'outputs'),
+  [('stablehlo', 'probs'), pytest.param('onnx', 'labels', marks=pytest.mark.slow)],  # ONNX: 20 s
+)
 def test_labels_and_probabilities(fmt, outputs, model, tmp_path):
   needs(fmt)
   platforms = ('cpu', 'cuda') if fmt == 'stablehlo' else ('cpu',)

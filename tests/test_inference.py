@@ -215,6 +215,7 @@ def _count_compilations():
   return Counter()
 
 
+@pytest.mark.slow  # 12-15 s on 2 cores: compiles for many sizes.
 def test_compilations_do_not_grow_with_image_sizes(slide_ms, apply_fn, model_and_variables):
   slide_ms.predict(_images([(20, 27)])[0])  # Warm up every compiled function.
   sizes = [(23, 31), (48, 47), (9, 80), (77, 52), (60, 61), (31, 16), (100, 7)]

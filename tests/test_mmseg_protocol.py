@@ -173,6 +173,7 @@ def test_windows_clipped_to_a_small_image():
 # Whole pipeline on a tiny mmseg-variant PSPNet.
 
 
+@pytest.mark.slow  # 15-20 s on 2 cores: a compile per window shape.
 def test_slide_equals_mmseg_restatement(model):
   apply_fn, variables = model
   procedure = mmseg_procedure(mode='slide', fit_scale=(64, 40), stride=20, tile_size=32)
@@ -184,6 +185,7 @@ def test_slide_equals_mmseg_restatement(model):
     assert_same_prediction(inference.probabilities(image), inference.predict(image), ref)
 
 
+@pytest.mark.slow  # 15-20 s on 2 cores: a compile per image size.
 def test_whole_equals_mmseg_restatement(model):
   apply_fn, variables = model
   procedure = mmseg_procedure(mode='whole', fit_scale=(64, 40), whole_multiple=1, tile_size=32)
