@@ -95,11 +95,9 @@ def shape_bytes(shape: str, anywhere: bool = False) -> int:
 def _slice_read(i: Instruction, shapes: dict[str, str]) -> int:
   """Bytes a (dynamic-)slice or its async -start reads: the slice, if its source is in HBM."""
   source = shape_bytes(shapes.get(i.operands[0], '')) if i.operands else 0
-  result = i.shape
   if i.op.endswith('-start'):  # ((operands), result, sync flag)
-    result = _ARRAY.findall(i.shape)[-2]
-    return min(source, array_bytes(*result, anywhere=True))
-  return min(source, shape_bytes(result, anywhere=True))
+    return min(source, array_bytes(*_ARRAY.findall(i.shape)[-2], anywhere=True))
+  return min(source, shape_bytes(i.shape, anywhere=True))
 
 
 def _closing(text: str, start: int) -> int:
