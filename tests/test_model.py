@@ -486,6 +486,7 @@ def test_batchnorm_gradient_equals_autodiff_plain_and_in_shard_map(num_devices, 
       )
 
 
+@pytest.mark.slow  # 13-15 s on 2 cores: both pools, eval and train.
 def test_pyramid_pooling_max_and_avg_bin1_branch():
   """Bin 1: pool to 1x1, conv, BN (running stats), ReLU, broadcast over the map."""
   x = images((2, 7, 5, 8))
