@@ -176,8 +176,8 @@ def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> li
     f'  roofline: FLOPs {report["compute_s"] * 1e3:.1f} ms a step (a lower bound: '
     f'{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 peak), HBM {report["memory_s"] * 1e3:.1f} ms '
     f'(the estimate at {chip.hbm_bytes_per_s / 1e9:.0f} GB/s; {chip.source}): '
-    f'{report["bound"]}-bound, about {report["step_s"] * 1e3:.1f} ms = '
-    f'{report["images_per_s"]:.0f} images/s at best'
+    f'{report["bound"]}-bound, about {report["step_s"] * 1e3:.1f} ms, '
+    f'{report["images_per_s"]:.0f} images/s'
   )
   lines.append(
     f'  recipe: {run}: >= {report["run_lower_bound_s"] / 3600:.2f} h of {topology.name} '
