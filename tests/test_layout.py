@@ -15,6 +15,7 @@ Function-local imports count like top-level ones: laziness does not change the d
 
 import ast
 import pathlib
+import subprocess
 
 import pytest
 
@@ -255,3 +256,9 @@ def test_the_checks_catch_what_they_should(tmp_path):
   assert imported_test_modules(fake) == {'test_train', 'test_parity'}
   assert room_of('psp_jax.train.loop') == 'psp_jax.train'
   assert 'psp_jax.inference' not in ALLOWED['psp_jax.train']
+
+
+def test_a_test_not_marked_e2e_cannot_start_a_process():
+  """tests/conftest.py keeps the tiers true: only e2e tests (left out of test-fast) start one."""
+  with pytest.raises(AssertionError, match='not marked e2e'):
+    subprocess.run(['true'], check=False)
