@@ -67,7 +67,14 @@ def open_savedmodel(path: str | os.PathLike, metadata: dict[str, Any]) -> runner
   key = metadata['output']['kind']
 
   def call(images: np.ndarray) -> np.ndarray:
-    return signature(**{contract.INPUT_NAME: tf.constant(images)})[key].numpy()
+    try:
+      return signature(**{contract.INPUT_NAME: tf.constant(images)})[key].numpy()
+    except tf.errors.InvalidArgumentError as e:
+      writer = metadata.get('versions', {}).get('jax', 'unknown')
+      too_new = deps.stablehlo_too_new(str(e), os.fspath(path), writer)
+      if too_new is None:
+        raise
+      raise too_new from e
 
   runner_ = runner.Runner(metadata, call)
   runner_.loaded = loaded  # The signature's variables live as long as the loaded object.
@@ -80,6 +87,8 @@ def open_artifact(path: str | os.PathLike) -> runner.Runner:
   Raises:
     errors.NotFoundError, errors.UnreadableFileError: not an artifact (read_metadata).
     deps.MissingDependencyError: the format's runtime is not installed.
+
+  A SavedModel TensorFlow cannot read raises deps.IncompatibleRuntimeError when run.
   """
   metadata = read_metadata(path)
   fmt = metadata['format']

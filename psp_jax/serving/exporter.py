@@ -136,6 +136,7 @@ class Exporter:
       errors.InvalidInputError: a size the model cannot take.
       paths.OutputPathError: output holds a previous export and overwrite is False.
       deps.MissingDependencyError: the format's packages are not installed.
+      deps.IncompatibleRuntimeError: TensorFlow cannot run the SavedModel this jax wrote.
       formats.ConversionError: the converter cannot convert the program.
       parity.ParityError: the artifact's output is not the in-process model's.
     """
@@ -163,7 +164,13 @@ class Exporter:
       log(f'exporting {fmt} ({outputs}, {size[0]}x{size[1]}, batch {meta["input"]["batch"]})')
       meta.update(self._write(fmt, staging, size, batch, outputs, platforms))
       write_json(staging, meta)
-      report = self.check(staging, size, batch, outputs)
+      try:
+        report = self.check(staging, size, batch, outputs)
+      except deps.IncompatibleRuntimeError as e:  # Named for the export, not its staging.
+        after = f' Nothing was written to {output}.'
+        raise deps.stablehlo_too_new(
+          str(e.__cause__), f'--format {fmt}', jax.__version__, after
+        ) from e
       log(f'parity against the in-process model: {report.summary()}')
       if not report.passed:
         raise parity.ParityError(
