@@ -53,7 +53,7 @@ $(TPU_VENV)/.installed: pyproject.toml
 preflight: preflight-setup
 	$(TPU_PY) -m psp_jax.preflight --config $(CONFIG) --topology $(TOPOLOGY) $(ARGS)
 
-# The core tests (no torch) on Python 3.12 with the newest jax/flax/optax/orbax, in .venv312.
+# The fast tier (no torch) on Python 3.12 with the newest jax/flax/optax/orbax, in .venv312.
 test-newest:
 	.ci/py312.sh
 
