@@ -1,7 +1,8 @@
 """The HBM estimate (psp_jax/train/hbm.py) against XLA's count on programs counted by hand.
 
 Each program is compiled for TPU v5e with libtpu (compile-only, on any machine); its hand
-count is the bytes of the tensors it must read and write, once. Run with .venv-tpu:
+count is the bytes of the tensors it must read and write, once, and of the convolutions and
+dots, their FLOPs (our count beside XLA's). Run with .venv-tpu:
 
   .venv-tpu/bin/python benchmarks/hbm_check.py          # a table
   .venv-tpu/bin/python benchmarks/hbm_check.py --json   # one JSON line (tests/test_hbm.py)
@@ -62,6 +63,14 @@ def programs() -> list[dict]:
     lambda v: jax.lax.psum(v, 'data'), mesh=eight, in_specs=P('data'), out_specs=P('data')
   )
   shard = nbytes(jax.ShapeDtypeStruct((1024, 1024), jnp.float32))
+  # FLOPs by hand: 2 per multiply-add of the window taps that meet the input, (output, tap)
+  # pairs a dimension: 3 x 60 less 2 at the padding for 3x3 'SAME'; 60 + 2 x 56 at dilation
+  # 4. The gradient (of a loss linear in the output): data and weight gradients, 2 x forward.
+  mm, conv_ = 2 * 7200 * 2304 * 256, 2 * 2 * 256 * 256
+  flops = {'matmul': mm, 'conv 1x1': conv_ * 60**2, 'conv 3x3': conv_ * 178**2}
+  flops |= {'conv 3x3, dilation 4': conv_ * 172**2, 'matmul gradient': 2 * mm}
+  flops |= {'conv 3x3 gradient': 2 * conv_ * 178**2}
+  flops['conv 3x3, dilation 4, gradient'] = 2 * conv_ * 172**2
   rows = [
     ('matmul', 'dot', lambda a, b: a @ b, (a, b), nbytes(a, b, ab), 0),
     ('conv 1x1', 'dot', conv(1), (x, w1), nbytes(x, w1, x), 0),
@@ -88,7 +97,7 @@ def programs() -> list[dict]:
     jit = jax.jit(f, donate_argnums=0) if name == 'donated update' else jax.jit(f)
     grad = 'gradient' in name
     out.append(dict(program=name, kind=kind, grad=grad, jitted=jit, args=args, hand=hand))
-    out[-1]['extra'] = extra
+    out[-1]['extra'], out[-1]['flops'] = extra, flops.get(name, 0)
   return out
 
 
@@ -105,6 +114,9 @@ def measure(row: dict) -> dict:
     estimate_bytes=estimate.bytes,
     hand_bytes=row['hand'],
     hand_extra_bytes=row['extra'],
+    xla_flops=float(cost.get('flops', 0.0)),
+    our_flops=sum(estimate.part_flops.values()),
+    hand_flops=row['flops'],
   )
 
 
@@ -115,15 +127,19 @@ def main() -> None:
   if parser.parse_args().json:
     print(json.dumps(rows))
     return
-  print('| program (bf16, v5e) | XLA bytes accessed | our estimate | hand count |')
-  print('|---|---:|---:|---:|')
+  print(
+    '| program (bf16, v5e) | XLA bytes accessed | our estimate | hand count '
+    "| XLA's GFLOP | our count | by hand |"
+  )
+  print('|---|---:|---:|---:|---:|---:|---:|')
   for r in rows:
     hand = f'{r["hand_bytes"] / 1e6:.1f} MB'
     if r['hand_extra_bytes']:
       hand += f' (+{r["hand_extra_bytes"] / 1e6:.1f} MB re-read)'
     print(
       f'| {r["program"]} | {r["xla_bytes"] / 1e6:.1f} MB | {r["estimate_bytes"] / 1e6:.1f} MB '
-      f'| {hand} |'
+      f'| {hand} | {r["xla_flops"] / 1e9:.2f} | {r["our_flops"] / 1e9:.2f} '
+      f'| {r["hand_flops"] / 1e9:.2f} |'
     )
 
 

@@ -1,7 +1,7 @@
 """Command line: does a config's training fit a Cloud TPU slice, and how fast at best? (No TPU.)
 
   .venv-tpu/bin/python -m psp_jax.preflight --config configs/ade20k.py --topology v5e:2x4 \\
-      [--config.KEY=VALUE ...] [--max_batch] [--noeval] [--json PATH]
+      [--config.KEY=VALUE ...] [--max_batch] [--noeval] [--breakdown] [--json PATH]
 
 compiles, with libtpu for the described slice, the train step exactly as train.py runs it
 and the window step of psp_jax.evaluate, and prints per chip the memory XLA assigns against
@@ -46,6 +46,7 @@ def define_flags() -> None:
   flags.DEFINE_string('topology', 'v5e:2x4', f'TPU slice: {aot.TOPOLOGY_FORMS}.')
   flags.DEFINE_boolean('max_batch', False, 'Also find the largest global batch that fits.')
   flags.DEFINE_boolean('eval', True, "Also compile psp_jax.evaluate's window step.")
+  flags.DEFINE_boolean('breakdown', False, "The train step's HBM estimate and FLOPs by part.")
   flags.DEFINE_string('json', None, 'Write the report as JSON to this file.')
 
 
@@ -187,6 +188,31 @@ def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> li
   return lines
 
 
+def format_breakdown(report: dict[str, Any]) -> list[str]:
+  """The train step's estimate and FLOPs by model part, with totals that add up."""
+  parts = report['breakdown']
+  traffic = sum(p['hbm_traffic'] for p in parts.values())
+  ours = sum(p['flops'] for p in parts.values())
+  lines = [
+    '  by model part, per step and chip (HBM: our estimate; FLOPs: our count of the',
+    "  convolutions and dots in the optimised HLO; a fused op is charged to its op_name's part):",
+    f'    {"part":<22}{"HBM GB":>8}{"share":>7}{"TFLOP":>9}{"share":>7}',
+  ]
+  for name, p in parts.items():
+    if p['hbm_traffic'] or p['flops']:
+      lines.append(
+        f'    {name:<22}{p["hbm_traffic"] / 1e9:>8.2f}{p["hbm_traffic"] / traffic:>7.1%}'
+        f'{p["flops"] / 1e12:>9.3f}{p["flops"] / ours if ours else 0:>7.1%}'
+      )
+  lines.append(f'    {"total":<22}{traffic / 1e9:>8.2f}{1:>7.0%}{ours / 1e12:>9.3f}{1:>7.0%}')
+  lines.append(
+    f"    XLA's cost model: {report['flops'] / 1e12:.3f} TFLOP, "
+    f'{(report["flops"] - ours) / 1e12:+.3f} beside our count (its element-wise ops and '
+    'reductions, less any difference in counting convolutions)'
+  )
+  return lines
+
+
 @errors.report
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
@@ -215,6 +241,8 @@ def main(argv: list[str]) -> None:
   try:
     result['train'] = aot.compile_report(train, topology, steps)
     print('\n'.join(format_train(result['train'], topology, recipe(config, steps))), flush=True)
+    if FLAGS.breakdown:
+      print('\n'.join(format_breakdown(result['train'])), flush=True)
     if FLAGS.eval:
       result['eval'] = aot.compile_report(window_step, topology)
       report = result['eval']

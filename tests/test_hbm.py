@@ -135,3 +135,81 @@ def test_compiled_programs_match_their_hand_counts(tpu_python):
     assert 0.9 * low <= row['estimate_bytes'] <= 1.1 * high, row
   dots = [r for r in rows if r['kind'] == 'dot']
   assert dots and all(r['xla_bytes'] > 4 * r['estimate_bytes'] for r in dots if not r['grad'])
+  # The breakdown's FLOPs, as compiled: within 10% of XLA's count, never under the hand
+  # count (a dilated conv compiles to more taps: +20% at dilation 4), and at it for a matmul.
+  for row in dots:
+    assert 0.9 <= row['our_flops'] / row['xla_flops'] <= 1.1, row
+    assert row['our_flops'] >= 0.999 * row['hand_flops'], row
+  assert all(r['our_flops'] == r['hand_flops'] for r in dots if 'matmul' in r['program'])
+
+
+PARTS_HLO = """HloModule m, is_scheduled=true
+
+%conv_fusion (param_0: bf16[2,60,60,256], param_1: bf16[3,3,256,256]) -> bf16[2,60,60,256] {
+  %param_0 = bf16[2,60,60,256]{3,2,1,0} parameter(0)
+  %param_1 = bf16[3,3,256,256]{3,2,1,0} parameter(1)
+  ROOT %convolution = bf16[2,60,60,256]{3,2,1,0} convolution(%param_0, %param_1), window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(guarded)/transpose(jvp(PSPNet))/backbone/layer3/2/conv2/conv_general_dilated"}
+}
+
+ENTRY %main (x: bf16[2,60,60,256], w: bf16[3,3,256,256], a: f32[64,32], b: f32[32,16], y: bf16[2,30,30,256]) -> (bf16[2,60,60,256], bf16[2,60,60,256], f32[64,16]) {
+  %x = bf16[2,60,60,256]{3,2,1,0} parameter(0)
+  %w = bf16[3,3,256,256]{3,2,1,0} parameter(1), metadata={op_name="state.params['ppm']['conv']"}
+  %a = f32[64,32]{1,0} parameter(2)
+  %b = f32[32,16]{1,0} parameter(3)
+  %y = bf16[2,30,30,256]{3,2,1,0} parameter(4)
+  %copy-start = (bf16[3,3,256,256]{3,2,1,0:S(1)}, bf16[3,3,256,256]{3,2,1,0}, u32[]{:S(2)}) copy-start(%w)
+  %copy-done = bf16[3,3,256,256]{3,2,1,0:S(1)} copy-done(%copy-start)
+  %f = bf16[2,60,60,256]{3,2,1,0} fusion(%x, %copy-done), kind=kOutput, calls=%conv_fusion, metadata={op_name="jit(guarded)/transpose(jvp(PSPNet))/backbone/layer3/2/conv2/conv_general_dilated"}
+  %t = bf16[2,60,60,256]{3,2,1,0} convolution(%y, %w), window={size=3x3 pad=1_2x1_2 lhs_dilate=2x2}, dim_labels=b01f_01io->b01f, metadata={op_name="jit(guarded)/transpose(jvp(PSPNet))/ppm/1/conv/conv_general_dilated"}
+  %d = f32[64,16]{1,0} dot(%a, %b), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(guarded)/jvp(PSPNet)/abcd,zb->azcd/dot_general"}
+  %ar = f32[64,16]{1,0} all-reduce(%d), replica_groups={{0,1}}, to_apply=%conv_fusion, metadata={op_name="jit(guarded)/transpose(jvp(PSPNet))/backbone/layer1/0/bn1/psum"}
+  %o = f32[64,16]{1,0} copy(%ar)
+  ROOT %out = (bf16[2,60,60,256]{3,2,1,0}, bf16[2,60,60,256]{3,2,1,0}, f32[64,16]{1,0}) tuple(%f, %t, %o)
+}
+"""
+
+
+def test_flops_and_bytes_by_model_part():
+  got = hbm.traffic(PARTS_HLO)
+  x, w, y, d = 2 * 60 * 60 * 256 * 2, 9 * 256 * 256 * 2, 2 * 30 * 30 * 256 * 2, 64 * 16 * 4
+  # 3 taps for each of 60 outputs a dimension, less the 2 on the padding.
+  assert got.part_flops['layer3'] == 2 * 2 * 256 * 256 * (60 * 3 - 2) ** 2
+  # Transposed (lhs_dilate 2): an odd output meets 2 of y's 30 elements (the last one only 1),
+  # an even one 1: 29 x 2 + 1 + 30 = 89 a dimension.
+  assert got.part_flops['PPM'] == 2 * 2 * 256 * 256 * 89**2
+  assert got.part_flops['upsample and loss'] == 2 * 64 * 16 * 32
+  assert got.part_bytes['layer3'] == w + x + x  # Its weights' prefetch, then x in, f out.
+  assert got.part_bytes['PPM'] == y + w + x
+  assert got.part_bytes['collectives'] == 2 * d  # SyncBN's psum is a collective, not BN.
+  assert got.part_bytes['optimiser and guard'] == 2 * d  # A copy only the outputs use.
+  assert sum(got.part_bytes.values()) == got.bytes and set(got.part_bytes) <= set(hbm.PART_NAMES)
+
+
+@pytest.mark.parametrize(
+  ('label', 'op', 'part'),
+  [
+    ('jit(guarded)/jvp(PSPNet)/backbone/layer0/conv1/conv_general_dilated', 'fusion', 'stem'),
+    ('jit(guarded)/jvp(PSPNet)/backbone/convert_element_type', 'convert', 'stem'),
+    (
+      'jit(guarded)/transpose(jvp(PSPNet))/backbone/layer2/0/downsample/bn/mul',
+      'fusion',
+      'BatchNorm',
+    ),
+    ('jit(guarded)/jvp(PSPNet)/backbone/layer4/1/bn2/add', 'fusion', 'BatchNorm'),
+    ('jit(guarded)/jvp(PSPNet)/backbone/layer4/1/conv2/conv_general_dilated', 'fusion', 'layer4'),
+    ('jit(guarded)/jvp(PSPNet)/ppm/3/abcd,zc->abzd/dot_general', 'fusion', 'PPM'),
+    ('jit(guarded)/jvp(PSPNet)/aux/dropout/jit(_bernoulli)/jit(_uniform)/shift', 'fusion', 'heads'),
+    ('jit(guarded)/transpose(jvp(PSPNet))/cls/conv2/transpose()/conv', 'fusion', 'heads'),
+    ('jit(guarded)/jvp(jit(take_along_axis))/gather', 'fusion', 'upsample and loss'),
+    ('jit(guarded)/transpose(jvp())/div', 'fusion', 'upsample and loss'),
+    ("batch[\\'label\\']", 'copy', 'upsample and loss'),
+    ("batch[\\'image\\']", 'copy', 'stem'),
+    ('jit(guarded)/jit(_where)/select_n', 'fusion', 'optimiser and guard'),
+    ("state.opt_state[1].trace[\\'cls\\']", 'copy', 'optimiser and guard'),
+    ('jit(guarded)/jvp(PSPNet)/backbone/layer1/0/bn1/psum', 'all-reduce', 'collectives'),
+    ('jit(guarded)/jit(_threefry_fold_in)/make_train_step.<locals>.train_step/xor', 'xor', 'other'),
+    ('', 'copy', 'other'),
+  ],
+)
+def test_model_parts_by_op_name(label, op, part):
+  assert hbm.part_of(label, op) == part

@@ -42,10 +42,12 @@ def preflight(python: pathlib.Path, *args: str) -> subprocess.CompletedProcess:
 def test_a_config_that_fits(tpu_python, tmp_path):
   out = tmp_path / 'report.json'
   args = ['--config.data.crop_size=65', '--config.batch_size=8', '--config.eval.base_size=65']
-  proc = preflight(tpu_python, *COMMON, *args, '--config.eval.batch_size=4', f'--json={out}')
+  args += ['--config.eval.batch_size=4', '--breakdown', f'--json={out}']
+  proc = preflight(tpu_python, *COMMON, *args)
   assert proc.returncode == 0, proc.stderr[-3000:]
   for line in ('total live', 'TFLOP', 'collectives per step and chip: all-reduce', 'roofline'):
     assert line in proc.stdout
+  assert 'by model part' in proc.stdout and "XLA's cost model:" in proc.stdout
   assert 'fits: yes' in proc.stdout and '4 x TPU v5e, 1 host' in proc.stdout
   assert 'compiling train step (PSPNet-18, batch 8, crop 65x65, float32)' in proc.stderr
   report = json.loads(out.read_text())
@@ -56,6 +58,10 @@ def test_a_config_that_fits(tpu_python, tmp_path):
   assert train['step_s'] == max(train['compute_s'], train['memory_s'])
   assert train['collectives']['all-reduce']['count'] > 0  # The gradients, and SyncBN.
   assert train['memory']['alias'] > 0  # The old state is donated.
+  parts = train['breakdown']
+  assert sum(p['hbm_traffic'] for p in parts.values()) == train['hbm_traffic']
+  assert all(parts[f'layer{n}']['flops'] > 0 for n in range(1, 5)) and parts['PPM']['flops'] > 0
+  assert parts['other']['hbm_traffic'] < 0.01 * train['hbm_traffic']  # Nearly all attributed.
   assert report['eval']['memory']['total'] > 0 and report['fits']
 
 

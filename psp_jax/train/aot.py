@@ -56,12 +56,11 @@ TOPOLOGY_FORMS = (
   'v4:AxBxC or v5p:AxBxC (e.g. v4:2x2x1, v5p:2x2x1)'
 )
 _TOPOLOGY = re.compile(r'(v5e|v6e):\d+x\d+|(v4|v5p):\d+x\d+x\d+')
-COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
 _DTYPE_BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2}
 _DTYPE_BYTES.update({'s16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1})
 # An async pair (-start / -done) counts once, at its -done, whose shape is the result alone
 # (a -start's shape is a tuple that also holds the operands).
-_OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-done)?\(')
+_OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(hbm.COLLECTIVES) + r')(-done)?\(')
 _SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
 _HBM_OOM = re.compile(r'\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)')
 
@@ -356,7 +355,9 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
     hbm.py), 'traffic_exact', 'collectives' (per chip and step), 'compute_s' (FLOPs at the
     chip's peak: a lower bound), 'memory_s' (the estimate at the chip's HBM bandwidth: an
     estimate, not a bound), 'step_s' (the larger: the roofline estimate), 'bound' ('compute'
-    or 'memory'), 'images_per_s', 'run_s' and 'run_lower_bound_s' (or None)}.
+    or 'memory'), 'images_per_s', 'run_s' and 'run_lower_bound_s' (or None), 'breakdown'
+    ({part: {'hbm_traffic', 'flops'}} in hbm.PART_NAMES order: the estimate, and our count of
+    the convolutions' and dots' FLOPs, by model part)}.
   """
   chip = topology.chip
   compiled, compile_s = compile_program(program, chip)
@@ -389,6 +390,10 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
     images_per_s=program.images_per_step / step_s if step_s > 0 else None,
     run_s=steps * step_s if steps else None,
     run_lower_bound_s=steps * compute_s if steps else None,
+    breakdown={
+      part: dict(hbm_traffic=traffic.part_bytes[part], flops=traffic.part_flops[part])
+      for part in hbm.PART_NAMES
+    },
   )
 
 

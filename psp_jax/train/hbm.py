@@ -10,6 +10,7 @@ constants, tuples and bitcasts move nothing themselves. A fusion that only slice
 counts the slices, and one that updates a buffer in place counts the update.
 
   estimate = traffic(compiled.as_text())   # Traffic(bytes=..., by_op={...}, exact=...)
+  estimate.part_bytes['layer3'], estimate.part_flops['layer3']   # by model part (PARTS)
 """
 
 import collections
@@ -55,12 +56,44 @@ class Traffic:
   bytes: int = 0
   by_op: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
   by_name: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+  # By model part (part_of): the bytes, and our count of the convolutions' and dots' FLOPs.
+  part_bytes: dict[str, int] = dataclasses.field(default_factory=collections.Counter)
+  part_flops: dict[str, float] = dataclasses.field(default_factory=collections.Counter)
   exact: bool = True
 
-  def add(self, op: str, name: str, n: int) -> None:
+  def add(self, op: str, name: str, n: int, flops: float = 0.0) -> None:
     self.bytes += n
     self.by_op[op] += n
     self.by_name[name] += n
+    part = part_of(name, op)
+    self.part_bytes[part] += n
+    self.part_flops[part] += flops
+
+
+OUTPUT = '(outputs)'  # The label of what only the program's outputs use (the new state).
+_OUT = re.escape(OUTPUT)
+COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
+# Model parts, in report order, by the op_name metadata JAX writes (forward under jvp(PSPNet),
+# backward under transpose(jvp(PSPNet))): the first rule that matches names the part.
+PARTS = (
+  ('BatchNorm', re.compile(r'PSPNet\)+/.*/bn\d*(/|$)')),
+  ('stem', re.compile(r'PSPNet\)+/backbone/(layer0(/|$)|(?!layer))|^batch\[\W*image')),
+  *((f'layer{n}', re.compile(rf'PSPNet\)+/backbone/layer{n}/')) for n in range(1, 5)),
+  ('PPM', re.compile(r'PSPNet\)+/ppm(/|$)')),
+  ('heads', re.compile(r'PSPNet\)+/(cls|aux)(/|$)')),
+  # The rest of PSPNet (the final resize), the loss and its input.
+  ('upsample and loss', re.compile(r'PSPNet\)+/|jvp\(\)|jvp\(jit\(|^batch\[\W*label')),
+  # Outside the model and its gradient: optax's update, the non-finite guard, the new state.
+  ('optimiser and guard', re.compile(rf'^jit\([^)]*\)/(?!.*jvp)(?!.*threefry)|^state\.|^{_OUT}')),
+)
+PART_NAMES = (*(name for name, _ in PARTS), 'collectives', 'other')
+
+
+def part_of(label: str, op: str) -> str:
+  """The model part of a top-level op from its kind and op_name (PARTS), or 'other'."""
+  if op in COLLECTIVES:
+    return 'collectives'
+  return next((name for name, rule in PARTS if rule.search(label)), 'other')
 
 
 def array_bytes(dtype: str, dims: str, layout: str | None, anywhere: bool = False) -> int:
@@ -173,6 +206,92 @@ def _written(body: list[Instruction], result: str) -> int:
   return shape_bytes(result)
 
 
+_DIM_LABELS = re.compile(r'dim_labels=(\w+)_(\w+)->(\w+)')
+_WINDOW = re.compile(r'window=\{([^}]*)\}')
+_CONTRACTING = re.compile(r'lhs_contracting_dims=\{([\d,]*)\}')
+
+
+def _dims(shape: str) -> list[int]:
+  """The dimensions of a shape text's first array."""
+  match = _ARRAY.search(shape)
+  return [int(d) for d in match.group(2).split(',') if d] if match else []
+
+
+def _window(text: str, n: int) -> dict[str, list]:
+  """A convolution's window={...} per spatial dimension: stride, pad (low), lhs/rhs dilation."""
+  fields = dict(f.split('=') for f in text.split())
+  out = {}
+  for key, default in (('stride', '1'), ('lhs_dilate', '1'), ('rhs_dilate', '1')):
+    out[key] = [int(v) for v in fields.get(key, 'x'.join([default] * n)).split('x') if v]
+  pads = fields.get('pad', 'x'.join(['0_0'] * n)).split('x')
+  out['pad'] = [int(p.split('_')[0]) for p in pads if p]
+  return out
+
+
+def _taps(size: int, out: int, window: int, stride: int, pad: int, lhs: int, rhs: int) -> int:
+  """(output, window tap) pairs of one spatial dimension that meet a real input element."""
+  last = (size - 1) * lhs  # The last input element, in the lhs-dilated, unpadded frame.
+  count = 0
+  for o in range(out):
+    for k in range(window):
+      p = o * stride + k * rhs - pad
+      count += 0 <= p <= last and p % lhs == 0
+  return count
+
+
+def op_flops(i: Instruction, shapes: dict[str, str]) -> float:
+  """2 x the multiply-adds of a convolution or dot, 0 for other ops.
+
+  A convolution counts, per output, the window taps that meet a real input element: not its
+  padding, nor the zeros of an lhs dilation (a transposed conv), nor the padding XLA gives a
+  dimension it turns into a window (a batched product compiled as a convolution).
+  """
+  if i.op == 'convolution' and (labels := _DIM_LABELS.search(i.rest)):
+    lhs, rhs = (_dims(shapes.get(o, '')) for o in i.operands[:2])
+    out, specs = _dims(i.shape), labels.groups()
+    if [len(lhs), len(rhs), len(out)] != [len(spec) for spec in specs]:
+      return 0.0
+    lhs_spec, rhs_spec, out_spec = specs
+    spatial = sorted(c for c in out_spec if c.isdigit())
+    window = _WINDOW.search(i.rest)
+    w = _window(window.group(1) if window else '', len(spatial))
+    macs = out[out_spec.index('b')] * out[out_spec.index('f')] * rhs[rhs_spec.index('i')]
+    for n, d in enumerate(spatial):
+      macs *= _taps(
+        lhs[lhs_spec.index(d)],
+        out[out_spec.index(d)],
+        rhs[rhs_spec.index(d)],
+        w['stride'][n],
+        w['pad'][n],
+        w['lhs_dilate'][n],
+        w['rhs_dilate'][n],
+      )
+    return 2.0 * macs
+  if i.op == 'dot' and (contracting := _CONTRACTING.search(i.rest)):
+    lhs = _dims(shapes.get(i.operands[0], ''))
+    inner = math.prod(lhs[int(d)] for d in contracting.group(1).split(',') if d)
+    return 2.0 * math.prod(_dims(i.shape)) * inner
+  return 0.0
+
+
+def _labels(body: list[Instruction]) -> dict[str, str]:
+  """{instruction: op_name}; one without (an async copy) takes its result's first labelled
+  user's: a prefetch is charged to the op it feeds, a copy into the outputs to OUTPUT."""
+  own = {i.name: m.group(1) for i in body if (m := _OP_NAME.search(i.rest))}
+  own |= {i.name: OUTPUT for i in body if i.root and i.name not in own}
+  users: dict[str, list[str]] = collections.defaultdict(list)
+  for i in body:
+    for operand in i.operands:
+      users[operand].append(i.name)
+
+  def label(name: str, depth: int = 0) -> str:
+    if name in own or depth > 8:
+      return own.get(name, '')
+    return next((x for u in users.get(name, []) if (x := label(u, depth + 1))), '')
+
+  return {i.name: label(i.name) for i in body}
+
+
 def traffic(hlo_text: str) -> Traffic:
   """Our estimate of the HBM bytes one run of a compiled program moves (module docstring).
 
@@ -183,14 +302,25 @@ def traffic(hlo_text: str) -> Traffic:
     ValueError: text with no ENTRY computation.
   """
   computations, entry = parse(hlo_text)
+  flops_of: dict[str, float] = {}
+
+  def computation_flops(name: str) -> float:  # Of a fused (or called) computation.
+    if name not in flops_of:
+      body = computations.get(name, [])
+      shapes = {i.name: i.shape for i in body}
+      flops_of[name] = sum(op_flops(i, shapes) for i in body) + sum(
+        computation_flops(c) for i in body if i.op == 'fusion' for c in _CALLS.findall(i.rest)
+      )
+    return flops_of[name]
 
   def walk(name: str, times: int, out: Traffic) -> Traffic:
     body = computations[name]
     shapes = {i.name: i.shape for i in body}
+    labels = _labels(body)
     for i in body:
       if i.op in FREE:
         continue
-      label = match.group(1) if (match := _OP_NAME.search(i.rest)) else ''
+      label = labels[i.name]
       kind = i.op.removesuffix('-start').removesuffix('-done')
       if i.op == 'while':
         trip = _TRIP.search(i.rest)
@@ -206,12 +336,15 @@ def traffic(hlo_text: str) -> Traffic:
         cheapest = min(costs, key=lambda t: t.bytes, default=Traffic())
         for op, n in cheapest.by_op.items():
           out.add(op, label, n)
+        for part, f in cheapest.part_flops.items():  # FLOPs stay with the branch's parts.
+          out.part_flops[part] += f
         out.exact &= all(c.exact for c in costs)
       elif i.op.endswith('-done'):
         out.add(kind, label, times * shape_bytes(i.shape))
       else:
         reads = [shape_bytes(shapes.get(o, '')) for o in i.operands]
         written = 0 if i.op.endswith('-start') else shape_bytes(i.shape)
+        flops = op_flops(i, shapes)
         if kind in SLICES:
           reads[0] = _slice_read(i, shapes)
         elif i.op == 'fusion':
@@ -219,7 +352,8 @@ def traffic(hlo_text: str) -> Traffic:
           for k, n in _fusion_reads(fused).items():
             reads[k] = min(reads[k], n)
           written = _written(fused, i.shape)
-        out.add(kind, label, times * (sum(reads) + written))
+          flops = computation_flops(_CALLS.findall(i.rest)[0])
+        out.add(kind, label, times * (sum(reads) + written), times * flops)
     return out
 
   return walk(entry, 1, Traffic())
