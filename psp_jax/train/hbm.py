@@ -219,12 +219,13 @@ def _dims(shape: str) -> list[int]:
 
 def _window(text: str, n: int) -> dict[str, list]:
   """A convolution's window={...} per spatial dimension: stride, pad (low), lhs/rhs dilation."""
-  fields = dict(f.split('=') for f in text.split())
-  out = {}
-  for key, default in (('stride', '1'), ('lhs_dilate', '1'), ('rhs_dilate', '1')):
-    out[key] = [int(v) for v in fields.get(key, 'x'.join([default] * n)).split('x') if v]
-  pads = fields.get('pad', 'x'.join(['0_0'] * n)).split('x')
-  out['pad'] = [int(p.split('_')[0]) for p in pads if p]
+  ones = 'x'.join(['1'] * n)
+  fields = dict(stride=ones, lhs_dilate=ones, rhs_dilate=ones, pad='x'.join(['0_0'] * n))
+  fields |= dict(f.split('=') for f in text.split())
+  out = {
+    k: [int(v) for v in fields[k].split('x') if v] for k in ('stride', 'lhs_dilate', 'rhs_dilate')
+  }
+  out['pad'] = [int(p.split('_')[0]) for p in fields['pad'].split('x') if p]
   return out
 
 
