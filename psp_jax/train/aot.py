@@ -56,12 +56,9 @@ TOPOLOGY_FORMS = (
   'v4:AxBxC or v5p:AxBxC (e.g. v4:2x2x1, v5p:2x2x1)'
 )
 _TOPOLOGY = re.compile(r'(v5e|v6e):\d+x\d+|(v4|v5p):\d+x\d+x\d+')
-_DTYPE_BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2, 'f16': 2}
-_DTYPE_BYTES.update({'s16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1})
 # An async pair (-start / -done) counts once, at its -done, whose shape is the result alone
 # (a -start's shape is a tuple that also holds the operands).
 _OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(hbm.COLLECTIVES) + r')(-done)?\(')
-_SHAPE = re.compile(r'\b(' + '|'.join(_DTYPE_BYTES) + r')\[([\d,]*)\]')
 _HBM_OOM = re.compile(r'\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)')
 
 
@@ -315,14 +312,8 @@ def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     match = _OP.search(line)
     if not match:
       continue
-    size = 0
-    for dtype, dims in _SHAPE.findall(match.group(1)):
-      n = 1
-      for d in filter(None, dims.split(',')):
-        n *= int(d)
-      size += n * _DTYPE_BYTES[dtype]
     out[match.group(2)]['count'] += 1
-    out[match.group(2)]['bytes'] += size
+    out[match.group(2)]['bytes'] += hbm.dense_bytes(match.group(1))
   return dict(out)
 
 

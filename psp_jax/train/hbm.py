@@ -120,6 +120,11 @@ def array_bytes(dtype: str, dims: str, layout: str | None, anywhere: bool = Fals
   return math.prod(shape) * _BYTES[dtype]
 
 
+def dense_bytes(shape: str) -> int:
+  """Bytes of a shape text's arrays (a tuple adds up) without tile padding."""
+  return sum(array_bytes(dtype, dims, None) for dtype, dims, _ in _ARRAY.findall(shape))
+
+
 def shape_bytes(shape: str, anywhere: bool = False) -> int:
   """HBM bytes of a shape text: an array or a tuple of them."""
   return sum(array_bytes(*m, anywhere=anywhere) for m in _ARRAY.findall(shape))
@@ -349,11 +354,12 @@ def traffic(hlo_text: str) -> Traffic:
         if kind in SLICES:
           reads[0] = _slice_read(i, shapes)
         elif i.op == 'fusion':
-          fused = computations[_CALLS.findall(i.rest)[0]]
+          called = _CALLS.findall(i.rest)[0]
+          fused = computations[called]
           for k, n in _fusion_reads(fused).items():
             reads[k] = min(reads[k], n)
           written = _written(fused, i.shape)
-          flops = computation_flops(_CALLS.findall(i.rest)[0])
+          flops = computation_flops(called)
         out.add(kind, label, times * (sum(reads) + written), times * flops)
     return out
 
