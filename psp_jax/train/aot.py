@@ -21,14 +21,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
 from psp_jax import distributed, errors
 from psp_jax.data import datasets
-from psp_jax.models import codec
-from psp_jax.train import config_checks, hbm, optim, safeguards, train_state, train_step
+from psp_jax.train import config_checks, hbm, training
 
 GiB = 2**30
 
@@ -189,42 +187,26 @@ def total_steps(config: ml_collections.ConfigDict) -> int:
 
 
 def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Program:
-  """train.py's step (psp_jax.train.loop._train) for the topology, from abstract inputs.
+  """train.py's step for the topology, from abstract inputs.
 
-  The same functions build it: codec.of_experiment for 'tpu' ('auto' is bfloat16), the optimiser
-  over the recipe's steps, the abstract TrainState replicated, the batch split on 'data',
-  guard_nonfinite, compile_train_step's shardings and donation.
+  training.build builds it, as it does for train.py's loop: codec.of_experiment
+  for 'tpu' ('auto' is bfloat16), the optimiser over the recipe's steps, the abstract
+  TrainState replicated, the batch split on 'data', guard_nonfinite, the step's shardings
+  and donation.
 
   Args:
     config: the training config (checked by config_checks.validate for the slice).
     topology: from topology_mesh.
 
   Returns:
-    Program with args (state, batch {'image' float32 [B, H, W, 3], 'label' int32 [B, H, W]},
-    dropout key, a typed jax.random.key).
+    Program with args (state, batch, dropout key) as training.TrainingProgram describes them.
   """
-  mesh = topology.mesh
-  config_checks.validate(config, device_count=mesh.size, process_count=topology.hosts)
-  model_config = codec.of_experiment(config, 'tpu')
-  model = codec.build_model(model_config, 'tpu')
-  tx, schedule = optim.create_optimizer(config.optim, total_steps(config))
-  crop = config_checks.crop_pair(config.data.crop_size)
-  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
-  state = train_state.abstract_state(model, tx, init_key, (1, *crop, 3), mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
-  jitted = train_step.compile_train_step(safeguards.guard_nonfinite(step_fn), shardings, mesh)
-  sharded = distributed.batch_sharded(mesh)
-  size = (config.batch_size, *crop)
-  batch = {
-    'image': jax.ShapeDtypeStruct((*size, 3), jnp.float32, sharding=sharded),
-    'label': jax.ShapeDtypeStruct(size, jnp.int32, sharding=sharded),
-  }
-  key = jax.eval_shape(jax.random.key, 0)
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=distributed.replicated(mesh))
+  config_checks.validate(config, device_count=topology.mesh.size, process_count=topology.hosts)
+  built = training.build(config, topology.mesh, 'tpu', total_steps(config))
+  height, width = built.image_shape[1:3]
   what = (
     f'train step (PSPNet-{config.model.depth}, batch {config.batch_size}, crop '
-    f'{crop[0]}x{crop[1]}, {model_config["dtype"]})'
+    f'{height}x{width}, {built.model_config["dtype"]})'
   )
   accum = config.optim.grad_accum_steps
   remedy = (
@@ -233,7 +215,8 @@ def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Prog
     f'--config.model.dtype=bfloat16 (now {config.model.dtype}), or a smaller '
     f'--config.data.crop_size (now {config.data.crop_size}); or a chip with more HBM'
   )
-  return Program(what, jitted, (state, batch, key), {}, config.batch_size, remedy)
+  args = (built.state, built.batch, built.key)
+  return Program(what, built.step, args, {}, config.batch_size, remedy)
 
 
 @contextlib.contextmanager

@@ -19,15 +19,7 @@ from jax.sharding import Mesh
 from psp_jax import distributed, errors, runtime, weights
 from psp_jax.data import classes, pipeline, sources
 from psp_jax.models import codec
-from psp_jax.train import (
-  checkpointing,
-  config_checks,
-  optim,
-  safeguards,
-  summaries,
-  train_state,
-  train_step,
-)
+from psp_jax.train import checkpointing, config_checks, safeguards, summaries, train_state, training
 from psp_jax.train.train_state import TrainState
 
 
@@ -83,30 +75,27 @@ def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
   ]
 
 
-def _initial_state(config, workdir, model, tx, mesh, model_config):
-  """(state, shardings, checkpoints): restored from the workdir, or fresh.
+def _initial_state(config, workdir, program: training.TrainingProgram, mesh):
+  """(state, checkpoints): restored from the workdir, or fresh.
 
   Everything that can refuse the workdir (another model's checkpoints, too little space,
   only damaged checkpoints) is checked before anything is compiled; the only write before
   that moves a damaged checkpoint aside (Checkpoints.restore_newest), to resume from the
   one before it.
   """
-  crop = config_checks.crop_pair(config.data.crop_size)
-  image_shape = (1, *crop, 3)  # Parameters do not depend on the batch or image size.
-  init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   checkpoints = checkpointing.Checkpoints(workdir, keep=config.keep_checkpoints)
 
   def same_model(step: int, saved: dict[str, Any]) -> None:
     # The compute dtype may change between runs (e.g. resumed on TPU): the weights do not.
-    differences = _differences(saved, model_config)
+    differences = _differences(saved, program.model_config)
     if differences:
       raise checkpointing.WorkdirError(
         f'{workdir} holds checkpoints of another model ({"; ".join(differences)}): use a new '
         '--workdir, or the config that wrote it. Nothing in it was changed.'
       )
 
+  target = program.state
   try:
-    target = train_state.abstract_state(model, tx, init_key, image_shape, mesh)
     checkpointing.check_free_space(
       workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
     )
@@ -116,13 +105,15 @@ def _initial_state(config, workdir, model, tx, mesh, model_config):
     raise
   if state is None:
     started = time.perf_counter()
-    state, shardings = train_state.create_train_state(model, tx, init_key, image_shape, mesh)
+    state, _ = train_state.create_train_state(
+      program.model, program.tx, program.init_key, program.image_shape, mesh
+    )
     logging.info('Initialised the model in %.1f s.', time.perf_counter() - started)
     if config.init_checkpoint:
       state = load_init_checkpoint(state, config.init_checkpoint)
-    return state, shardings, checkpoints
+    return state, checkpoints
   logging.info('Resumed from %s at step %d.', workdir, int(jax.device_get(state.step)))
-  return state, jax.tree.map(lambda x: x.sharding, target), checkpoints
+  return state, checkpoints
 
 
 Validate = Callable[[Any, Callable[[], bool] | None], Any]
@@ -171,14 +162,13 @@ def train(
     logging.info('SIGTERM or Ctrl-C saves a checkpoint after the current step and stops.')
     runtime.setup_tensorflow()
     platform = jax.devices()[0].platform
-    model_config = codec.of_experiment(config, platform)
-    model = codec.build_model(model_config, platform)
     num_train = None
     if config.num_train_steps <= 0:
       num_train = sources.num_examples(config.data, config.data.train_split)
     total_steps = config_checks.num_train_steps(config, num_train)
-    tx, schedule = optim.create_optimizer(config.optim, total_steps)
     mesh = distributed.create_mesh()
+    program = training.build(config, mesh, platform, total_steps)
+    model_config = program.model_config
     pc, pi = jax.process_count(), jax.process_index()
     logging.info(
       'Training %s on %d devices (%d processes, %s) for %d steps of %d images; model %s.',
@@ -191,17 +181,14 @@ def train(
       model_config,
     )
 
-    state, shardings, checkpoints = _initial_state(config, workdir, model, tx, mesh, model_config)
+    state, checkpoints = _initial_state(config, workdir, program, mesh)
     start_step = int(jax.device_get(state.step))
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     summaries.write_config(workdir, config, model_config)
     writer = summaries.create_writer(workdir)
 
-    step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
-    p_train_step = train_step.compile_train_step(
-      safeguards.guard_nonfinite(step_fn), shardings, mesh
-    )
-    dropout_key = distributed.replicated_key(mesh, config.seed, 1)
+    p_train_step = program.step
+    dropout_key = training.dropout_key(mesh, config.seed)
     train_iter = pipeline.numpy_batches(
       pipeline.create_train_dataset(
         config.data,
