@@ -115,6 +115,9 @@ def main() -> None:
   parser.add_argument('--warmup', type=int, default=8, help='untimed batches per row')
   parser.add_argument('--threads', type=int, default=os.cpu_count(), help='tf.data threads')
   parser.add_argument('--synthetic_size', type=int, default=512, help='psp_synthetic image size')
+  parser.add_argument(
+    '--rate', type=float, default=1000.0, help='images/s a host must deliver (the cores line)'
+  )
   args = parser.parse_args()
   config = data_config(shuffle_buffer=args.examples)
   synthetic_options = dict(image_size=args.synthetic_size, num_train=args.examples, num_val=1)
@@ -148,6 +151,9 @@ def main() -> None:
       ('build_train_dataset (fused train_augment)', pipeline.build_train_dataset(
         source(path, args.examples), config, batch_size=args.batch, seed=0,
         num_threads=args.threads)),
+      ('the same, data.transfer_dtype uint8', pipeline.build_train_dataset(
+        source(path, args.examples), data_config(args.examples, transfer_dtype='uint8'),
+        batch_size=args.batch, seed=0, num_threads=args.threads)),
       (f'create_train_dataset, psp_synthetic {args.synthetic_size}px PNG', lambda: (
         pipeline.create_train_dataset(synthetic, batch_size=args.batch, seed=0,
                                       num_threads=args.threads))),
@@ -160,12 +166,19 @@ def main() -> None:
     )
     print(f'| {"pipeline":<46} | images/s | CPU ms/image | images/s, {cores} cores free |')
     print(f'|{"-" * 48}|----------|--------------|{"-" * 24}|')
+    cpu = {}
     for name, dataset in rows:
       if callable(dataset):  # built (and the synthetic set prepared) only when its turn comes
         dataset = dataset()
-      rate, cpu_ms = measure(dataset, args.batch, args.warmup, args.batches)
-      free = cores * 1e3 / cpu_ms
-      print(f'| {name:<46} | {rate:8.1f} | {cpu_ms:12.1f} | {free:22.1f} |', flush=True)
+      rate, cpu[name] = measure(dataset, args.batch, args.warmup, args.batches)
+      free = cores * 1e3 / cpu[name]
+      print(f'| {name:<46} | {rate:8.1f} | {cpu[name]:12.1f} | {free:22.1f} |', flush=True)
+    for name in (rows[2][0], rows[3][0]):
+      print(
+        f'{args.rate:,.0f} images/s with {name}: {args.rate * cpu[name] / 1e3:.1f} cores '
+        'of this machine (CPU ms/image x rate; batches of uint8 are a quarter of the bytes '
+        'to copy to the devices)'
+      )
     print(
       f'Load average {os.getloadavg()[0]:.1f}. "CPU ms/image" is this process\'s CPU time; '
       f'"{cores} cores free" is {cores} / that, the rate with no other process on the cores.'

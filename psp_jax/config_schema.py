@@ -80,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
   # and the 0.x configs that trained the zoo) or 'black' (1.x's VOC config).
   config.data.mmseg.pad = 'mean'
   config.data.shuffle_buffer = 2_000
+  # Training images from the pipeline to the devices: 'float32', normalised on the host (the
+  # original's numbers), or 'uint8', the augmented image rounded to 0..255 and normalised in
+  # the train step: a quarter of the bytes, values within 0.5 / 255 of the float32 ones.
+  config.data.transfer_dtype = 'float32'
   # tf.data emits examples in order: the same seed gives the same batches, and a resumed run
   # is bit for bit the run it continues. False lets finished examples overtake slow ones (a
   # little more throughput when decode costs vary; the order then depends on thread timing).

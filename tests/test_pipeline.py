@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from psp_jax.data import pipeline
+from psp_jax.data import normalization, pipeline
 
 from helpers import PIPELINE_CROP as CROP
 from helpers import PIPELINE_EXAMPLES as NUM
@@ -131,3 +131,49 @@ def test_to_global_shards_the_batch_over_the_mesh():
   assert len(arrays['image'].addressable_shards) == len(devices)
   np.testing.assert_array_equal(np.asarray(arrays['image']), batch['image'])
   np.testing.assert_array_equal(np.asarray(arrays['mask']), batch['mask'])
+
+
+def noise_source(num=6):
+  """Examples of uniform noise (so resizing and blurring give non-integer values)."""
+  rng = np.random.default_rng(7)
+  images = [rng.integers(0, 256, (40 + 3 * i, 45, 3), np.uint8) for i in range(num)]
+  labels = [rng.integers(0, 5, (40 + 3 * i, 45), np.uint8) for i in range(num)]
+  return tf.data.Dataset.from_generator(
+    lambda: ({'image': i, 'label': lb} for i, lb in zip(images, labels, strict=True)),
+    output_signature={
+      'image': tf.TensorSpec([None, None, 3], tf.uint8),
+      'label': tf.TensorSpec([None, None], tf.uint8),
+    },
+  )
+
+
+@pytest.mark.parametrize('recipe', ['official', 'mmseg'])
+def test_uint8_transfer_is_the_float32_batch_rounded(recipe):
+  """transfer_dtype 'uint8': the same augmentation, the image on 0..255 rounded to uint8."""
+  batches = {}
+  for dtype in ('float32', 'uint8'):
+    config = data_config(recipe=recipe, transfer_dtype=dtype)
+    if recipe == 'mmseg':
+      config.update(dict(rotate_range=None, blur=False))
+      config.mmseg.scale = (64, 48)
+    dataset = pipeline.build_train_dataset(noise_source(), config, batch_size=2, seed=3)
+    assert dataset.element_spec['image'].dtype == dtype
+    batches[dtype] = take(dataset, 3)
+  mean = np.asarray(normalization.MEAN_RGB, np.float32)
+  std = np.asarray(normalization.STD_RGB, np.float32)
+  fractional, fractional_inside = 0, 0
+  for exact, rounded in zip(batches['float32'], batches['uint8'], strict=True):
+    np.testing.assert_array_equal(exact['label'], rounded['label'])
+    raw = exact['image'] * std + mean
+    assert rounded['image'].dtype == np.uint8
+    # Within half a grey level (and a float32 ulp of the round trip) of the exact image.
+    assert np.abs(rounded['image'] - raw).max() <= 0.5 + 1e-3
+    off = np.abs(raw - np.round(raw)).max(axis=-1) > 1e-3
+    fractional += np.count_nonzero(off)
+    fractional_inside += np.count_nonzero(off & (exact['label'] != 255))
+  # The official chain's resize and blur make non-integer values: the rounding is real.
+  # mmseg's chain is uint8 throughout: only its padding (the mean colour) is not integer.
+  if recipe == 'official':
+    assert fractional_inside > 0
+  else:
+    assert fractional_inside == 0

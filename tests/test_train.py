@@ -165,6 +165,41 @@ def test_gradient_accumulation_averages_micro_batch_gradients(initial_state):
       np.testing.assert_allclose(got[key], 0.9 * a[key] + b[key], rtol=1e-4, atol=1e-6)
 
 
+def test_uint8_images_normalise_on_the_device_as_on_the_host():
+  raw = np.random.default_rng(4).integers(0, 256, (2, 9, 7, 3), np.uint8)
+  host = pipeline.transforms.normalize(raw).numpy()
+  device = np.asarray(jax.jit(train_step.normalised_images)(raw))
+  # XLA multiplies by the reciprocal of std where the host divides: at most one ulp apart.
+  np.testing.assert_array_max_ulp(device, host, maxulp=1)
+  floats = jnp.asarray(host)
+  assert train_step.normalised_images(floats) is floats  # float32: normalised already.
+
+
+@pytest.mark.slow  # Two compiles of the step (uint8 and float32 inputs), ~20 s on 2 cores.
+def test_uint8_images_train_as_their_host_normalised_float32(initial_state):
+  """data.transfer_dtype 'uint8': one step from the same uint8 images, normalised on the
+  device or by the host (transforms.normalize, the float32 pipeline's last op), gives the
+  same state to float32 rounding."""
+  mesh = distributed.create_mesh(jax.devices()[:2])
+  step = make_step(tiny_config(), mesh)
+  batch = global_batch(6, batch=2)
+  raw = np.random.default_rng(4).integers(0, 256, batch['image'].shape, np.uint8)
+  host = pipeline.transforms.normalize(raw).numpy()
+  state_u8, history_u8 = run_steps(step, initial_state, mesh, [{**batch, 'image': raw}])
+  state_f32, history_f32 = run_steps(step, initial_state, mesh, [{**batch, 'image': host}])
+  got, expected = as_numpy(state_u8), as_numpy(state_f32)
+  for key in expected:
+    np.testing.assert_allclose(got[key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+  np.testing.assert_allclose(history_u8[0]['loss'], history_f32[0]['loss'], rtol=1e-6)
+  # Not a comparison of two untouched states: the step moved the parameters.
+  moved = as_numpy(place(initial_state, mesh))
+  assert any(not np.allclose(moved[k], got[k]) for k in got if 'params' in k)
+  # And the uint8 step is fed uint8, a quarter of float32's bytes.
+  example = pipeline.to_global({**batch, 'image': raw}, mesh)
+  lowered = step.lower(place(initial_state, mesh), example, jax.random.key(1))
+  assert 'tensor<2x41x41x3xui8>' in lowered.as_text()
+
+
 def test_loss_groups_average_per_group_means():
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(4, 3, 5, NUM_CLASSES)), jnp.float32)

@@ -137,6 +137,7 @@ def test_unknown_keys_are_named(change, key):
     (dict(optim=dict(loss_groups=3)), 'config.optim.loss_groups', 'must divide'),
     (dict(model=dict(dtype='int8')), 'config.model.dtype', 'one of'),
     (dict(data=dict(ignore_label=3)), 'config.data.ignore_label', 'real class'),
+    (dict(data=dict(transfer_dtype='uint16')), 'config.data.transfer_dtype', "'uint8'"),
     # config.eval's other values are the inference's: tests/test_config_schema.py.
     (dict(eval=dict(batch_size=4)), 'config.eval.batch_size', 'multiple'),
     (dict(optim=dict(base_lr=0.0)), 'config.optim.base_lr', '> 0'),

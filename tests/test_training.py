@@ -22,9 +22,10 @@ def spec(x):
   return x.shape, x.dtype, x.sharding
 
 
-def test_batch_is_what_the_pipeline_delivers_split_on_data(mesh):
+@pytest.mark.parametrize('transfer_dtype', ['float32', 'uint8'])
+def test_batch_is_what_the_pipeline_delivers_split_on_data(mesh, transfer_dtype):
   config = tiny_config()
-  config.data = data_config()
+  config.data = data_config(transfer_dtype=transfer_dtype)
   built = training.build(config, mesh, 'cpu', 6)
   dataset = pipeline.build_train_dataset(source(), config.data, batch_size=BATCH, seed=0)
   batch = next(iter(pipeline.numpy_batches(dataset)))
@@ -36,6 +37,7 @@ def test_batch_is_what_the_pipeline_delivers_split_on_data(mesh):
     assert built.batch[name].dtype == array.dtype
     placed = pipeline.to_global(batch, mesh)[name]
     assert spec(built.batch[name]) == spec(placed)
+  assert batch['image'].dtype == transfer_dtype
 
 
 def test_key_and_state_are_what_the_loop_passes(mesh):

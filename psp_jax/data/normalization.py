@@ -8,3 +8,9 @@ imports it without TensorFlow.
 
 MEAN_RGB: tuple[float, float, float] = tuple(v * 255 for v in (0.485, 0.456, 0.406))
 STD_RGB: tuple[float, float, float] = tuple(v * 255 for v in (0.229, 0.224, 0.225))
+
+# config.data.transfer_dtype: how training images travel from the input pipeline to the
+# devices. 'float32': normalised on the host. 'uint8': the augmented image on the 0..255
+# scale rounded to integers (a quarter of the bytes), normalised inside the train step
+# (psp_jax.train.train_step.normalised_images) with the same float32 arithmetic.
+TRANSFER_DTYPES = ('float32', 'uint8')

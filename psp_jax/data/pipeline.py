@@ -165,7 +165,7 @@ def build_train_dataset(
     source: examples {'image': uint8 [H, W, 3], 'label': uint8 [H, W]}, one pass, in a
       deterministic order.
     data_config: config.data (recipe, crop_size, scale_range, rotate_range, blur, flip,
-      mmseg, ignore_label, shuffle_buffer, deterministic).
+      mmseg, ignore_label, shuffle_buffer, deterministic, transfer_dtype).
     batch_size: examples per batch on this process.
     seed: the run's data seed.
     process_index: this process; folded into every seed so processes draw differently.
@@ -173,7 +173,8 @@ def build_train_dataset(
     num_threads: tf.data thread-pool size (default: the number of cores).
 
   Returns:
-    A dataset of {'image': float32 [batch_size, crop_h, crop_w, 3] normalised,
+    A dataset of {'image': float32 [batch_size, crop_h, crop_w, 3] normalised (uint8 of
+    0..255 with data_config.transfer_dtype 'uint8': transforms.to_uint8),
     'label': int32 [batch_size, crop_h, crop_w]}.
   """
   if batch_size < 1 or start_step < 0:
@@ -210,9 +211,14 @@ def build_train_dataset(
   # Skipping here, before the map, reads but never augments the skipped examples.
   ds = ds.skip(skip)
 
+  as_uint8 = data_config.transfer_dtype == 'uint8'
+
   def prepare(e, i, example):
     key = fold_in(fold_in(fold_in(base_key, e), 1), i)
-    return augment_fn(_checked(example), key)
+    out = augment_fn(_checked(example), key)
+    if as_uint8:  # Normalised again inside the train step.
+      out = {**out, 'image': transforms.to_uint8(out['image'])}
+    return out
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.batch(batch_size, drop_remainder=True)

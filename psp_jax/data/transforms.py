@@ -384,6 +384,17 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   return per_channel(image, lambda x, m, s: (as_float(x) - m) / s, MEAN_RGB, STD_RGB)
 
 
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """A normalised image back on the 0..255 scale, rounded to the nearest integer, as uint8.
+
+  normalize's inverse, for config.data.transfer_dtype 'uint8': an integer-valued image (a
+  decoded file, mmseg's uint8 chain) comes back exactly; a resized or blurred one within 0.5
+  of its values; mean padding becomes the rounded mean colour.
+  """
+  image = per_channel(image, lambda x, m, s: x * s + m, MEAN_RGB, STD_RGB)
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
 def resize_long_side(image: tf.Tensor, long_size: tf.Tensor) -> tf.Tensor:
   """Bilinear resize so the long side is long_size (tool/test.py, cv2.resize with dsize).
 

@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 
 from psp_jax import config_schema, errors, sizes
+from psp_jax.data import normalization
 from psp_jax.models import codec, resnet
 from psp_jax.train import losses
 
@@ -70,6 +71,11 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   dtypes = codec.DTYPES
   _check(model.dtype in dtypes, 'model.dtype', f'must be one of {dtypes}.')
   _check_model_variant(model)
+  _check(
+    data.transfer_dtype in normalization.TRANSFER_DTYPES,
+    'data.transfer_dtype',
+    f'must be one of {normalization.TRANSFER_DTYPES}, got {data.transfer_dtype!r}.',
+  )
   _check(data.num_classes >= 1, 'data.num_classes', f'must be >= 1, got {data.num_classes}.')
   _check(
     not 0 <= data.ignore_label < data.num_classes,

@@ -11,15 +11,32 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from psp_jax import distributed
+from psp_jax.data import normalization
 from psp_jax.models import PSPNet
 from psp_jax.train import losses
 from psp_jax.train.train_state import TrainState
 
 Batch = dict[str, jax.Array]
+
+_MEAN = np.asarray(normalization.MEAN_RGB, np.float32)
+_STD = np.asarray(normalization.STD_RGB, np.float32)
+
+
+def normalised_images(images: jax.Array) -> jax.Array:
+  """A batch's images as the model takes them: float32 ones are normalised already; uint8
+  ones (0..255) are normalised here, (x - mean) / std in float32 as transforms.normalize
+  does on the host, to within one float32 ulp (XLA turns a division by a per-channel vector
+  into a product with its reciprocal)."""
+  if images.dtype != jnp.uint8:
+    return images
+  return (images.astype(jnp.float32) - _MEAN) / _STD
+
+
 TrainStep = Callable[[TrainState, Batch, jax.Array], tuple[TrainState, dict[str, jax.Array]]]
 
 
@@ -57,7 +74,8 @@ def make_train_step(
 
   Returns:
     train_step(state, batch, rng) -> (new state, metrics); batch {'image': float32
-    [B, H, W, 3], 'label': int [B, H, W]}; metrics are float32 scalars.
+    [B, H, W, 3] normalised or uint8 of 0..255 (normalised_images), 'label': int [B, H, W]};
+    metrics are float32 scalars.
   """
 
   def loss_fn(params, batch_stats, images, labels, key):
@@ -95,7 +113,7 @@ def make_train_step(
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
     # One key for the run, folded with the step: the same masks on any number of devices.
     key = jax.random.fold_in(rng, state.step)
-    images, labels = batch['image'], batch['label']
+    images, labels = normalised_images(batch['image']), batch['label']
     if grad_accum_steps == 1:
       grads, (batch_stats, out) = grad_fn(state.params, state.batch_stats, images, labels, key)
     else:

@@ -38,7 +38,7 @@ class TrainingProgram:
     state: the abstract TrainState with its shardings (the restore target of a checkpoint).
     step: the jitted step, (state, batch, dropout key) -> (state, metrics), state donated.
     batch: the abstract global batch {'image', 'label'} split on 'data', as the pipeline
-      delivers it.
+      delivers it (images of data.transfer_dtype).
     key: the abstract dropout key, replicated (distributed.replicated_key's result).
   """
 
@@ -83,7 +83,7 @@ def build(
   sharded = distributed.batch_sharded(mesh)
   size = (config.batch_size, *crop)
   batch = {
-    'image': jax.ShapeDtypeStruct((*size, 3), jnp.float32, sharding=sharded),
+    'image': jax.ShapeDtypeStruct((*size, 3), config.data.transfer_dtype, sharding=sharded),
     'label': jax.ShapeDtypeStruct(size, jnp.int32, sharding=sharded),
   }
   key = jax.eval_shape(jax.random.key, 0)
