@@ -159,6 +159,11 @@ def recipe(config: ml_collections.ConfigDict, steps: int) -> str:
   )
 
 
+def _size(n: int) -> str:
+  """Bytes as MB, or as bytes below 0.1 MB (a few scalars' all-reduce)."""
+  return f'{n / 1e6:.1f} MB' if n >= 100_000 else f'{n:,} B'
+
+
 def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> list[str]:
   """The train step's lines: memory, cost, collectives, roofline and the time of `run`."""
   chip = topology.chip
@@ -171,7 +176,12 @@ def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> li
     'model, which counts a TPU matmul or convolution several times over: not used)'
   )
   coll = report['collectives']
-  parts = [f'{k} {v["count"]} x {v["bytes"] / 1e6:.1f} MB' for k, v in sorted(coll.items())]
+  parts = [
+    f'{k} {v["count"]} x {v["bytes"] / 1e6:.1f} MB ('
+    + ', '.join(f'{t} {_size(b)}' for t, b in sorted(v['dtypes'].items()))
+    + ')'
+    for k, v in sorted(coll.items())
+  ]
   lines.append(f'  collectives per step and chip: {"; ".join(parts) or "none"}')
   lines.append(
     f'  roofline: FLOPs {report["compute_s"] * 1e3:.1f} ms a step (a lower bound: '

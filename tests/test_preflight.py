@@ -65,6 +65,22 @@ def test_a_config_that_fits(tpu_python, tmp_path):
   assert report['eval']['memory']['total'] > 0 and report['fits']
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_bfloat16_gradients_are_all_reduced_in_float32(tpu_python, tmp_path):
+  """On TPU the bfloat16 step's every all-reduce is float32 (psp_jax.models.mixed_conv): no
+  gradient's sum over the chips is rounded to bfloat16 (autodiff's cast came after it)."""
+  out = tmp_path / 'report.json'
+  args = ['--config.model.dtype=bfloat16', '--config.data.crop_size=65', '--noeval']
+  proc = preflight(tpu_python, *COMMON, *args, '--config.batch_size=8', f'--json={out}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'bfloat16' in proc.stderr
+  reduce = json.loads(out.read_text())['train']['collectives']['all-reduce']
+  assert reduce['count'] > 0 and set(reduce['dtypes']) <= {'f32', 's32'}, reduce
+  assert reduce['dtypes']['f32'] > 0.9 * reduce['bytes']
+  assert 'all-reduce' in proc.stdout and '(f32 ' in proc.stdout
+
+
 @pytest.mark.e2e
 def test_a_batch_too_large_for_a_chip(tpu_python):
   args = ['--config.data.crop_size=1025', '--config.batch_size=64', '--noeval']
@@ -101,9 +117,13 @@ HLO = """
 
 def test_collectives_count_async_pairs_once_with_their_result_bytes():
   assert aot.collectives(HLO) == {
-    'all-reduce': {'count': 2, 'bytes': 64 * 3 * 4 + 10 * 4 + 16 * 2},
-    'all-gather': {'count': 1, 'bytes': 400 * 10 * 2},
-    'collective-permute': {'count': 1, 'bytes': 8 * 4},
+    'all-reduce': {
+      'count': 2,
+      'bytes': 64 * 3 * 4 + 10 * 4 + 16 * 2,
+      'dtypes': {'f32': 64 * 3 * 4 + 10 * 4, 'bf16': 16 * 2},
+    },
+    'all-gather': {'count': 1, 'bytes': 400 * 10 * 2, 'dtypes': {'bf16': 400 * 10 * 2}},
+    'collective-permute': {'count': 1, 'bytes': 8 * 4, 'dtypes': {'f32': 8 * 4}},
   }
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from psp_jax.models import cpu_conv_grad
+from psp_jax.models import cpu_conv_grad, mixed_conv
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -95,9 +95,13 @@ class Conv(nn.Module):
     if self.use_bias:
       fan_in = in_features * k * k
       bias = self.param('bias', torch_default_bias_init(fan_in), (self.features,), self.param_dtype)
+    pad = d * (k - 1) // 2
+    if self.dtype is not None and jnp.dtype(self.dtype) != jnp.dtype(self.param_dtype):
+      # Computed in self.dtype, the parameters' gradients summed in theirs (mixed_conv).
+      return mixed_conv.conv(conv2d, x.astype(self.dtype), kernel, bias, s, d, pad)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
     conv = cpu_conv_grad.conv2d_for(k, conv2d)
-    y = conv(x, kernel, s, d, d * (k - 1) // 2)
+    y = conv(x, kernel, s, d, pad)
     if bias is not None:
       y = y + bias
     return y

@@ -7,7 +7,6 @@ our HBM traffic estimate (hbm.py), the collectives and a roofline estimate of th
 Needs jax[tpu] (the `tpu` extra, in .venv-tpu: see the Makefile); nothing is allocated or run.
 """
 
-import collections
 import contextlib
 import dataclasses
 import importlib.util
@@ -281,23 +280,27 @@ def compile_program(program: Program, chip: Chip) -> tuple[Any, float]:
   return compiled, time.perf_counter() - started
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
   """Count and result bytes (per chip) of each collective kind in compiled HLO text.
 
   Args:
     hlo_text: compiled.as_text().
 
   Returns:
-    {kind: {'count': n, 'bytes': total result bytes}} for the kinds present.
+    {kind: {'count': n, 'bytes': total result bytes, 'dtypes': {HLO dtype: its bytes}}} for
+    the kinds present (e.g. the gradients' all-reduce in f32 or bf16).
   """
-  out: dict[str, dict[str, int]] = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
+  out: dict[str, dict[str, Any]] = {}
   for line in hlo_text.splitlines():
     match = _OP.search(line)
     if not match:
       continue
-    out[match.group(2)]['count'] += 1
-    out[match.group(2)]['bytes'] += hbm.dense_bytes(match.group(1))
-  return dict(out)
+    kind = out.setdefault(match.group(2), {'count': 0, 'bytes': 0, 'dtypes': {}})
+    kind['count'] += 1
+    kind['bytes'] += hbm.dense_bytes(match.group(1))
+    for dtype, size in hbm.bytes_by_dtype(match.group(1)).items():
+      kind['dtypes'][dtype] = kind['dtypes'].get(dtype, 0) + size
+  return out
 
 
 def memory(compiled: Any) -> dict[str, int]:

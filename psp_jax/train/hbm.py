@@ -125,6 +125,14 @@ def dense_bytes(shape: str) -> int:
   return sum(array_bytes(dtype, dims, None) for dtype, dims, _ in _ARRAY.findall(shape))
 
 
+def bytes_by_dtype(shape: str) -> dict[str, int]:
+  """dense_bytes of a shape text by element type (HLO's names: f32, bf16, s32, ...)."""
+  out: dict[str, int] = {}
+  for dtype, dims, _ in _ARRAY.findall(shape):
+    out[dtype] = out.get(dtype, 0) + array_bytes(dtype, dims, None)
+  return {dtype: size for dtype, size in out.items() if size}
+
+
 def shape_bytes(shape: str, anywhere: bool = False) -> int:
   """HBM bytes of a shape text: an array or a tuple of them."""
   return sum(array_bytes(*m, anywhere=anywhere) for m in _ARRAY.findall(shape))
