@@ -7,6 +7,7 @@ function, donation, and the same abstract batch and dropout key.
 """
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -36,7 +37,8 @@ class TrainingProgram:
     init_key: the parameters' initial key.
     image_shape: [1, H, W, 3], the dummy batch parameters are initialised with.
     state: the abstract TrainState with its shardings (the restore target of a checkpoint).
-    step: the jitted step, (state, batch, dropout key) -> (state, metrics), state donated.
+    step_fn: the pure step (guard_nonfinite of train_step_of_config's).
+    mesh: the mesh.
     batch: the abstract global batch {'image', 'label'} split on 'data', as the pipeline
       delivers it (images of data.transfer_dtype).
     key: the abstract dropout key, replicated (distributed.replicated_key's result).
@@ -49,7 +51,8 @@ class TrainingProgram:
   init_key: jax.Array
   image_shape: tuple[int, int, int, int]
   state: TrainState
-  step: Callable[..., Any]
+  step_fn: Callable[..., Any]
+  mesh: Mesh
   batch: dict[str, jax.ShapeDtypeStruct]
   key: jax.ShapeDtypeStruct
 
@@ -57,6 +60,15 @@ class TrainingProgram:
   def shardings(self) -> TrainState:
     """The TrainState's NamedShardings."""
     return jax.tree.map(lambda x: x.sharding, self.state)
+
+  @functools.cached_property
+  def step(self) -> Callable[..., Any]:
+    """The jitted step, (state, batch, dropout key) -> (state, metrics), state donated.
+
+    Made on first use: the loop checks the workdir (free space, its checkpoints) with
+    `state` before jax sees the step.
+    """
+    return train_step.compile_train_step(self.step_fn, self.shardings, self.mesh)
 
 
 def build(
@@ -77,9 +89,7 @@ def build(
   image_shape = (1, *crop, 3)  # Parameters do not depend on the batch or image size.
   init_key = jax.random.fold_in(jax.random.key(config.seed), 0)
   state = train_state.abstract_state(model, tx, init_key, image_shape, mesh)
-  shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = train_step.train_step_of_config(model, tx, schedule, config, mesh)
-  step = train_step.compile_train_step(safeguards.guard_nonfinite(step_fn), shardings, mesh)
   sharded = distributed.batch_sharded(mesh)
   size = (config.batch_size, *crop)
   batch = {
@@ -89,7 +99,17 @@ def build(
   key = jax.eval_shape(jax.random.key, 0)
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=distributed.replicated(mesh))
   return TrainingProgram(
-    model_config, model, tx, schedule, init_key, image_shape, state, step, batch, key
+    model_config,
+    model,
+    tx,
+    schedule,
+    init_key,
+    image_shape,
+    state,
+    safeguards.guard_nonfinite(step_fn),
+    mesh,
+    batch,
+    key,
   )
 
 
