@@ -296,9 +296,10 @@ def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
     if not match:
       continue
     kind = out.setdefault(match.group(2), {'count': 0, 'bytes': 0, 'dtypes': {}})
+    sizes = hbm.bytes_by_dtype(match.group(1))
     kind['count'] += 1
-    kind['bytes'] += hbm.dense_bytes(match.group(1))
-    for dtype, size in hbm.bytes_by_dtype(match.group(1)).items():
+    kind['bytes'] += sum(sizes.values())
+    for dtype, size in sizes.items():
       kind['dtypes'][dtype] = kind['dtypes'].get(dtype, 0) + size
   return out
 

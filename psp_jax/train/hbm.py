@@ -120,13 +120,9 @@ def array_bytes(dtype: str, dims: str, layout: str | None, anywhere: bool = Fals
   return math.prod(shape) * _BYTES[dtype]
 
 
-def dense_bytes(shape: str) -> int:
-  """Bytes of a shape text's arrays (a tuple adds up) without tile padding."""
-  return sum(array_bytes(dtype, dims, None) for dtype, dims, _ in _ARRAY.findall(shape))
-
-
 def bytes_by_dtype(shape: str) -> dict[str, int]:
-  """dense_bytes of a shape text by element type (HLO's names: f32, bf16, s32, ...)."""
+  """Bytes of a shape text's arrays without tile padding (a tuple adds up), by element type
+  (HLO's names: f32, bf16, s32, ...)."""
   out: dict[str, int] = {}
   for dtype, dims, _ in _ARRAY.findall(shape):
     out[dtype] = out.get(dtype, 0) + array_bytes(dtype, dims, None)

@@ -75,7 +75,7 @@ def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
   ]
 
 
-def _initial_state(config, workdir, program: training.TrainingProgram, mesh):
+def _initial_state(config, workdir, program: training.TrainingProgram):
   """(state, checkpoints): restored from the workdir, or fresh.
 
   Everything that can refuse the workdir (another model's checkpoints, too little space,
@@ -106,7 +106,7 @@ def _initial_state(config, workdir, program: training.TrainingProgram, mesh):
   if state is None:
     started = time.perf_counter()
     state, _ = train_state.create_train_state(
-      program.model, program.tx, program.init_key, program.image_shape, mesh
+      program.model, program.tx, program.init_key, program.image_shape, program.mesh
     )
     logging.info('Initialised the model in %.1f s.', time.perf_counter() - started)
     if config.init_checkpoint:
@@ -181,7 +181,7 @@ def train(
       model_config,
     )
 
-    state, checkpoints = _initial_state(config, workdir, program, mesh)
+    state, checkpoints = _initial_state(config, workdir, program)
     start_step = int(jax.device_get(state.step))
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     summaries.write_config(workdir, config, model_config)

@@ -33,7 +33,7 @@ class TrainingProgram:
   Attributes:
     model_config: codec.of_experiment's settings of the model (what checkpoints record).
     model: the network.
-    tx: the optimiser over the run's steps; schedule: its base learning rate.
+    tx: the optimiser over the run's steps.
     init_key: the parameters' initial key.
     image_shape: [1, H, W, 3], the dummy batch parameters are initialised with.
     state: the abstract TrainState with its shardings (the restore target of a checkpoint).
@@ -47,7 +47,6 @@ class TrainingProgram:
   model_config: dict[str, Any]
   model: PSPNet
   tx: optax.GradientTransformation
-  schedule: Callable[[jax.Array], jax.Array]
   init_key: jax.Array
   image_shape: tuple[int, int, int, int]
   state: TrainState
@@ -102,7 +101,6 @@ def build(
     model_config,
     model,
     tx,
-    schedule,
     init_key,
     image_shape,
     state,
