@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from psp_jax import distributed, weights
@@ -219,6 +220,41 @@ def test_loss_groups_average_per_group_means():
   # groups=4: a slice without labelled pixels contributes 0 (torch would give NaN).
   got = losses.cross_entropy(logits, labels, 255, groups=4)
   np.testing.assert_allclose(got, (sums[0] / 5 + sums[1] / 15 + sums[2] / 15 + 0) / 4, rtol=1e-6)
+
+
+def test_cross_entropy_is_optax_bit_for_bit_and_accuracy_is_argmax_but_for_ties():
+  # losses picks the label's logit by a masked sum (one read of the logits on TPU, with
+  # logsumexp's): optax's numbers; the accuracy compares that logit with the maximum.
+  rng = np.random.default_rng(6)
+  logits = rng.normal(size=(3, 5, 7, NUM_CLASSES)).astype(np.float32)
+  # Ties: a row of equal logits and rows whose maximum appears twice (argmax: the first).
+  logits[0, 0, :3] = 1.5
+  logits[1, 1, :, [1, NUM_CLASSES - 1]] = 9.0
+  labels = rng.integers(0, NUM_CLASSES, (3, 5, 7))
+  labels[0, 0, 0], labels[0, 0, 1] = 0, 1
+  labels[1, 1, :3], labels[2, 0] = 1, 255
+  logits, labels = jnp.asarray(logits), jnp.asarray(labels)
+  valid = labels != 255
+  safe = jnp.where(valid, labels, 0)
+
+  def ours(x):
+    return losses.cross_entropy_sums(x, labels)[0].sum()
+
+  def theirs(x):
+    per_pixel = optax.softmax_cross_entropy_with_integer_labels(x, safe)
+    return jnp.where(valid, per_pixel, 0.0).sum((1, 2)).sum()
+
+  sums, _ = losses.cross_entropy_sums(logits, labels)
+  per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits, safe)
+  np.testing.assert_array_equal(sums, jnp.where(valid, per_pixel, 0.0).sum((1, 2)))
+  np.testing.assert_array_equal(jax.grad(ours)(logits), jax.grad(theirs)(logits))
+  # Accuracy: argmax's, except that a label tied with the maximum counts as right.
+  correct = (jnp.argmax(logits, -1) == labels) & valid
+  assert bool(correct[1, 1, :3].all()) and not bool(correct[0, 0, 1])
+  tied = jnp.zeros_like(valid).at[0, 0, :3].set(True)  # Every class ties there.
+  expected = (correct | tied).sum() / valid.sum()
+  assert 0 < expected < 1
+  assert float(losses.pixel_accuracy(logits, labels)) == float(expected)
 
 
 def numpy_mmseg_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:

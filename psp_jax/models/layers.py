@@ -207,7 +207,11 @@ def _batch_norm_train_bwd(epsilon, axis_name, out_dtype, residuals, cotangents):
   del epsilon, out_dtype
   x, mean, inv_std, scale = residuals
   dy = cotangents[0].astype(scale.dtype)
-  xf = x.astype(scale.dtype)
+  # The barrier keeps XLA from merging this conversion with the forward's: merged, the
+  # forward's float32 copy of x (twice a bfloat16 x's bytes) is what is kept for the backward,
+  # and on TPU it was written and read again, and relaid out, for every BatchNorm of a
+  # bfloat16 step (benchmarks/NOTES.md). x itself is the residual, in its own dtype.
+  xf = jax.lax.optimization_barrier(x).astype(scale.dtype)
   axes = tuple(range(x.ndim - 1))
   sum_dy = jnp.sum(dy, axis=axes)
   sum_dy_x = jnp.sum(dy * xf, axis=axes)

@@ -2,13 +2,17 @@
 
 import jax
 import jax.numpy as jnp
-import optax
 
 # What cross_entropy divides a group's summed loss by (config.optim.loss_normalization):
 # 'labelled': its labelled pixels (torch.nn.CrossEntropyLoss(ignore_index=255), the original);
 # 'all': all its pixels, ignored and padded ones included as zeros (mmsegmentation's
 # CrossEntropyLoss with its default avg_non_ignore=False, which every PSPNet config keeps).
 NORMALIZATIONS = ('labelled', 'all')
+
+
+def _one_hot(labels: jax.Array, num_classes: int) -> jax.Array:
+  """bool [..., K]: labels[..., None] == k."""
+  return labels[..., None] == jnp.arange(num_classes, dtype=labels.dtype)
 
 
 def cross_entropy_sums(
@@ -28,8 +32,14 @@ def cross_entropy_sums(
   valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
   safe = jnp.where(valid, labels, 0)
   # Log-softmax in float32 even under bfloat16 compute: the loss and its gradient need it.
-  per_pixel = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), safe)
-  per_pixel = jnp.where(valid, per_pixel, 0.0)
+  # optax.softmax_cross_entropy_with_integer_labels's numbers (logsumexp minus the label's
+  # logit), but the label's logit is picked by a masked sum over the classes, not
+  # take_along_axis: XLA fuses that sum with logsumexp's into one read of the logits, where the
+  # gather read all of them once more (at [2, 473, 473, 150] float32 a chip, 0.3 GB a head in
+  # the TPU step: benchmarks/NOTES.md). Adding zeros is exact: the same numbers bit for bit.
+  x = logits.astype(jnp.float32)
+  label_logit = jnp.sum(jnp.where(_one_hot(safe, num_classes), x, 0.0), axis=-1)
+  per_pixel = jnp.where(valid, jax.nn.logsumexp(x, axis=-1) - label_logit, 0.0)
   axes = tuple(range(1, labels.ndim))
   return per_pixel.sum(axes), valid.astype(jnp.float32).sum(axes)
 
@@ -83,5 +93,12 @@ def pixel_accuracy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255
   """
   num_classes = logits.shape[-1]
   valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
-  correct = (jnp.argmax(logits, axis=-1) == labels) & valid
+  # Right where the label's logit is the largest: argmax's answer except where the label ties
+  # the maximum with a class before it (argmax takes the first; here it counts as right). The
+  # label's logit and the maximum are the ones cross_entropy takes (XLA computes each once),
+  # so on TPU this reads no [B, H, W, K] tensor of its own; argmax (or a search for the first
+  # class at the maximum) was one more read of the logits (benchmarks/NOTES.md).
+  x = logits.astype(jnp.float32)
+  label_logit = jnp.sum(jnp.where(_one_hot(jnp.where(valid, labels, 0), num_classes), x, 0.0), -1)
+  correct = (label_logit >= jnp.max(x, axis=-1)) & valid
   return correct.sum().astype(jnp.float32) / jnp.maximum(valid.sum(), 1).astype(jnp.float32)
