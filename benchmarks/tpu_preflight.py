@@ -70,8 +70,11 @@ ROWS = (
   Row('cityscapes', 101, 'bfloat16', 'v5e:2x4'),
   Row('voc2012', 101, 'bfloat16', 'v5e:2x4'),
   Row('voc2012', 50, 'float32', 'v5e:2x4'),
-  # Last: libtpu 0.0.42.1 crashed (SIGSEGV) compiling PSPNet-50's train step for v6e.
   Row('ade20k', 101, 'bfloat16', 'v6e:2x4'),
+  # TPU7x's smallest slice: 4 chips, 8 JAX devices (two a chip), 2 images a device.
+  Row('ade20k', 50, 'bfloat16', 'tpu7x:2x2x1'),
+  # Colab's TPU runtime: one v5e chip with all 16 images of the recipe's batch.
+  Row('ade20k', 50, 'bfloat16', 'v5e:1x1'),
 )
 
 

@@ -1,12 +1,15 @@
 """Command line: does a config's training fit a Cloud TPU slice, and how fast at best? (No TPU.)
 
   .venv-tpu/bin/python -m psp_jax.preflight --config configs/ade20k.py --topology v5e:2x4 \\
-      [--config.KEY=VALUE ...] [--max_batch] [--noeval] [--breakdown] [--json PATH]
+      [--config.KEY=VALUE ...] [--max_batch] [--noeval] [--breakdown] [--price USD]
+      [--json PATH]
 
 compiles, with libtpu for the described slice, the train step exactly as train.py runs it
 and the window step of psp_jax.evaluate, and prints per chip the memory XLA assigns against
 the chip's HBM, the FLOPs of a step (a lower bound on its time at the chip's peak), our
-estimate of its HBM traffic beside XLA's count, its collectives, and the roofline estimate.
+estimate of its HBM traffic beside XLA's count, its collectives, the roofline estimate, and
+the recipe's hours and dollars (chips x on-demand price x hours; aot.PRICES, or --price).
+On TPU7x, whose chips show two JAX devices each, figures are per device and per chip.
 Exit status 1, with one message, when the step does not fit a chip or a config value cannot
 work; 2 for a bad topology, flag or config key. `make preflight-setup` creates .venv-tpu.
 """
@@ -47,6 +50,7 @@ def define_flags() -> None:
   flags.DEFINE_boolean('max_batch', False, 'Also find the largest global batch that fits.')
   flags.DEFINE_boolean('eval', True, "Also compile psp_jax.evaluate's window step.")
   flags.DEFINE_boolean('breakdown', False, "The train step's HBM estimate and FLOPs by part.")
+  flags.DEFINE_float('price', None, 'USD per chip-hour (default: the price table, aot.PRICES).')
   flags.DEFINE_string('json', None, 'Write the report as JSON to this file.')
 
 
@@ -137,13 +141,20 @@ def format_memory(report: dict[str, Any]) -> list[str]:
     ('temp', 'temporaries'),
     ('generated_code', 'generated code'),
   )
-  lines = ['  per chip                GiB']
+  per = report.get('devices_per_chip', 1)
+  unit = 'per chip' if per == 1 else f'per device (1/{per} chip)'
+  lines = [f'  {unit:<24}GiB']
   lines += [f'  {label:<22}{_gib(mem[key]):>7}' for key, label in names]
   free = report['headroom_bytes']
   lines.append(
     f'  {"total live":<22}{_gib(mem["total"]):>7} of {hbm / aot.GiB:.2f} GiB HBM: '
     f'{free / aot.GiB:.2f} GiB headroom ({100 * free / hbm:.0f}%)'
   )
+  if per > 1:
+    lines.append(
+      f'  {"per chip":<22}{_gib(per * mem["total"]):>7} of {per * hbm / aot.GiB:.2f} GiB HBM '
+      f'({per} devices)'
+    )
   return lines
 
 
@@ -164,12 +175,32 @@ def _size(n: int) -> str:
   return f'{n / 1e6:.1f} MB' if n >= 100_000 else f'{n:,} B'
 
 
-def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> list[str]:
-  """The train step's lines: memory, cost, collectives, roofline and the time of `run`."""
+def bill(report: dict[str, Any], topology: aot.Topology, price: aot.Price | None) -> str:
+  """The recipe's dollars: chips x price x hours, at the FLOP bound and the estimate."""
+  if price is None:
+    return (
+      f'no public on-demand price for {topology.chip.name} in the price table: '
+      '--price USD (per chip-hour) gives the dollars'
+    )
+  usd = topology.chips * price.usd_per_chip_hour / 3600
+  return (
+    f'>= ${report["run_lower_bound_s"] * usd:,.0f}, about ${report["run_s"] * usd:,.0f} '
+    f'({topology.chips} chips x ${price.usd_per_chip_hour:.2f} a chip-hour x the hours; '
+    f'on-demand, {price.source}, {price.date})'
+  )
+
+
+def format_train(
+  report: dict[str, Any], topology: aot.Topology, run: str, price: aot.Price | None = None
+) -> list[str]:
+  """The train step's lines: memory, cost, collectives, roofline, the time and bill of `run`."""
   chip = topology.chip
+  unit = 'chip' if chip.devices_per_chip == 1 else 'device'
+  peak = chip.device_peak_flops
+  bandwidth = chip.device_hbm_bytes_per_s
   lines = [f'{report["what"]}: compiled in {report["compile_s"]:.0f} s', *format_memory(report)]
   lines.append(
-    f"  per step and chip: {report['flops'] / 1e12:.3f} TFLOP (XLA's cost model); HBM "
+    f"  per step and {unit}: {report['flops'] / 1e12:.3f} TFLOP (XLA's cost model); HBM "
     f'traffic {report["hbm_traffic"] / 1e9:.2f} GB (our estimate from the optimised HLO'
     + ('' if report['traffic_exact'] else ', a loop without a trip count counted once')
     + f'); XLA\'s "bytes accessed" {report["xla_bytes_accessed"] / 1e9:.2f} GB (its cost '
@@ -182,11 +213,12 @@ def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> li
     + ')'
     for k, v in sorted(coll.items())
   ]
-  lines.append(f'  collectives per step and chip: {"; ".join(parts) or "none"}')
+  lines.append(f'  collectives per step and {unit}: {"; ".join(parts) or "none"}')
+  share = '' if unit == 'chip' else f", a device's 1/{chip.devices_per_chip} of the chip's"
   lines.append(
     f'  roofline: FLOPs {report["compute_s"] * 1e3:.1f} ms a step (a lower bound: '
-    f'{chip.peak_flops / 1e12:.0f} TFLOP/s bf16 peak), HBM {report["memory_s"] * 1e3:.1f} ms '
-    f'(the estimate at {chip.hbm_bytes_per_s / 1e9:.0f} GB/s; {chip.source}): '
+    f'{peak / 1e12:.0f} TFLOP/s bf16 peak{share}), HBM {report["memory_s"] * 1e3:.1f} ms '
+    f'(the estimate at {bandwidth / 1e9:.0f} GB/s; {chip.source}): '
     f'{report["bound"]}-bound, about {report["step_s"] * 1e3:.1f} ms, '
     f'{report["images_per_s"]:.0f} images/s'
   )
@@ -195,6 +227,7 @@ def format_train(report: dict[str, Any], topology: aot.Topology, run: str) -> li
     f'(FLOPs at peak), about {report["run_s"] / 3600:.2f} h at the roofline estimate; real '
     'steps are slower'
   )
+  lines.append(f'  bill: {bill(report, topology, price)}')
   return lines
 
 
@@ -236,21 +269,34 @@ def main(argv: list[str]) -> None:
   topology = aot.topology_mesh(FLAGS.topology)
   steps = aot.total_steps(config)
   train = aot.train_program(config, topology)
+  price = aot.PRICES[topology.generation]
+  if FLAGS.price is not None:
+    if FLAGS.price <= 0:
+      raise errors.UsageError(f'--price {FLAGS.price}: give USD per chip-hour, above 0')
+    price = aot.Price(FLAGS.price, '--price', datetime.date.today().isoformat())
   window_step = eval_program(config, topology) if FLAGS.eval else None  # Checks config.eval.
   chip = topology.chip
   head = (
     f'TPU pre-flight: {FLAGS["config"].config_filename} on {topology.name} '
-    f'({topology.mesh.size} x {chip.name}, {topology.hosts} host'
+    f'({topology.chips} x {chip.name}'
+    + (f' = {topology.mesh.size} devices' if chip.devices_per_chip > 1 else '')
+    + f', {topology.hosts} host'
     f'{"s" if topology.hosts > 1 else ""}); {", ".join(f"{k} {v}" for k, v in versions().items())}'
   )
   print(head, flush=True)
   result: dict[str, Any] = dict(date=datetime.date.today().isoformat(), topology=topology.name)
-  result['chips'] = topology.mesh.size
+  result['chips'], result['devices'] = topology.chips, topology.mesh.size
   result.update(hosts=topology.hosts, chip=chip.name, versions=versions(), steps=steps)
   failure = None
   try:
     result['train'] = aot.compile_report(train, topology, steps)
-    print('\n'.join(format_train(result['train'], topology, recipe(config, steps))), flush=True)
+    report = result['train']
+    print('\n'.join(format_train(report, topology, recipe(config, steps), price)), flush=True)
+    if price is not None:
+      usd = topology.chips * price.usd_per_chip_hour / 3600
+      result['price'] = dataclasses.asdict(price)
+      result['run_lower_bound_usd'] = report['run_lower_bound_s'] * usd
+      result['run_usd'] = report['run_s'] * usd
     if FLAGS.breakdown:
       print('\n'.join(format_breakdown(result['train'])), flush=True)
     if FLAGS.eval:

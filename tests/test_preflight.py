@@ -5,6 +5,7 @@ with no TPU environment variables: a config that fits (exit 0, a sane report) an
 too large for a chip's 16 GiB (exit 1, one message). The HLO and message parsing run here.
 """
 
+import datetime
 import json
 import os
 import pathlib
@@ -13,6 +14,7 @@ import subprocess
 import ml_collections
 import pytest
 
+from psp_jax import preflight as preflight_cli
 from psp_jax.train import aot
 
 from helpers import ROOT
@@ -49,6 +51,8 @@ def test_a_config_that_fits(tpu_python, tmp_path):
     assert line in proc.stdout
   assert 'by model part' in proc.stdout and "XLA's cost model:" in proc.stdout
   assert 'fits: yes' in proc.stdout and '4 x TPU v5e, 1 host' in proc.stdout
+  price = aot.PRICES['v5e']
+  assert f'4 chips x ${price.usd_per_chip_hour:.2f} a chip-hour' in proc.stdout
   assert 'compiling train step (PSPNet-18, batch 8, crop 65x65, float32)' in proc.stderr
   report = json.loads(out.read_text())
   train = report['train']
@@ -63,6 +67,25 @@ def test_a_config_that_fits(tpu_python, tmp_path):
   assert all(parts[f'layer{n}']['flops'] > 0 for n in range(1, 5)) and parts['PPM']['flops'] > 0
   assert parts['other']['hbm_traffic'] < 0.01 * train['hbm_traffic']  # Nearly all attributed.
   assert report['eval']['memory']['total'] > 0 and report['fits']
+  usd = 4 * price.usd_per_chip_hour / 3600
+  assert report['run_usd'] == pytest.approx(train['run_s'] * usd)
+  assert report['run_lower_bound_usd'] == pytest.approx(train['run_lower_bound_s'] * usd)
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_tpu7x_is_four_chips_of_two_devices_and_the_bill_uses_the_price_given(tpu_python, tmp_path):
+  out = tmp_path / 'report.json'
+  args = [f'--json={out}', '--noeval', '--price=5', '--config.data.crop_size=65']
+  proc = preflight(tpu_python, *COMMON, '--topology=tpu7x:2x2x1', *args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '4 x TPU7x = 8 devices, 1 host' in proc.stdout
+  assert 'per device (1/2 chip)' in proc.stdout and 'of 192.00 GiB HBM (2 devices)' in proc.stdout
+  assert "1154 TFLOP/s bf16 peak, a device's 1/2 of the chip's" in proc.stdout
+  report = json.loads(out.read_text())
+  assert (report['chips'], report['devices']) == (4, 8)
+  assert report['price']['usd_per_chip_hour'] == 5 and report['price']['source'] == '--price'
+  assert report['run_usd'] == pytest.approx(report['train']['run_s'] * 4 * 5 / 3600)
 
 
 @pytest.mark.slow
@@ -140,6 +163,52 @@ def test_an_out_of_memory_compile_becomes_one_message():
     'train step (x) does not fit: 22.37 GiB a chip, 15.75 GiB available: 6.62 GiB missing. '
     'To fit: a smaller --config.batch_size.'
   )
+
+
+def test_every_chip_has_a_price_row_with_its_source_and_date_or_none():
+  assert set(aot.PRICES) == set(aot.CHIPS)
+  for price in filter(None, aot.PRICES.values()):
+    assert price.usd_per_chip_hour > 0 and price.source.startswith('https://')
+    assert datetime.date.fromisoformat(price.date)
+
+
+def tpu7x_slice() -> aot.Topology:
+  """tpu7x:2x2x1 without libtpu: 8 devices, 4 chips."""
+  return aot.Topology('tpu7x:2x2x1', aot.CHIPS['tpu7x'], type('Mesh', (), {'size': 8}), 1)
+
+
+def test_the_bill_is_chips_times_price_times_hours_or_asks_for_a_price():
+  topology = tpu7x_slice()
+  assert topology.chips == 4 and topology.generation == 'tpu7x'
+  report = dict(run_lower_bound_s=1800.0, run_s=3600.0)
+  price = aot.Price(10.0, '--price', '2026-12-04')
+  assert preflight_cli.bill(report, topology, price) == (
+    '>= $20, about $40 (4 chips x $10.00 a chip-hour x the hours; on-demand, --price, 2026-12-04)'
+  )
+  assert '--price USD' in preflight_cli.bill(report, topology, aot.PRICES['tpu7x'])
+
+
+def test_tpu7x_figures_are_per_device_and_per_chip():
+  chip = aot.CHIPS['tpu7x']
+  assert chip.device_peak_flops == chip.peak_flops / 2
+  assert chip.device_hbm_bytes == 96 * aot.GiB
+  names = ('argument', 'output', 'alias', 'temp', 'generated_code')
+  memory = dict.fromkeys(names, 0) | dict(total=3 * aot.GiB)
+  report = dict(memory=memory, hbm_bytes=chip.device_hbm_bytes, devices_per_chip=2)
+  report['headroom_bytes'] = chip.device_hbm_bytes - memory['total']
+  lines = preflight_cli.format_memory(report)
+  assert lines[0].startswith('  per device (1/2 chip)')
+  assert lines[-1].split() == [
+    'per',
+    'chip',
+    '6.000',
+    'of',
+    '192.00',
+    'GiB',
+    'HBM',
+    '(2',
+    'devices)',
+  ]
 
 
 def test_the_largest_batch_is_found_by_doubling_then_bisecting(monkeypatch):

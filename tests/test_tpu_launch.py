@@ -104,6 +104,9 @@ POD += ['--bucket=gs://my-bucket', '--init_checkpoint=gs://my-bucket/init/resnet
     ('v4-32', 16, 4),
     ('v5p-8', 4, 1),
     ('v6e-8', 8, 1),
+    ('v6e-16', 16, 4),
+    ('tpu7x-8', 8, 1),  # 4 chips, two JAX devices each.
+    ('tpu7x-16', 16, 2),
   ],
 )
 def test_slice_devices_and_hosts(accelerator, devices, hosts):
@@ -225,6 +228,9 @@ def test_launcher_constants_match_the_config_and_the_notebook():
     ('v4-32', 'v4:2x2x4'),
     ('v5p-8', 'v5p:2x2x1'),
     ('v6e-8', 'v6e:2x4'),
+    ('v5litepod-1', 'v5e:1x1'),
+    ('tpu7x-8', 'tpu7x:2x2x1'),
+    ('tpu7x-16', 'tpu7x:2x2x2'),
   ],
 )
 def test_accelerator_topology(accelerator, topology):

@@ -24,12 +24,14 @@ RUNTIME_VERSIONS = {
   'v5litepod': 'v2-alpha-tpuv5-lite',
   'v5p': 'v2-alpha-tpuv5',
   'v6e': 'v2-alpha-tpuv6e',
+  'tpu7x': 'v2-alpha-tpu7-ubuntu2404',
 }
 REPO_URL = 'https://github.com/psp-jax/psp-jax.git'
 ROOT = pathlib.Path(__file__).resolve().parents[1]  # The preflight runs in this checkout.
 # The pre-flight's venv (Makefile: preflight-setup), relative to ROOT.
 PREFLIGHT_PYTHON = '.venv-tpu/bin/python'
-# Slice shapes of the Cloud TPU types, by chips (cloud.google.com/tpu/docs/v5e, v6e, v4, v5p).
+# Slice shapes of the Cloud TPU types, by chips (cloud.google.com/tpu/docs/v5e, v6e, v4, v5p,
+# tpu7x).
 _SHAPES_2D = {
   1: '1x1',
   4: '2x2',
@@ -49,7 +51,8 @@ _SHAPES_3D = {
   128: '4x4x8',
   256: '4x8x8',
 }
-_GENERATIONS = {'v4': 'v4', 'v5litepod': 'v5e', 'v5p': 'v5p', 'v6e': 'v6e'}
+_GENERATIONS = {'v4': 'v4', 'v5litepod': 'v5e', 'v5p': 'v5p', 'v6e': 'v6e', 'tpu7x': 'tpu7x'}
+_TWO_CORES = ('v4', 'v5p', 'tpu7x')  # Types whose N counts TensorCores, two a chip.
 ADE20K_URL = 'http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip'
 # On every worker (the images ship Python 3.10; uv brings a 3.12 for the project).
 REPO, VENV = '$HOME/psp-jax', '$HOME/psp-venv'
@@ -83,20 +86,21 @@ class Slice:
 def slice_of(accelerator: str) -> Slice:
   """Devices and hosts of an accelerator type such as v5litepod-8 or v4-32.
 
-  v4 and v5p count TensorCores, two per chip, and JAX sees one device per chip; v5e
+  v4, v5p and tpu7x count TensorCores, two per chip: JAX sees one device per chip on v4
+  and v5p (megacore), one per TensorCore on tpu7x (tpu7x-8: 4 chips, 8 devices). v5e
   (v5litepod) and v6e count chips. A host has 4 chips, except the single-host 8-chip v5e
   and v6e machines.
   """
-  match = re.fullmatch(r'(v4|v5litepod|v5p|v6e)-(\d+)', accelerator)
+  match = re.fullmatch(r'(v4|v5litepod|v5p|v6e|tpu7x)-(\d+)', accelerator)
   if not match:
     raise ValueError(
-      f'--accelerator {accelerator}: expected v4-N, v5litepod-N, v5p-N or v6e-N '
-      '(e.g. v5litepod-8, v4-32)'
+      f'--accelerator {accelerator}: expected v4-N, v5litepod-N, v5p-N, v6e-N or tpu7x-N '
+      '(e.g. v5litepod-8, v4-32, tpu7x-8)'
     )
   family, count = match.group(1), int(match.group(2))
-  chips = count // 2 if family in ('v4', 'v5p') else count
+  chips = count // 2 if family in _TWO_CORES else count
   hosts = 1 if chips <= (8 if family in ('v5litepod', 'v6e') else 4) else chips // 4
-  return Slice(devices=chips, hosts=hosts)
+  return Slice(devices=count if family == 'tpu7x' else chips, hosts=hosts)
 
 
 def topology_of(accelerator: str) -> str:
@@ -105,9 +109,9 @@ def topology_of(accelerator: str) -> str:
   Raises:
     ValueError: a type without a known slice shape.
   """
-  chips = slice_of(accelerator).devices
   family = accelerator.split('-')[0]
-  shapes = _SHAPES_3D if family in ('v4', 'v5p') else _SHAPES_2D
+  chips = slice_of(accelerator).devices // (2 if family == 'tpu7x' else 1)
+  shapes = _SHAPES_3D if family in _TWO_CORES else _SHAPES_2D
   if chips not in shapes:
     raise ValueError(f'--accelerator {accelerator}: no slice shape known for {chips} chips')
   return f'{_GENERATIONS[family]}:{shapes[chips]}'

@@ -32,13 +32,40 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """Public per-chip figures of a TPU generation (peak_flops: bfloat16 MXU)."""
+  """Public per-chip figures of a TPU generation (peak_flops: bfloat16 MXU).
+
+  devices_per_chip: JAX devices a chip shows (TPU7x: one a TensorCore, two a chip; the
+  others one a chip). A compiled program is per device: its memory is set against
+  hbm_bytes / devices_per_chip and its FLOPs against peak_flops / devices_per_chip.
+  """
 
   name: str
   peak_flops: float
   hbm_bytes: int
   hbm_bytes_per_s: float
   source: str
+  devices_per_chip: int = 1
+
+  @property
+  def device_peak_flops(self) -> float:
+    return self.peak_flops / self.devices_per_chip
+
+  @property
+  def device_hbm_bytes(self) -> int:
+    return self.hbm_bytes // self.devices_per_chip
+
+  @property
+  def device_hbm_bytes_per_s(self) -> float:
+    return self.hbm_bytes_per_s / self.devices_per_chip
+
+
+@dataclasses.dataclass(frozen=True)
+class Price:
+  """On-demand list price of one chip-hour, as a public page showed it on `date`."""
+
+  usd_per_chip_hour: float
+  source: str
+  date: str
 
 
 # HBM in GiB: the pages say 'GB' or 'GiB', and libtpu's limit for a 16 GiB v5e is 15.75 GiB.
@@ -47,12 +74,24 @@ CHIPS = {
   'v5e': Chip('TPU v5e', 197e12, 16 * GiB, 819e9, 'https://cloud.google.com/tpu/docs/v5e'),
   'v5p': Chip('TPU v5p', 459e12, 95 * GiB, 2765e9, 'https://cloud.google.com/tpu/docs/v5p'),
   'v6e': Chip('TPU v6e', 918e12, 32 * GiB, 1638e9, 'https://cloud.google.com/tpu/docs/v6e'),
+  'tpu7x': Chip('TPU7x', 2307e12, 192 * GiB, 7380e9, 'https://cloud.google.com/tpu/docs/tpu7x', 2),
+}
+# The one price table (on-demand, USD per chip-hour, the lowest region seen); None where no
+# public list price was found (TPU7x is sold by reservation; v4's page was not checked):
+# the pre-flight then asks for --price. Prices change: check the page before quoting.
+_PRICING = 'https://cloud.google.com/tpu/pricing'
+PRICES = {
+  'v4': None,
+  'v5e': Price(1.20, _PRICING, '2026-12-03'),
+  'v5p': Price(4.20, _PRICING, '2026-12-03'),
+  'v6e': Price(2.70, _PRICING, '2026-12-03'),
+  'tpu7x': None,
 }
 TOPOLOGY_FORMS = (
-  'v5e:AxB or v6e:AxB (e.g. v5e:2x2, v5e:2x4, v5e:4x4, v6e:2x4) and '
-  'v4:AxBxC or v5p:AxBxC (e.g. v4:2x2x1, v5p:2x2x1)'
+  'v5e:AxB or v6e:AxB (e.g. v5e:1x1, v5e:2x4, v5e:4x4, v6e:2x4) and '
+  'v4:AxBxC, v5p:AxBxC or tpu7x:AxBxC (e.g. v4:2x2x1, v5p:2x2x1, tpu7x:2x2x1)'
 )
-_TOPOLOGY = re.compile(r'(v5e|v6e):\d+x\d+|(v4|v5p):\d+x\d+x\d+')
+_TOPOLOGY = re.compile(r'(v5e|v6e):\d+x\d+|(v4|v5p|tpu7x):\d+x\d+x\d+')
 # An async pair (-start / -done) counts once, at its -done, whose shape is the result alone
 # (a -start's shape is a tuple that also holds the operands).
 _OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(hbm.COLLECTIVES) + r')(-done)?\(')
@@ -92,6 +131,16 @@ class Topology:
   mesh: Mesh
   hosts: int
 
+  @property
+  def generation(self) -> str:
+    """The CHIPS and PRICES key, e.g. 'v5e'."""
+    return self.name.split(':')[0]
+
+  @property
+  def chips(self) -> int:
+    """Chips of the slice (mesh.size counts JAX devices: twice the chips on TPU7x)."""
+    return self.mesh.size // self.chip.devices_per_chip
+
 
 @contextlib.contextmanager
 def _native_stderr_discarded() -> Iterator[None]:
@@ -117,13 +166,14 @@ def topology_mesh(name: str) -> Topology:
 
   Hosts are as on Cloud TPU VMs: 8 chips on one host for v5e and v6e slices of up to
   8 chips, 4 chips a host otherwise (libtpu's default puts 4 on every host). v4 is
-  described in megacore mode: one JAX device per chip, as on a v4 VM.
+  described in megacore mode: one JAX device per chip, as on a v4 VM; TPU7x shows one
+  device per TensorCore, two a chip (tpu7x:2x2x1: 4 chips, 8 devices).
 
   Args:
     name: e.g. 'v5e:2x4' (a v5litepod-8), 'v4:2x2x1' (a v4-8).
 
   Returns:
-    Topology; mesh.size is the number of chips.
+    Topology; mesh.size is the number of JAX devices (chips, but for TPU7x's two a chip).
 
   Raises:
     TopologyError: a name outside TOPOLOGY_FORMS, or one libtpu rejects.
@@ -275,7 +325,7 @@ def compile_program(program: Program, chip: Chip) -> tuple[Any, float]:
     text = str(e)
     if 'RESOURCE_EXHAUSTED' not in text:
       raise
-    needed, available = hbm_shortfall(text, chip.hbm_bytes)
+    needed, available = hbm_shortfall(text, chip.device_hbm_bytes)
     raise DoesNotFitError(program, needed, available, text.strip().splitlines()[0]) from None
   return compiled, time.perf_counter() - started
 
@@ -327,7 +377,8 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
     steps: steps of the run, for the wall-time bound (None: no bound).
 
   Returns:
-    {'what', 'compile_s', 'memory' (per chip, see `memory`), 'hbm_bytes', 'headroom_bytes',
+    {'what', 'compile_s', 'devices_per_chip', 'memory' (per device, see `memory`; a device is
+    a chip but on TPU7x), 'hbm_bytes' and 'headroom_bytes' (a device's),
     'flops' (XLA's cost model), 'xla_bytes_accessed' (XLA's cost model: on TPU it counts a
     matmul or convolution several times over), 'hbm_traffic' (our estimate, psp_jax/train/
     hbm.py), 'traffic_exact', 'collectives' (per chip and step), 'compute_s' (FLOPs at the
@@ -348,14 +399,17 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
   # cost_analysis()['optimal_seconds'] comes out negative for compile-only devices: the
   # bound is computed here. float32 uses the bfloat16 peak too: JAX's default matmul
   # precision runs float32 matmuls as bfloat16 passes on TPU, and a bound must not be high.
-  compute_s, memory_s = flops / chip.peak_flops, traffic.bytes / chip.hbm_bytes_per_s
+  # Per device: a TPU7x device is half a chip (its TensorCore, half the HBM and bandwidth).
+  compute_s = flops / chip.device_peak_flops
+  memory_s = traffic.bytes / chip.device_hbm_bytes_per_s
   step_s = max(compute_s, memory_s)
   return dict(
     what=program.what,
     compile_s=compile_s,
+    devices_per_chip=chip.devices_per_chip,
     memory=mem,
-    hbm_bytes=chip.hbm_bytes,
-    headroom_bytes=chip.hbm_bytes - mem['total'],
+    hbm_bytes=chip.device_hbm_bytes,
+    headroom_bytes=chip.device_hbm_bytes - mem['total'],
     flops=flops,
     xla_bytes_accessed=accessed,
     hbm_traffic=traffic.bytes,
