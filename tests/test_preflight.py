@@ -17,7 +17,7 @@ import pytest
 from psp_jax import preflight as preflight_cli
 from psp_jax.train import aot
 
-from helpers import ROOT
+from helpers import ROOT, parameters_index, read_notebook
 
 # A tiny PSPNet (tests/test_train.py's sizes): a compile that fits still takes 2-4 minutes
 # (slow); one that does not fit fails in seconds.
@@ -242,3 +242,27 @@ def test_config_mistakes_get_the_commands_one_message(tpu_python):
   assert proc.returncode == 1, proc.stderr[-3000:]
   (error,) = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
   assert 'batch_size' in error and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_the_notebooks_training_fits_colabs_one_v5e_chip(tpu_python, tmp_path):
+  """Colab's TPU runtime is one v5e chip: the notebook's train.py run compiles for v5e:1x1."""
+  notebook = read_notebook()
+  parameters: dict = {}
+  exec(notebook.cells[parameters_index(notebook)].source, parameters)  # Constants only.
+  train = next(c.source for c in notebook.cells if "'train.py', '--config=" in c.source)
+  assert "'--config=configs/synthetic.py'" in train  # The config compiled below.
+  out = tmp_path / 'report.json'
+  proc = preflight(
+    tpu_python,
+    '--config=configs/synthetic.py',
+    '--topology=v5e:1x1',
+    f'--config.num_train_steps={parameters["TRAIN_STEPS"]}',
+    f'--config.batch_size={parameters["BATCH_SIZE"]}',
+    f'--json={out}',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = json.loads(out.read_text())
+  assert report['fits'] and (report['chips'], report['hosts']) == (1, 1)
+  assert 0 < report['train']['memory']['total'] < aot.CHIPS['v5e'].hbm_bytes
