@@ -200,7 +200,8 @@ def write_table(results: dict[Row, dict | None], out: pathlib.Path) -> None:
     f'Written by `benchmarks/tpu_preflight.py`: `psp_jax.preflight` per row, jax '
     f'{versions.get("jax", "?")}, jaxlib {versions.get("jaxlib", "?")}, libtpu '
     f'{versions.get("libtpu", "?")}; {compiled} of {len(results)} rows compiled. Figures are '
-    "per chip, from XLA's `memory_analysis()` and `cost_analysis()` of the program libtpu "
+    "per chip (on TPU7x per JAX device, half a chip), from XLA's `memory_analysis()` and "
+    '`cost_analysis()` of the program libtpu '
     "compiles for the slice; the global batch is the recipe's 16, split over the chips. "
     '"live" = arguments + outputs - aliased (the donated state) + temporaries + code. XLA\'s '
     '"bytes accessed" counts a TPU matmul or convolution several times over and is shown, not '
