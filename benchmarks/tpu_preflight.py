@@ -186,12 +186,12 @@ NOTES_MARKER = '\n<!-- Notes: kept when benchmarks/tpu_preflight.py rewrites the
 def write_table(results: dict[Row, dict | None], out: pathlib.Path) -> None:
   """The Markdown page: what was measured, the chip figures, the table."""
   versions = next((r['versions'] for r in results.values() if r and 'versions' in r), {})
-  from psp_jax.train import aot  # noqa: PLC0415 (after sys.path is set)
+  from psp_jax.train import tpu_chips  # noqa: PLC0415 (after sys.path is set)
 
   chips = [
     f'| {k} | {c.peak_flops / 1e12:.0f} | {c.hbm_bytes / GiB:.0f} | {c.hbm_bytes_per_s / 1e9:.0f} '
     f'| {c.source} |'
-    for k, c in aot.CHIPS.items()
+    for k, c in tpu_chips.CHIPS.items()
   ]
   compiled = sum(1 for r in results.values() if r and 'train' in r)
   lines = [

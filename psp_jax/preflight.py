@@ -8,7 +8,7 @@ compiles, with libtpu for the described slice, the train step exactly as train.p
 and the window step of psp_jax.evaluate, and prints per chip the memory XLA assigns against
 the chip's HBM, the FLOPs of a step (a lower bound on its time at the chip's peak), our
 estimate of its HBM traffic beside XLA's count, its collectives, the roofline estimate, and
-the recipe's hours and dollars (chips x on-demand price x hours; aot.PRICES, or --price).
+the recipe's hours and dollars (chips x on-demand price x hours; tpu_chips.PRICES, or --price).
 On TPU7x, whose chips show two JAX devices each, figures are per device and per chip.
 Exit status 1, with one message, when the step does not fit a chip or a config value cannot
 work; 2 for a bad topology, flag or config key. `make preflight-setup` creates .venv-tpu.
@@ -38,7 +38,7 @@ from psp_jax import errors  # noqa: E402
 from psp_jax.data import datasets  # noqa: E402
 from psp_jax.inference import planning, sliding_window  # noqa: E402
 from psp_jax.models import codec  # noqa: E402
-from psp_jax.train import aot, config_checks  # noqa: E402
+from psp_jax.train import aot, config_checks, tpu_chips  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +50,9 @@ def define_flags() -> None:
   flags.DEFINE_boolean('max_batch', False, 'Also find the largest global batch that fits.')
   flags.DEFINE_boolean('eval', True, "Also compile psp_jax.evaluate's window step.")
   flags.DEFINE_boolean('breakdown', False, "The train step's HBM estimate and FLOPs by part.")
-  flags.DEFINE_float('price', None, 'USD per chip-hour (default: the price table, aot.PRICES).')
+  flags.DEFINE_float(
+    'price', None, 'USD per chip-hour (default: the price table, tpu_chips.PRICES).'
+  )
   flags.DEFINE_string('json', None, 'Write the report as JSON to this file.')
 
 
@@ -128,7 +130,7 @@ def versions() -> dict[str, str]:
 
 
 def _gib(n: float) -> str:
-  return f'{n / aot.GiB:.3f}'
+  return f'{n / tpu_chips.GiB:.3f}'
 
 
 def format_memory(report: dict[str, Any]) -> list[str]:
@@ -147,12 +149,12 @@ def format_memory(report: dict[str, Any]) -> list[str]:
   lines += [f'  {label:<22}{_gib(mem[key]):>7}' for key, label in names]
   free = report['headroom_bytes']
   lines.append(
-    f'  {"total live":<22}{_gib(mem["total"]):>7} of {hbm / aot.GiB:.2f} GiB HBM: '
-    f'{free / aot.GiB:.2f} GiB headroom ({100 * free / hbm:.0f}%)'
+    f'  {"total live":<22}{_gib(mem["total"]):>7} of {hbm / tpu_chips.GiB:.2f} GiB HBM: '
+    f'{free / tpu_chips.GiB:.2f} GiB headroom ({100 * free / hbm:.0f}%)'
   )
   if per > 1:
     lines.append(
-      f'  {"per chip":<22}{_gib(per * mem["total"]):>7} of {per * hbm / aot.GiB:.2f} GiB HBM '
+      f'  {"per chip":<22}{_gib(per * mem["total"]):>7} of {per * hbm / tpu_chips.GiB:.2f} GiB HBM '
       f'({per} devices)'
     )
   return lines
@@ -175,7 +177,7 @@ def _size(n: int) -> str:
   return f'{n / 1e6:.1f} MB' if n >= 100_000 else f'{n:,} B'
 
 
-def bill(report: dict[str, Any], topology: aot.Topology, price: aot.Price | None) -> str:
+def bill(report: dict[str, Any], topology: aot.Topology, price: tpu_chips.Price | None) -> str:
   """The recipe's dollars: chips x price x hours, at the FLOP bound and the estimate."""
   if price is None:
     return (
@@ -191,7 +193,7 @@ def bill(report: dict[str, Any], topology: aot.Topology, price: aot.Price | None
 
 
 def format_train(
-  report: dict[str, Any], topology: aot.Topology, run: str, price: aot.Price | None = None
+  report: dict[str, Any], topology: aot.Topology, run: str, price: tpu_chips.Price | None = None
 ) -> list[str]:
   """The train step's lines: memory, cost, collectives, roofline, the time and bill of `run`."""
   chip = topology.chip
@@ -269,11 +271,11 @@ def main(argv: list[str]) -> None:
   topology = aot.topology_mesh(FLAGS.topology)
   steps = aot.total_steps(config)
   train = aot.train_program(config, topology)
-  price = aot.PRICES[topology.generation]
+  price = tpu_chips.PRICES[topology.generation]
   if FLAGS.price is not None:
     if FLAGS.price <= 0:
       raise errors.UsageError(f'--price {FLAGS.price}: give USD per chip-hour, above 0')
-    price = aot.Price(FLAGS.price, '--price', datetime.date.today().isoformat())
+    price = tpu_chips.Price(FLAGS.price, '--price', datetime.date.today().isoformat())
   window_step = eval_program(config, topology) if FLAGS.eval else None  # Checks config.eval.
   chip = topology.chip
   head = (

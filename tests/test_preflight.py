@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 
 from psp_jax import preflight as preflight_cli
-from psp_jax.train import aot
+from psp_jax.train import aot, tpu_chips
 
 from helpers import ROOT, parameters_index, read_notebook
 
@@ -51,7 +51,7 @@ def test_a_config_that_fits(tpu_python, tmp_path):
     assert line in proc.stdout
   assert 'by model part' in proc.stdout and "XLA's cost model:" in proc.stdout
   assert 'fits: yes' in proc.stdout and '4 x TPU v5e, 1 host' in proc.stdout
-  price = aot.PRICES['v5e']
+  price = tpu_chips.PRICES['v5e']
   assert f'4 chips x ${price.usd_per_chip_hour:.2f} a chip-hour' in proc.stdout
   assert 'compiling train step (PSPNet-18, batch 8, crop 65x65, float32)' in proc.stderr
   report = json.loads(out.read_text())
@@ -156,8 +156,8 @@ def test_an_out_of_memory_compile_becomes_one_message():
     'RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
     'temporaries (22.37G) exceeds available HBM (15.75G).'
   )
-  needed, available = aot.hbm_shortfall(text, 16 * aot.GiB)
-  assert (needed, available) == (int(22.37 * aot.GiB), int(15.75 * aot.GiB))
+  needed, available = aot.hbm_shortfall(text, 16 * tpu_chips.GiB)
+  assert (needed, available) == (int(22.37 * tpu_chips.GiB), int(15.75 * tpu_chips.GiB))
   error = aot.DoesNotFitError(program, needed, available, text)
   assert str(error) == (
     'train step (x) does not fit: 22.37 GiB a chip, 15.75 GiB available: 6.62 GiB missing. '
@@ -166,34 +166,34 @@ def test_an_out_of_memory_compile_becomes_one_message():
 
 
 def test_every_chip_has_a_price_row_with_its_source_and_date_or_none():
-  assert set(aot.PRICES) == set(aot.CHIPS)
-  for price in filter(None, aot.PRICES.values()):
+  assert set(tpu_chips.PRICES) == set(tpu_chips.CHIPS)
+  for price in filter(None, tpu_chips.PRICES.values()):
     assert price.usd_per_chip_hour > 0 and price.source.startswith('https://')
     assert datetime.date.fromisoformat(price.date)
 
 
 def tpu7x_slice() -> aot.Topology:
   """tpu7x:2x2x1 without libtpu: 8 devices, 4 chips."""
-  return aot.Topology('tpu7x:2x2x1', aot.CHIPS['tpu7x'], type('Mesh', (), {'size': 8}), 1)
+  return aot.Topology('tpu7x:2x2x1', tpu_chips.CHIPS['tpu7x'], type('Mesh', (), {'size': 8}), 1)
 
 
 def test_the_bill_is_chips_times_price_times_hours_or_asks_for_a_price():
   topology = tpu7x_slice()
   assert topology.chips == 4 and topology.generation == 'tpu7x'
   report = dict(run_lower_bound_s=1800.0, run_s=3600.0)
-  price = aot.Price(10.0, '--price', '2026-12-04')
+  price = tpu_chips.Price(10.0, '--price', '2026-12-04')
   assert preflight_cli.bill(report, topology, price) == (
     '>= $20, about $40 (4 chips x $10.00 a chip-hour x the hours; on-demand, --price, 2026-12-04)'
   )
-  assert '--price USD' in preflight_cli.bill(report, topology, aot.PRICES['tpu7x'])
+  assert '--price USD' in preflight_cli.bill(report, topology, tpu_chips.PRICES['tpu7x'])
 
 
 def test_tpu7x_figures_are_per_device_and_per_chip():
-  chip = aot.CHIPS['tpu7x']
+  chip = tpu_chips.CHIPS['tpu7x']
   assert chip.device_peak_flops == chip.peak_flops / 2
-  assert chip.device_hbm_bytes == 96 * aot.GiB
+  assert chip.device_hbm_bytes == 96 * tpu_chips.GiB
   names = ('argument', 'output', 'alias', 'temp', 'generated_code')
-  memory = dict.fromkeys(names, 0) | dict(total=3 * aot.GiB)
+  memory = dict.fromkeys(names, 0) | dict(total=3 * tpu_chips.GiB)
   report = dict(memory=memory, hbm_bytes=chip.device_hbm_bytes, devices_per_chip=2)
   report['headroom_bytes'] = chip.device_hbm_bytes - memory['total']
   lines = preflight_cli.format_memory(report)
@@ -215,7 +215,9 @@ def test_the_largest_batch_is_found_by_doubling_then_bisecting(monkeypatch):
   """Batch 16 on 4 chips (steps of 4), a slice that holds at most 40: 16 32 64, 48 40 44."""
   config = ml_collections.ConfigDict(dict(batch_size=16, optim=dict(grad_accum_steps=1)))
   config.optim.loss_groups = 1
-  topology = aot.Topology('v5e:2x2', aot.CHIPS['v5e'], mesh=type('Mesh', (), {'size': 4}), hosts=1)
+  topology = aot.Topology(
+    'v5e:2x2', tpu_chips.CHIPS['v5e'], mesh=type('Mesh', (), {'size': 4}), hosts=1
+  )
 
   def build(trial, topology):
     return aot.Program('train step', None, (), {}, trial.batch_size, 'smaller')
@@ -265,4 +267,4 @@ def test_the_notebooks_training_fits_colabs_one_v5e_chip(tpu_python, tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   report = json.loads(out.read_text())
   assert report['fits'] and (report['chips'], report['hosts']) == (1, 1)
-  assert 0 < report['train']['memory']['total'] < aot.CHIPS['v5e'].hbm_bytes
+  assert 0 < report['train']['memory']['total'] < tpu_chips.CHIPS['v5e'].hbm_bytes

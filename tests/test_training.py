@@ -8,7 +8,7 @@ import pytest
 
 from psp_jax import distributed
 from psp_jax.data import pipeline
-from psp_jax.train import aot, training
+from psp_jax.train import aot, tpu_chips, training
 
 from helpers import BATCH, CROP, PIPELINE_CROP, data_config, source, tiny_config
 
@@ -54,7 +54,7 @@ def test_preflight_lowers_the_program_the_loop_builds(mesh):
   """aot.train_program is training.build for 'tpu': the same lowered program, same inputs."""
   config = tiny_config()
   config.model.dtype = 'auto'  # 'tpu' makes it bfloat16, as the pre-flight reports.
-  topology = aot.Topology('test', aot.CHIPS['v5e'], mesh, hosts=1)
+  topology = aot.Topology('test', tpu_chips.CHIPS['v5e'], mesh, hosts=1)
   program = aot.train_program(config, topology)
   built = training.build(config, mesh, 'tpu', aot.total_steps(config))
   assert built.model_config['dtype'] == 'bfloat16'

@@ -25,68 +25,8 @@ from jax.sharding import Mesh
 
 from psp_jax import distributed, errors
 from psp_jax.data import datasets
-from psp_jax.train import config_checks, hbm, training
+from psp_jax.train import config_checks, hbm, tpu_chips, training
 
-GiB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Public per-chip figures of a TPU generation (peak_flops: bfloat16 MXU).
-
-  devices_per_chip: JAX devices a chip shows (TPU7x: one a TensorCore, two a chip; the
-  others one a chip). A compiled program is per device: its memory is set against
-  hbm_bytes / devices_per_chip and its FLOPs against peak_flops / devices_per_chip.
-  """
-
-  name: str
-  peak_flops: float
-  hbm_bytes: int
-  hbm_bytes_per_s: float
-  source: str
-  devices_per_chip: int = 1
-
-  @property
-  def device_peak_flops(self) -> float:
-    return self.peak_flops / self.devices_per_chip
-
-  @property
-  def device_hbm_bytes(self) -> int:
-    return self.hbm_bytes // self.devices_per_chip
-
-  @property
-  def device_hbm_bytes_per_s(self) -> float:
-    return self.hbm_bytes_per_s / self.devices_per_chip
-
-
-@dataclasses.dataclass(frozen=True)
-class Price:
-  """On-demand list price of one chip-hour, as a public page showed it on `date`."""
-
-  usd_per_chip_hour: float
-  source: str
-  date: str
-
-
-# HBM in GiB: the pages say 'GB' or 'GiB', and libtpu's limit for a 16 GiB v5e is 15.75 GiB.
-CHIPS = {
-  'v4': Chip('TPU v4', 275e12, 32 * GiB, 1200e9, 'https://cloud.google.com/tpu/docs/v4'),
-  'v5e': Chip('TPU v5e', 197e12, 16 * GiB, 819e9, 'https://cloud.google.com/tpu/docs/v5e'),
-  'v5p': Chip('TPU v5p', 459e12, 95 * GiB, 2765e9, 'https://cloud.google.com/tpu/docs/v5p'),
-  'v6e': Chip('TPU v6e', 918e12, 32 * GiB, 1638e9, 'https://cloud.google.com/tpu/docs/v6e'),
-  'tpu7x': Chip('TPU7x', 2307e12, 192 * GiB, 7380e9, 'https://cloud.google.com/tpu/docs/tpu7x', 2),
-}
-# The one price table (on-demand, USD per chip-hour, the lowest region seen); None where no
-# public list price was found (TPU7x is sold by reservation; v4's page was not checked):
-# the pre-flight then asks for --price. Prices change: check the page before quoting.
-_PRICING = 'https://cloud.google.com/tpu/pricing'
-PRICES = {
-  'v4': None,
-  'v5e': Price(1.20, _PRICING, '2026-12-03'),
-  'v5p': Price(4.20, _PRICING, '2026-12-03'),
-  'v6e': Price(2.70, _PRICING, '2026-12-03'),
-  'tpu7x': None,
-}
 TOPOLOGY_FORMS = (
   'v5e:AxB or v6e:AxB (e.g. v5e:1x1, v5e:2x4, v5e:4x4, v6e:2x4) and '
   'v4:AxBxC, v5p:AxBxC or tpu7x:AxBxC (e.g. v4:2x2x1, v5p:2x2x1, tpu7x:2x2x1)'
@@ -112,11 +52,11 @@ class DoesNotFitError(errors.UserError, RuntimeError):
 
   def __init__(self, program: 'Program', needed: int | None, available: int, detail: str):
     if needed is None:
-      amount = f'more than the {available / GiB:.2f} GiB of HBM a chip has ({detail})'
+      amount = f'more than the {available / tpu_chips.GiB:.2f} GiB of HBM a chip has ({detail})'
     else:
       amount = (
-        f'{needed / GiB:.2f} GiB a chip, {available / GiB:.2f} GiB available: '
-        f'{(needed - available) / GiB:.2f} GiB missing'
+        f'{needed / tpu_chips.GiB:.2f} GiB a chip, {available / tpu_chips.GiB:.2f} GiB available: '
+        f'{(needed - available) / tpu_chips.GiB:.2f} GiB missing'
       )
     super().__init__(f'{program.what} does not fit: {amount}. To fit: {program.remedy}.')
     self.needed, self.available = needed, available
@@ -127,13 +67,13 @@ class Topology:
   """A described TPU slice: its compile-only devices as the training mesh."""
 
   name: str
-  chip: Chip
+  chip: tpu_chips.Chip
   mesh: Mesh
   hosts: int
 
   @property
   def generation(self) -> str:
-    """The CHIPS and PRICES key, e.g. 'v5e'."""
+    """The key of tpu_chips.CHIPS and tpu_chips.PRICES, e.g. 'v5e'."""
     return self.name.split(':')[0]
 
   @property
@@ -204,7 +144,9 @@ def topology_mesh(name: str) -> Topology:
       f'--topology {name!r}: libtpu rejects it ({e}); use {TOPOLOGY_FORMS}.'
     ) from None
   hosts = len({d.process_index for d in devices})
-  return Topology(name.strip(), CHIPS[generation], distributed.create_mesh(devices), hosts)
+  return Topology(
+    name.strip(), tpu_chips.CHIPS[generation], distributed.create_mesh(devices), hosts
+  )
 
 
 @dataclasses.dataclass
@@ -308,7 +250,7 @@ def hbm_shortfall(message: str, capacity: int) -> tuple[int | None, int]:
   return int(float(needed) * scale[unit]), int(float(available) * scale[unit2])
 
 
-def compile_program(program: Program, chip: Chip) -> tuple[Any, float]:
+def compile_program(program: Program, chip: tpu_chips.Chip) -> tuple[Any, float]:
   """Lowers and compiles a Program (progress on stderr).
 
   Returns:
