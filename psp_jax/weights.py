@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -38,6 +39,9 @@ TRAIN_DIRS = (BEST_DIR, LATEST_DIR)  # load_variables looks in this order
 COLLECTIONS = ('params', 'batch_stats')
 REASON_CHARS = 240  # of an error's first line in a message: tensorstore's run to kilobytes
 _ASYNCIO_LOOP = os.path.join('asyncio', 'base_events.py')
+_UNRETRIEVED = re.compile(r'\w+ exception was never retrieved')
+# tensorstore's error names its spec; orbax's wrapper of it points at 'full TensorStore details'.
+_TENSORSTORE_MARKS = ('[tensorstore_spec=', 'See full TensorStore details')
 
 
 class DamagedCheckpointError(errors.UnreadableFileError):
@@ -87,10 +91,25 @@ def quiet_abandoned_reads() -> None:
 
 
 def _abandoned_task(record: logging.LogRecord) -> bool:
-  """False (drop it) for asyncio's report of a tensorstore read error nobody awaited."""
+  """False (drop it) for asyncio's report of a tensorstore read error nobody awaited.
+
+  A Task's or a gather's (asyncio names the class: 'Task exception was never retrieved',
+  '_GatheringFuture exception ...'); the error is tensorstore's, or orbax's wrapper of it.
+  """
   error = record.exc_info[1] if record.exc_info else None
-  unretrieved = str(record.msg).startswith('Task exception was never retrieved')
-  return not (unretrieved and '[tensorstore_spec=' in str(error))
+  unretrieved = _UNRETRIEVED.match(str(record.msg)) is not None
+  return not (unretrieved and _from_tensorstore(error))
+
+
+def _from_tensorstore(error: BaseException | None) -> bool:
+  """Whether error, or one it was raised from or during, is a tensorstore read's."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if any(mark in str(error) for mark in _TENSORSTORE_MARKS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 def _loop_closed_in_asyncio(error: BaseException, tb: Any) -> bool:

@@ -215,12 +215,24 @@ def test_only_the_noise_of_abandoned_reads_is_dropped(monkeypatch):
   assert [u.exc_traceback for u in seen] == [closed.tb]  # Raised by Python code: kept.
   (task_filter,) = logging.getLogger('asyncio').filters
 
-  def record(error: Exception) -> logging.LogRecord:
-    message = 'Task exception was never retrieved\nfuture: <Task finished ...>'
+  def record(error: Exception, what: str = 'Task') -> logging.LogRecord:
+    message = f'{what} exception was never retrieved\nfuture: <{what} finished ...>'
     return logging.LogRecord('asyncio', logging.ERROR, '', 0, message, (), (None, error, None))
 
-  assert not task_filter(record(ValueError("DATA_LOSS: ... [tensorstore_spec='{}']")))
+  tensorstore = ValueError("OUT_OF_RANGE: ... [tensorstore_spec='{}']")
+  assert not task_filter(record(tensorstore))
+  # A gather of reads, with orbax's wrapper (seen in CI on 2026-12-04): dropped too.
+  wrapped = Exception(
+    'Encountered error while reading array index: (...). See full TensorStore '
+    'details: <bound method ... spec of TensorStore({...})>.'
+  )
+  assert not task_filter(record(wrapped, '_GatheringFuture'))
+  raised_from = Exception('a read failed')
+  raised_from.__cause__ = tensorstore
+  assert not task_filter(record(raised_from, '_GatheringFuture'))
   assert task_filter(record(ValueError('a task of the program')))
+  assert task_filter(record(ValueError('a gather of the program'), '_GatheringFuture'))
+  assert task_filter(logging.LogRecord('asyncio', logging.ERROR, '', 0, 'other', (), None))
 
 
 # --- End to end: train.py and psp_jax.evaluate. ---------------------------------------------
