@@ -163,6 +163,11 @@ def test_an_out_of_memory_compile_becomes_one_message():
     'train step (x) does not fit: 22.37 GiB a chip, 15.75 GiB available: 6.62 GiB missing. '
     'To fit: a smaller --config.batch_size.'
   )
+  # On TPU7x a compiled program is one device's, half a chip.
+  tpu7x = aot.DoesNotFitError(
+    program, None, available, 'out of HBM', tpu_chips.CHIPS['tpu7x'].device
+  )
+  assert 'more than the 15.75 GiB of HBM a device (1/2 chip) has (out of HBM)' in str(tpu7x)
 
 
 def test_every_chip_has_a_price_row_with_its_source_and_date_or_none():

@@ -43,20 +43,29 @@ class TopologyError(errors.UsageError, ValueError):
 
 
 class DoesNotFitError(errors.UserError, RuntimeError):
-  """A program needs more HBM than a chip has (libtpu's compile fails); str() says all.
+  """A program needs more HBM than a device has (libtpu's compile fails); str() says all.
 
   Attributes:
-    needed: bytes a chip would need (None if libtpu did not say).
-    available: bytes the compiler may use on a chip.
+    needed: bytes a device would need (None if libtpu did not say).
+    available: bytes the compiler may use on a device.
   """
 
-  def __init__(self, program: 'Program', needed: int | None, available: int, detail: str):
+  def __init__(
+    self,
+    program: 'Program',
+    needed: int | None,
+    available: int,
+    detail: str,
+    device: str = 'a chip',
+  ):
+    """device: Chip.device, what the bytes are of ('a chip'; on TPU7x a device, half one)."""
+    gib = tpu_chips.GiB
     if needed is None:
-      amount = f'more than the {available / tpu_chips.GiB:.2f} GiB of HBM a chip has ({detail})'
+      amount = f'more than the {available / gib:.2f} GiB of HBM {device} has ({detail})'
     else:
       amount = (
-        f'{needed / tpu_chips.GiB:.2f} GiB a chip, {available / tpu_chips.GiB:.2f} GiB available: '
-        f'{(needed - available) / tpu_chips.GiB:.2f} GiB missing'
+        f'{needed / gib:.2f} GiB {device}, {available / gib:.2f} GiB available: '
+        f'{(needed - available) / gib:.2f} GiB missing'
       )
     super().__init__(f'{program.what} does not fit: {amount}. To fit: {program.remedy}.')
     self.needed, self.available = needed, available
@@ -232,12 +241,12 @@ def progress(what: str, every_s: float = 30.0) -> Iterator[None]:
 
 
 def hbm_shortfall(message: str, capacity: int) -> tuple[int | None, int]:
-  """(needed, available) bytes of a chip from libtpu's out-of-HBM message.
+  """(needed, available) bytes of a device from libtpu's out-of-HBM message.
 
   Args:
     message: e.g. '... required for HLO temporaries (22.37G) exceeds available HBM (15.75G).'
       (libtpu's G are GiB: a v5e's 16 GiB shows as 15.75G once the runtime's share is off).
-    capacity: the chip's HBM, the answer when the message gives no figures.
+    capacity: a device's HBM, the answer when the message gives no figures.
 
   Returns:
     (needed or None, available).
@@ -268,7 +277,8 @@ def compile_program(program: Program, chip: tpu_chips.Chip) -> tuple[Any, float]
     if 'RESOURCE_EXHAUSTED' not in text:
       raise
     needed, available = hbm_shortfall(text, chip.device_hbm_bytes)
-    raise DoesNotFitError(program, needed, available, text.strip().splitlines()[0]) from None
+    detail = text.strip().splitlines()[0]
+    raise DoesNotFitError(program, needed, available, detail, chip.device) from None
   return compiled, time.perf_counter() - started
 
 

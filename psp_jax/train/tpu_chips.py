@@ -26,6 +26,11 @@ class Chip:
   devices_per_chip: int = 1
 
   @property
+  def device(self) -> str:
+    """What a compiled program's figures are of, in words: 'a chip', 'a device (1/2 chip)'."""
+    return 'a chip' if self.devices_per_chip == 1 else f'a device (1/{self.devices_per_chip} chip)'
+
+  @property
   def device_peak_flops(self) -> float:
     return self.peak_flops / self.devices_per_chip
 
