@@ -124,7 +124,8 @@ def _cells(row: Row, result: dict | None) -> list[str]:
     return [*head, topology, *['-'] * 13, 'not run: time']
   if 'error' in result:
     return [*head, topology, *['-'] * 13, f'failed: {result["error"]}']
-  topology += f' ({result["chips"]} chips, {result["hosts"]} host{"s" * (result["hosts"] > 1)})'
+  chips, hosts = result['chips'], result['hosts']
+  topology += f' ({chips} chip{"s" * (chips > 1)}, {hosts} host{"s" * (hosts > 1)})'
   train = result.get('train')
   evaluation = result.get('eval')
   compile_s = [f'{r["compile_s"]:.0f}' for r in (train, evaluation) if r]
