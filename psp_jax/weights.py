@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from psp_jax import errors
+from psp_jax import digests, errors
 from psp_jax.interop import pth, semseg
 from psp_jax.models import codec
 from psp_jax.paths import as_path
@@ -171,6 +171,7 @@ def save_variables(
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(path / VARIABLES_DIR, tree)
   checkpointer.wait_until_finished()
+  (path / digests.FILE).write_text(json.dumps(digests.of_tree(tree), indent=1) + '\n')
   write_model_config(path, model_config)
   if dataset_meta:
     (path / META_FILE).write_text(json.dumps(dict(dataset_meta)) + '\n')
@@ -255,6 +256,55 @@ def _reading(path: epath.Path) -> Iterator[None]:
     ) from e
 
 
+def saved_digests(directory: str | os.PathLike) -> dict[str, Any] | None:
+  """The digests saved with a checkpoint (digests.py), None if it was written without them.
+
+  directory: a step directory (its digests item) or a weights directory (digests.json).
+  """
+  directory = as_path(directory)
+  item, file = directory / digests.ITEM, directory / digests.FILE
+  if item.is_dir():
+    with _reading(item):
+      return dict(ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(item))
+  if not file.is_file():
+    return None
+  try:
+    return dict(json.loads(file.read_text()))
+  except (ValueError, TypeError) as e:
+    raise DamagedCheckpointError(
+      f'{file} cannot be read ({reason(e)}): copy the weights again.'
+    ) from e
+
+
+def verify(tree: Any, directory: str | os.PathLike) -> None:
+  """Checks arrays restored from a checkpoint against the digests saved with them.
+
+  A checkpoint written before digests existed passes, with one warning that says so.
+
+  Args:
+    tree: what was restored (a TrainState, or a dict of some of its collections).
+    directory: the checkpoint it came from (see saved_digests).
+
+  Raises:
+    DamagedCheckpointError: naming the checkpoint and the first array that differs.
+  """
+  saved = saved_digests(directory)
+  if saved is None:
+    logging.warning(
+      '%s has no digests (it was written before psp-jax recorded them): its arrays are used '
+      'unchecked.',
+      directory,
+    )
+    return
+  differing = digests.mismatches(tree, saved)
+  if differing:
+    raise DamagedCheckpointError(
+      f'{directory} is damaged: {digests.describe(differing)} differ from the digest saved '
+      'with it (its bytes changed on disk after it was written). Copy it again from where it '
+      'was written, or choose another checkpoint.'
+    )
+
+
 def _steps(directory: epath.Path) -> list[int]:
   if not directory.is_dir():
     return []
@@ -264,6 +314,7 @@ def _steps(directory: epath.Path) -> list[int]:
 def _read_step_dir(step_dir: epath.Path) -> tuple[dict[str, Any], dict[str, Any]]:
   """A training step directory: state (orbax) + model_config (orbax JSON item)."""
   variables = _restore_numpy(step_dir / STATE_ITEM)
+  verify(variables, step_dir)
   config_dir = step_dir / MODEL_CONFIG_ITEM
   if config_dir.is_dir():
     with _reading(config_dir):
@@ -320,7 +371,9 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     if not (path / CONFIG_FILE).is_file():
       raise errors.NotFoundError(f'{path} has {VARIABLES_DIR}/ but no {CONFIG_FILE}')
     config = _read_model_config(path / CONFIG_FILE)
-    return _restore_numpy(path / VARIABLES_DIR), config
+    variables = _restore_numpy(path / VARIABLES_DIR)
+    verify(variables, path)
+    return variables, config
   if (path / STATE_ITEM).is_dir():  # The user named this step: no fallback.
     return _read_step_dir(path)
   candidates = [path / sub / str(step) for sub in TRAIN_DIRS for step in _steps(path / sub)[::-1]]

@@ -73,7 +73,10 @@ def damage(tree_dir: pathlib.Path, how: str) -> pathlib.Path:
       truncated: the largest file (array data) cut to half, as an interrupted copy leaves it;
       garbled: 16 bytes of the OCDBT manifest flipped (bit rot). It is checksummed; array
         data is not, so flipped bytes there can go unnoticed (orbax stores no checksum);
-      deleted: the largest file removed, so its arrays have no data at all.
+      deleted: the largest file removed, so its arrays have no data at all;
+      flipped (not in DAMAGES: orbax reads it without an error): 16 bytes in the middle of
+        the largest file xor'ed, as bit rot leaves array data; on incompressible arrays
+        (stored as they are) the restore gives other numbers, which only digests catch.
 
   Returns:
     The damaged file's path.
@@ -86,13 +89,13 @@ def damage(tree_dir: pathlib.Path, how: str) -> pathlib.Path:
   if how == 'deleted':
     largest.unlink()
     return largest
-  assert how == 'garbled', how
-  manifest = tree_dir / 'manifest.ocdbt'
-  data = bytearray(manifest.read_bytes())
+  assert how in ('garbled', 'flipped'), how
+  target = tree_dir / 'manifest.ocdbt' if how == 'garbled' else largest
+  data = bytearray(target.read_bytes())
   middle = len(data) // 2
   data[middle : middle + 16] = bytes(b ^ 0x5A for b in data[middle : middle + 16])
-  manifest.write_bytes(bytes(data))
-  return manifest
+  target.write_bytes(bytes(data))
+  return target
 
 
 def main() -> None:

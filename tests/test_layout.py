@@ -27,7 +27,7 @@ COMMANDS = {'psp_jax.evaluate', 'psp_jax.predict', 'psp_jax.convert', 'psp_jax.p
 COMMANDS |= {'psp_jax.experiment'}  # the training job: joins train/ and inference/
 COMMANDS |= {'psp_jax.export'}  # serving export: psp_jax.serving
 SHARED = {'psp_jax.paths', 'psp_jax.metrics', 'psp_jax.visualize', 'psp_jax.distributed'}
-SHARED |= {'psp_jax.runtime', 'psp_jax.sizes', 'psp_jax.errors'}
+SHARED |= {'psp_jax.runtime', 'psp_jax.sizes', 'psp_jax.errors', 'psp_jax.digests'}
 SHARED |= {'psp_jax.config_schema'}  # the experiment config: train/ checks it, inference/ reads it
 # room -> the rooms and modules it may import (besides itself and the shared leaves).
 ALLOWED = {
@@ -48,7 +48,11 @@ ALLOWED = {
 }
 SHARED_ALLOWED = {'psp_jax.paths': set(), 'psp_jax.metrics': set(), 'psp_jax.visualize': set()}
 SHARED_ALLOWED |= {'psp_jax.distributed': set(), 'psp_jax.runtime': set(), 'psp_jax.sizes': set()}
-SHARED_ALLOWED |= {'psp_jax.errors': set(), 'psp_jax.config_schema': set()}
+SHARED_ALLOWED |= {
+  'psp_jax.errors': set(),
+  'psp_jax.config_schema': set(),
+  'psp_jax.digests': set(),
+}
 
 
 def module_name(path: pathlib.Path) -> str:

@@ -16,11 +16,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from psp_jax import errors, paths, weights
+from psp_jax import digests, errors, paths, weights
 from psp_jax.train.train_state import TrainState
 
 # Also the keywords of the ocp.args.Composite saves and restores below.
-ITEMS = (weights.STATE_ITEM, weights.MODEL_CONFIG_ITEM)
+ITEMS = (weights.STATE_ITEM, weights.MODEL_CONFIG_ITEM, digests.ITEM)
 BEST_METRIC = 'mIoU'
 TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint still being written
 # Appended to a damaged step's directory: orbax takes only integer names for steps, so it
@@ -174,14 +174,21 @@ class Checkpoints:
   def restore(self, target: TrainState, step: int | None = None) -> TrainState:
     """The TrainState of `step` (default: newest), placed as target's shardings say.
 
+    Its arrays are checked against the digests saved with them (digests.py); one written
+    before digests existed is used unchecked, with a warning.
+
     Args:
       target: TrainState of jax.ShapeDtypeStruct with shardings (train_state.abstract_state).
       step: checkpoint step.
+
+    Raises:
+      weights.DamagedCheckpointError: an array differs from its digest (changed on disk).
     """
     step = self.latest.latest_step() if step is None else step
     restored = self.latest.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))
     )
+    weights.verify(restored['state'], self.latest.directory / str(step))
     return restored['state']
 
   def restore_newest(
@@ -302,7 +309,9 @@ class Checkpoints:
     self.latest.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), model_config=ocp.args.JsonSave(model_config)
+        state=ocp.args.StandardSave(state),
+        model_config=ocp.args.JsonSave(model_config),
+        digests=ocp.args.JsonSave(digests.of_tree(state)),
       ),
       force=True,
     )
@@ -325,11 +334,13 @@ class Checkpoints:
     step = int(jax.device_get(state.step))
     if step in self.best.all_steps():
       return False
-    weights = {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats}
+    kept = {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats}
     self.best.save(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardSave(weights), model_config=ocp.args.JsonSave(model_config)
+        state=ocp.args.StandardSave(kept),
+        model_config=ocp.args.JsonSave(model_config),
+        digests=ocp.args.JsonSave(digests.of_tree(kept)),
       ),
       metrics={k: float(v) for k, v in scalars.items()},
       force=True,
