@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 from absl import flags
 
 TRACEBACK_ENV = 'PSP_JAX_TRACEBACK'
+_CONFIG_FLAGS_SOURCE = os.path.join('ml_collections', 'config_flags', 'config_flags.py')
 
 
 class UserError(Exception):
@@ -86,10 +87,75 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = flags.FLAGS(argv)
   except flags.Error as e:
     exit_with(UsageError(f'{e}. Pass --helpfull for every flag.'), status=2)
-  except (AttributeError, KeyError) as e:  # An override of a config key that does not exist.
-    exit_with(UsageError(_config_key_message(argv, e)), status=2)
+  except Exception as e:
+    culprit = _failing_config_file(e)
+    if culprit:  # The config file's own code raised (a SyntaxError, a NameError, ...).
+      exit_with(UsageError(_config_file_message(culprit, e)), status=2)
+    if isinstance(e, AttributeError | KeyError):  # An override of a key that does not exist.
+      exit_with(UsageError(_config_key_message(argv, e)), status=2)
+    raise
+  _check_config_files(flags.FLAGS)
   none_overrides(argv)
   return rest
+
+
+def _failing_config_file(error: BaseException) -> str | None:
+  """The --config file whose own code raised error while ml_collections loaded it, if any."""
+  frames = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(error.__traceback__)]
+  loader = [i for i, f in enumerate(frames) if f.endswith(_CONFIG_FLAGS_SOURCE)]
+  if not loader:
+    return None
+  if isinstance(error, SyntaxError) and error.filename:
+    return error.filename
+  library = f'{os.sep}ml_collections{os.sep}'
+  return next((f for f in frames[loader[-1] + 1 :] if library not in f and f[:1] != '<'), None)
+
+
+def _config_files(flag_values: flags.FlagValues) -> dict[str, str]:
+  """{flag name: its config file} of the parsed config-file flags (ml_collections')."""
+  from ml_collections import config_flags  # noqa: PLC0415 (only commands with a --config)
+
+  files = {}
+  for name in flag_values:
+    flag = flag_values[name]
+    try:
+      if flag.present:
+        files[name] = config_flags.get_config_filename(flag)
+    except TypeError:  # Not a config flag.
+      continue
+  return files
+
+
+def _config_file_message(path: str, error: BaseException) -> str:
+  line = getattr(error, 'lineno', None)
+  if line is None:
+    line = next(
+      (
+        n
+        for frame, n in traceback.walk_tb(error.__traceback__)
+        if os.path.realpath(frame.f_code.co_filename) == os.path.realpath(path)
+      ),
+      None,
+    )
+  what = f'{type(error).__name__}: {getattr(error, "msg", None) or error}'
+  at = f' (line {line})' if line else ''
+  return f'--config {path} fails to load: {what}{at}. Fix the file, or pass another config.'
+
+
+def _check_config_files(flag_values: flags.FlagValues) -> None:
+  """One message for a --config file that could not be loaded (ml_collections defers it)."""
+  for name, path in _config_files(flag_values).items():
+    try:
+      getattr(flag_values[name].value, 'keys', None)  # A failed load raises on first access.
+    except OSError as e:
+      if not os.path.isfile(path):
+        message = (
+          f'--{name} {path}: no such file. Pass a config file: configs/ holds the recipes '
+          '(configs/synthetic.py, configs/ade20k.py, ...).'
+        )
+      else:
+        message = f'--{name} {path} cannot be read ({e.__cause__ or e}).'
+      exit_with(UsageError(message), status=2)
 
 
 def none_overrides(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> None:

@@ -148,6 +148,50 @@ def test_existing_results_are_not_overwritten(tmp_path, checkpoint):
   assert snapshot(out) == before
 
 
+def test_a_config_file_missing_or_broken_is_one_message_before_anything(tmp_path):
+  broken = tmp_path / 'broken.py'
+  broken.write_text('def get_config():\n  return (\n')
+  failing = tmp_path / 'failing.py'
+  failing.write_text('def get_config():\n  return undefined_name\n')
+  workdir = tmp_path / 'run'
+  for config, words in [
+    ('configs/nope.py', ('--config configs/nope.py: no such file', 'configs/synthetic.py')),
+    (broken, (f'--config {broken} fails to load: SyntaxError', '(line 2)')),
+    (failing, (f'--config {failing} fails to load: NameError', 'undefined_name', '(line 2)')),
+  ]:
+    refused(run('train.py', f'--config={config}', f'--workdir={workdir}'), 2, *words)
+    assert not workdir.exists()
+  proc = run('-m', 'psp_jax.evaluate', '--config=configs/nope.py', '--checkpoint=x')
+  refused(proc, 2, '--config configs/nope.py: no such file')
+
+
+def test_a_missing_init_checkpoint_or_list_file_is_refused_before_the_workdir(tmp_path):
+  workdir = tmp_path / 'run'
+  tiny = ['--config.num_train_steps=1', '--config.model.depth=18', '--config.model.width=4']
+  proc = run(
+    'train.py',
+    '--config=configs/synthetic.py',
+    f'--workdir={workdir}',
+    f'--config.init_checkpoint={tmp_path / "resnet50_v2.pth"}',
+    f'--config.data.data_dir={tmp_path / "tfds"}',
+    *tiny,
+  )
+  refused(proc, 1, f'config.init_checkpoint={tmp_path / "resnet50_v2.pth"}: no such file')
+  assert not workdir.exists()
+  (tmp_path / 'train.txt').write_text('images/a.jpg labels/a.png\n')
+  lists = ['--config.data.name=list', f'--config.data.root={tmp_path}']
+  lists += ['--config.data.train_list=train.txt', '--config.data.val_list=val.txt']
+  proc = run('train.py', '--config=configs/synthetic.py', f'--workdir={workdir}', *lists, *tiny)
+  refused(proc, 1, 'list source (train): 2 files do not exist', 'images/a.jpg')
+  (tmp_path / 'images').mkdir()
+  (tmp_path / 'labels').mkdir()
+  Image.new('RGB', (8, 8)).save(tmp_path / 'images' / 'a.jpg')
+  Image.new('L', (8, 8)).save(tmp_path / 'labels' / 'a.png')
+  proc = run('train.py', '--config=configs/synthetic.py', f'--workdir={workdir}', *lists, *tiny)
+  refused(proc, 1, 'config.data.val_list = val.txt is not a file')  # Validation's, up front.
+  assert not workdir.exists()
+
+
 def test_checkpoint_of_another_data_set(checkpoint):
   proc = run('-m', 'psp_jax.evaluate', '--config=configs/voc2012.py', f'--checkpoint={checkpoint}')
   refused(proc, 1, 'predicts 11 classes', 'num_classes is 21')

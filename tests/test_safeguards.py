@@ -14,6 +14,7 @@ import pytest
 from jax.experimental import multihost_utils
 
 from psp_jax import experiment, paths
+from psp_jax.data import sources
 from psp_jax.train import checkpointing, loop, safeguards, summaries
 from psp_jax.train.train_state import TrainState
 
@@ -129,6 +130,8 @@ def test_full_workdir_fails_before_anything_compiles(tmp_path, monkeypatch):
     raise AssertionError('jax.jit was called before the workdir was checked')
 
   monkeypatch.setattr(jax, 'jit', no_jit)
+  # The data are not this test's subject (tiny_config's ADE20K is not prepared here).
+  monkeypatch.setattr(sources, 'check_available', lambda data_config, splits: None)
   with pytest.raises(checkpointing.WorkdirError, match=r'0\.0 MiB free.*checkpoint.*MiB'):
     experiment.train_and_evaluate(tiny_config(), str(workdir))
   assert sorted(os.listdir(workdir)) == ['best', 'checkpoints', 'notes.txt']

@@ -319,6 +319,24 @@ def get_source(
   return reader(data_config, split, process_index, process_count, shuffle_seed)
 
 
+def check_available(data_config: Any, splits: tuple[str, ...]) -> None:
+  """Raises now what reading these splits would raise first, before a run writes anything.
+
+  A list file or folder that is missing, lists no examples or names missing files (unless
+  skip_bad_examples), a data set not prepared (the synthetic one is prepared), a split it
+  lacks, an unknown source.
+  """
+  for split in splits:
+    if data_config.name in ('list', 'folder'):
+      _file_pairs(data_config, split)
+    elif data_config.name in _SOURCES:
+      _tfds_split(_builder(data_config), split)
+    else:
+      raise errors.InvalidInputError(
+        f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.'
+      )
+
+
 def num_examples(data_config: Any, split: str) -> int:
   """Examples in a whole split (over all processes).
 

@@ -16,7 +16,7 @@ import numpy as np
 from flax import traverse_util
 from jax.sharding import Mesh
 
-from psp_jax import distributed, errors, runtime, weights
+from psp_jax import distributed, errors, paths, runtime, weights
 from psp_jax.data import classes, pipeline, sources
 from psp_jax.models import codec
 from psp_jax.train import checkpointing, config_checks, safeguards, summaries, train_state, training
@@ -61,6 +61,25 @@ def load_init_checkpoint(state: TrainState, path: str) -> TrainState:
     )
   logging.info('Initialised %d arrays from %s; kept fresh: %s', copied, path, skipped or 'none')
   return state
+
+
+def check_init_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses a config.init_checkpoint that does not exist, before the workdir is touched.
+
+  Only for a run that starts fresh: one that resumes (the workdir has checkpoints) never
+  reads it, so a path gone since the first start does not stop the resume.
+  """
+  path = config.init_checkpoint
+  if not path or paths.as_path(path).exists():
+    return
+  latest = paths.as_path(workdir) / weights.LATEST_DIR
+  if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
+    return
+  raise errors.NotFoundError(
+    f'config.init_checkpoint={path}: no such file or directory. Pass the path of a .pth '
+    '(e.g. resnet50_v2.pth), a weights directory (psp_jax.convert) or a training workdir; '
+    'nothing was written.'
+  )
 
 
 def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -157,10 +176,14 @@ def train(
   """
   config_checks.validate(config, device_count=jax.device_count(), process_count=jax.process_count())
   pipeline.train_augmenter(config.data)  # The data pipeline's keys, before anything is written.
+  # The files the run reads, before anything is written: the data (list files, folders,
+  # a prepared data set; the synthetic one is prepared here) and the init checkpoint.
+  runtime.setup_tensorflow()
+  sources.check_available(config.data, (config.data.train_split, config.data.eval_split))
+  check_init_checkpoint(config, workdir)
   checkpointing.check_workdir(workdir)
   with safeguards.StopRequest() as stop:
     logging.info('SIGTERM or Ctrl-C saves a checkpoint after the current step and stops.')
-    runtime.setup_tensorflow()
     platform = jax.devices()[0].platform
     num_train = None
     if config.num_train_steps <= 0:
