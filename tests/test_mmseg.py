@@ -10,6 +10,7 @@ import copy
 import functools
 import json
 import pathlib
+import pickle
 
 import jax
 import jax.numpy as jnp
@@ -321,7 +322,40 @@ def test_mmengine_training_checkpoint_is_refused_with_a_way_out(tmp_path):
   )
   with pytest.raises(OSError, match='mmengine training checkpoint') as info:
     weights.load_variables(tmp_path / 'iter_80000.pth')
-  assert 'HistoryBuffer' in str(info.value) and 'weights_only=False' in str(info.value)
+  assert 'HistoryBuffer' in str(info.value) and 'never unpickles them' in str(info.value)
+  # Nothing that would run the file's code is advised (torch's own message suggests it).
+  assert 'weights_only' not in str(info.value) and 'torch.load' not in str(info.value)
+
+
+def test_torchs_advice_to_load_unsafely_is_never_relayed(tmp_path, monkeypatch):
+  """torch.load's weights-only refusal suggests weights_only=False; our message drops it."""
+  advice = (
+    'Weights only load failed. This file can still be loaded, to do so you have two options. '
+    '\n\t(1) ... Re-running `torch.load` with `weights_only` set to `False` will likely '
+    'succeed, but it can result in arbitrary code execution.\n\t(2) ...\n\tWeightsUnpickler '
+    'error: Unsupported operand 149\n\nCheck the documentation of torch.load ...'
+  )
+
+  def refuse(*args, **kwargs):
+    raise pickle.UnpicklingError(advice)
+
+  (tmp_path / 'x.pth').write_bytes(b'PK')
+  monkeypatch.setattr(torch, 'load', refuse)
+  with pytest.raises(OSError) as info:
+    weights.load_variables(tmp_path / 'x.pth')
+  assert str(info.value) == (
+    f'{tmp_path}/x.pth is not a readable PyTorch checkpoint: UnpicklingError: Unsupported '
+    'operand 149'
+  )
+  advice_only = 'Re-running `torch.load` with `weights_only` set to `False` will likely succeed'
+
+  def refuse_with_advice_only(*args, **kwargs):
+    raise RuntimeError(advice_only)
+
+  monkeypatch.setattr(torch, 'load', refuse_with_advice_only)
+  with pytest.raises(OSError) as info:
+    weights.load_variables(tmp_path / 'x.pth')
+  assert 'weights_only' not in str(info.value) and 'not tensors only' in str(info.value)
 
 
 @pytest.mark.parametrize('prefix', ['', 'backbone.'])

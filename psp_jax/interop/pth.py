@@ -56,15 +56,35 @@ def detect_layout(state_dict: Mapping[str, Any]) -> str:
 
 
 def _unsafe_file(path: Any, global_name: str) -> errors.UnreadableFileError:
-  """The error for a file that torch.load(weights_only=True) refuses: it holds objects."""
+  """The error for a file that torch.load(weights_only=True) refuses: it holds objects.
+
+  No advice here may load the file any other way: unpickling its objects runs their code.
+  """
+  try:  # Lists the pickled globals without loading anything.
+    import torch  # noqa: PLC0415 (read_torch_file imported it)
+
+    names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) or [global_name]
+  except Exception:  # An older torch, or a file it cannot list: the name torch.load gave.
+    names = [global_name]
+  shown = ', '.join(names[:4]) + (f' and {len(names) - 4} more' if len(names) > 4 else '')
   return errors.UnreadableFileError(
-    f'{path} holds pickled Python objects besides tensors ({global_name}...), as an '
-    'mmengine training checkpoint does (message_hub, optimizer, param_schedulers). They are '
-    'never unpickled here, since that can run any code in the file. If you trust the file, '
-    'keep its weights (mmengine installed): python -c "import torch; c = torch.load('
-    "'IN.pth', weights_only=False); torch.save({'meta': c.get('meta', {}), 'state_dict': "
-    "c['state_dict']}, 'OUT.pth')\" and use OUT.pth."
+    f'{path} holds pickled Python objects besides tensors ({shown}), as an mmengine training '
+    'checkpoint does (message_hub, optimizer, param_schedulers). psp-jax never unpickles '
+    "them: that runs code from the file. Use a file of tensors only: the model zoo's release "
+    "of the weights ({'meta', 'state_dict'}), or, on the machine that trained it, the model's "
+    'state_dict saved alone from the training process.'
   )
+
+
+def _torch_reason(error: BaseException) -> str:
+  """What torch.load found wrong, without its advice: torch's message for a file its
+  weights-only reader refuses suggests `weights_only=False`, the step that runs the file."""
+  text = str(error)
+  found = re.search(r'WeightsUnpickler error: ([^\n]*)', text)
+  line = found.group(1) if found else (text.strip().splitlines() or [''])[0]
+  if 'weights_only' in line or not line.strip():
+    return f'{type(error).__name__} (its pickled data is not tensors only)'
+  return f'{type(error).__name__}: {line.strip()}'
 
 
 def read_torch_file(
@@ -96,9 +116,13 @@ def read_torch_file(
     found = re.search(r'Unsupported global: GLOBAL ([\w.]+)', str(e))
     if found:
       raise _unsafe_file(path, found.group(1)) from None
-    raise errors.UnreadableFileError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
+    raise errors.UnreadableFileError(
+      f'{path} is not a readable PyTorch checkpoint: {_torch_reason(e)}'
+    ) from None
   except Exception as e:
-    raise errors.UnreadableFileError(f'{path} is not a readable PyTorch checkpoint: {e}') from e
+    raise errors.UnreadableFileError(
+      f'{path} is not a readable PyTorch checkpoint: {_torch_reason(e)}'
+    ) from None
   if not isinstance(checkpoint, Mapping):
     raise semseg.CheckpointMismatchError(
       f'{path} holds a {type(checkpoint).__name__}, not a state_dict.'
