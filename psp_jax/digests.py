@@ -1,4 +1,5 @@
-"""sha256 digests of a checkpoint's arrays: recorded with every save, checked on every read.
+"""sha256 digests of checkpoint arrays and exported model files: recorded when written, checked
+when read.
 
 Orbax and tensorstore check a checkpoint's manifest, not its array data: bytes flipped
 inside an array file (bit rot, a bad copy) restore as other numbers, without an error. So
@@ -8,11 +9,13 @@ it restored with them before they are used (docs/design.md#checkpoints).
 
 A digest covers an array's dtype, shape and bytes (C order). Names are the tree's keys
 joined by '/', the same for a TrainState and for the {'params', 'batch_stats'} dict a
-reader restores ('params/backbone/conv1/kernel').
+reader restores ('params/backbone/conv1/kernel'). An exported model's serving.json records
+the digest of each of its files (of_files) in the same way.
 """
 
 import hashlib
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,6 +56,30 @@ def of_array(x: Any) -> str:
   h.update(f'{value.dtype.str}{value.shape}'.encode())
   h.update(value.reshape(-1).view(np.uint8))
   return h.hexdigest()
+
+
+def of_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+  """The hex digest of a file's bytes (an exported model's files: serving.json records them)."""
+  h = hashlib.new(ALGORITHM)
+  with open(path, 'rb') as f:
+    while block := f.read(chunk):
+      h.update(block)
+  return h.hexdigest()
+
+
+def of_files(root: str | os.PathLike, names: Sequence[str]) -> dict[str, str]:
+  """{path relative to root: hex digest} of the files named (folders: every file in them)."""
+  root, found = os.fspath(root), {}
+  for name in names:
+    path = os.path.join(root, name)
+    if os.path.isdir(path):
+      for folder, _, files in os.walk(path):
+        for file in files:
+          full = os.path.join(folder, file)
+          found[os.path.relpath(full, root)] = of_file(full)
+    elif os.path.isfile(path):
+      found[name] = of_file(path)
+  return dict(sorted(found.items()))
 
 
 def of_tree(tree: Any) -> dict[str, Any]:

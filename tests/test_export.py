@@ -8,6 +8,7 @@ command line; and one full-size PSPNet-50 in all three formats (slow).
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from psp_jax import weights
+from psp_jax import digests, weights
 from psp_jax.inference import planning
 from psp_jax.models import PSPNet
 from psp_jax.serving import (
@@ -180,6 +181,59 @@ def test_runner_needs_only_jax_and_numpy(exported):
   assert labels.shape == (40, 90) and labels.dtype == np.int32
   # The same as the runner in this process, letterboxing included.
   np.testing.assert_array_equal(labels, runner.Runner.stablehlo(folder).predict(image))
+
+
+def damaged_copy(exported, tmp_path):
+  """A copy of the StableHLO artifact, and its model file."""
+  folder, _ = exported('stablehlo')
+  copy = tmp_path / 'copy'
+  shutil.copytree(folder, copy)
+  return copy, copy / runner.STABLEHLO_FILE
+
+
+def test_serving_json_records_the_digest_of_every_file_and_opening_checks_it(exported, tmp_path):
+  copy, model_file = damaged_copy(exported, tmp_path)
+  recorded = json.loads((copy / contract.METADATA_FILE).read_text())['digests']
+  assert sorted(recorded['files']) == ['model.stablehlo', 'run_stablehlo.py']
+  assert recorded['files']['model.stablehlo'] == digests.of_file(model_file)
+  artifact.open_artifact(copy)  # As written: opens.
+  data = model_file.read_bytes()
+  model_file.write_bytes(data[: len(data) // 2])
+  with pytest.raises(artifact.DamagedArtifactError) as info:
+    artifact.open_artifact(copy)
+  assert str(info.value).startswith(f'--exported {copy}: model.stablehlo differs from its digest')
+  assert 'Export it again' in str(info.value)
+  model_file.unlink()
+  with pytest.raises(artifact.DamagedArtifactError, match='model.stablehlo is missing'):
+    artifact.open_artifact(copy)
+
+
+def test_a_malformed_model_file_is_one_message_even_without_digests(exported, tmp_path, caplog):
+  """An artifact exported before digests: what the runtime raises becomes one message."""
+  copy, model_file = damaged_copy(exported, tmp_path)
+  meta = json.loads((copy / contract.METADATA_FILE).read_text())
+  del meta['digests']
+  (copy / contract.METADATA_FILE).write_text(json.dumps(meta))
+  data = model_file.read_bytes()
+  model_file.write_bytes(data[: len(data) // 2])
+  with caplog.at_level('WARNING'), pytest.raises(artifact.DamagedArtifactError) as info:
+    artifact.open_artifact(copy)
+  assert str(info.value).startswith(f'--exported {copy}: the stablehlo model cannot be loaded (')
+  assert [r.getMessage() for r in caplog.records if r.levelname == 'WARNING'] == [
+    f'--exported {copy}: its serving.json records no digests (exported before psp-jax wrote '
+    'them): its files are used unchecked.'
+  ]
+
+
+@pytest.mark.e2e
+def test_predict_refuses_a_damaged_artifact_in_one_message(exported, tmp_path):
+  copy, model_file = damaged_copy(exported, tmp_path)
+  model_file.write_bytes(model_file.read_bytes()[:1000])
+  (tmp_path / 'images').mkdir()
+  Image.fromarray(parity.images(1, (50, 70), seed=8)[0]).save(tmp_path / 'images' / 'a.png')
+  args = [f'--exported={copy}', f'--input={tmp_path / "images"}', f'--output={tmp_path / "out"}']
+  refused(cli('psp_jax.predict', *args), 1, 'model.stablehlo differs from its digest')
+  assert not (tmp_path / 'out').exists()
 
 
 def test_letterbox_keeps_the_aspect_and_maps_back(exported, model):

@@ -9,14 +9,15 @@ SavedModel by TensorFlow), one pass at the artifact's size, each image letterbox
 Design: docs/serving.md#export
 """
 
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from psp_jax import errors, runtime, visualize
+from psp_jax import digests, errors, runtime, visualize
 from psp_jax.inference.segmenter import Segmenter, as_rgb
 from psp_jax.serving import contract, deps, runner
 
@@ -44,6 +45,56 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
       f'{", ".join(contract.FORMATS)}.'
     )
   return metadata
+
+
+class DamagedArtifactError(errors.UnreadableFileError):
+  """An artifact whose files are not those export wrote, or that its runtime cannot load."""
+
+
+def verify(path: str | os.PathLike, metadata: dict[str, Any]) -> None:
+  """Checks an artifact's files against the digests export recorded in its serving.json.
+
+  An artifact exported before digests existed passes, with one warning.
+
+  Raises:
+    DamagedArtifactError: naming the first file that is missing or differs.
+  """
+  recorded = metadata.get('digests')
+  if recorded is None:
+    logging.warning(
+      '--exported %s: its serving.json records no digests (exported before psp-jax wrote '
+      'them): its files are used unchecked.',
+      path,
+    )
+    return
+  files = recorded.get('files') if isinstance(recorded, dict) else None
+  if not isinstance(files, dict) or not files or recorded.get('algorithm') != digests.ALGORITHM:
+    what = "serving.json's digests are not a record export writes"
+  else:
+    found = digests.of_files(path, list(files))
+    bad = sorted(name for name, digest in files.items() if found.get(name) != digest)
+    if not bad:
+      return
+    what = f'{bad[0]} is missing' if bad[0] not in found else f'{bad[0]} differs from its digest'
+  raise DamagedArtifactError(
+    f'--exported {path}: {what} (serving.json records the digest of every file export '
+    'wrote: one was truncated, altered or replaced since). Export it again '
+    '(python -m psp_jax.export).'
+  )
+
+
+def _loading(path: str | os.PathLike, fmt: str, load: Callable[[], runner.Runner]) -> runner.Runner:
+  """load(), with anything the runtime raises on a malformed file as one message."""
+  try:
+    return load()
+  except (errors.UserError, ImportError):
+    raise
+  except Exception as e:
+    lines = str(e).strip().splitlines()
+    raise DamagedArtifactError(
+      f'--exported {path}: the {fmt} model cannot be loaded ({type(e).__name__}'
+      f'{": " + lines[0][:200] if lines else ""}). Export it again (python -m psp_jax.export).'
+    ) from e
 
 
 def open_onnx(path: str | os.PathLike, metadata: dict[str, Any]) -> runner.Runner:
@@ -86,6 +137,8 @@ def open_artifact(path: str | os.PathLike) -> runner.Runner:
 
   Raises:
     errors.NotFoundError, errors.UnreadableFileError: not an artifact (read_metadata).
+    DamagedArtifactError: its files are not those export wrote (verify), or its runtime
+      cannot load them.
     deps.MissingDependencyError: the format's runtime is not installed.
 
   A SavedModel TensorFlow cannot read raises deps.IncompatibleRuntimeError when run.
@@ -93,11 +146,12 @@ def open_artifact(path: str | os.PathLike) -> runner.Runner:
   metadata = read_metadata(path)
   fmt = metadata['format']
   deps.require(fmt, run=True)
+  verify(path, metadata)
   if fmt == 'stablehlo':
-    return runner.Runner.stablehlo(path)
+    return _loading(path, fmt, lambda: runner.Runner.stablehlo(path))
   if fmt == 'onnx':
-    return open_onnx(path, metadata)
-  return open_savedmodel(path, metadata)
+    return _loading(path, fmt, lambda: open_onnx(path, metadata))
+  return _loading(path, fmt, lambda: open_savedmodel(path, metadata))
 
 
 class ExportedSegmenter:

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from psp_jax import errors, paths
+from psp_jax import digests, errors, paths
 from psp_jax.inference import planning, segmenter
 from psp_jax.serving import artifact, contract, deps, formats, parity
 
@@ -163,6 +163,8 @@ class Exporter:
       )
       log(f'exporting {fmt} ({outputs}, {size[0]}x{size[1]}, batch {meta["input"]["batch"]})')
       meta.update(self._write(fmt, staging, size, batch, outputs, platforms))
+      files = digests.of_files(staging, contract.FILES[fmt])
+      meta['digests'] = {'algorithm': digests.ALGORITHM, 'files': files}
       write_json(staging, meta)
       try:
         report = self.check(staging, size, batch, outputs)
