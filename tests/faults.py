@@ -8,6 +8,11 @@ The faults are chosen by environment variables, read here only (train.py knows n
                            before orbax renames it into place, after touching the file
                            FAULT_MARKER; a test then kills the process with SIGKILL.
 
+  FAULT_FILL_DISK_AT_STEP=N  once the saves before checkpoint N are complete, and just
+                           before it, the file FAULT_FILLER grows until its file system
+                           is full, as another program filling the disk would (the file
+                           stays: the test removes it).
+
 `damage(tree_dir, how)` damages a written checkpoint as a disk, a copy or a user can
 (tests/test_checkpoint_damage.py).
 """
@@ -60,6 +65,27 @@ def hang_save(step: int, marker: str) -> None:
   atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_hang
 
 
+def fill_disk_before_save(step: int, filler: str) -> None:
+  """Makes the save of checkpoint `step` find its file system full."""
+  from psp_jax.train import checkpointing  # noqa: PLC0415 (as in poison_step)
+
+  save = checkpointing.Checkpoints.save
+
+  def fill_then_save(self, state, model_config):
+    if int(state.step) == step:
+      self.wait()  # The checkpoints before it are complete: the disk fills between two.
+      with open(filler, 'wb') as f:
+        try:
+          while True:
+            f.write(b'\0' * 65536)
+            f.flush()
+        except OSError:  # ENOSPC: the disk is full.
+          pass
+    return save(self, state, model_config)
+
+  checkpointing.Checkpoints.save = fill_then_save
+
+
 DAMAGES = ('truncated', 'garbled', 'deleted')
 
 
@@ -101,6 +127,8 @@ def damage(tree_dir: pathlib.Path, how: str) -> pathlib.Path:
 def main() -> None:
   if 'FAULT_NAN_AT_STEP' in os.environ:
     poison_step(int(os.environ['FAULT_NAN_AT_STEP']))
+  if 'FAULT_FILL_DISK_AT_STEP' in os.environ:
+    fill_disk_before_save(int(os.environ['FAULT_FILL_DISK_AT_STEP']), os.environ['FAULT_FILLER'])
   if 'FAULT_HANG_SAVE_AT_STEP' in os.environ:
     hang_save(int(os.environ['FAULT_HANG_SAVE_AT_STEP']), os.environ['FAULT_MARKER'])
   train_py = str(TRAIN_PY)

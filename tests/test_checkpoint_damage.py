@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from psp_jax import errors, weights
-from psp_jax.train import checkpointing
+from psp_jax.train import checkpointing, storage
 from psp_jax.train.train_state import TrainState
 
 from faults import DAMAGES, damage  # noqa: I001 (tests/ is on sys.path)
@@ -129,7 +129,7 @@ def test_when_every_checkpoint_is_damaged_the_run_stops_and_never_starts_over(wo
     assert 'use a new --workdir, or move its checkpoints/ and best/ away' in message
   # A user error: one line from every command, train.py's included.
   assert isinstance(raised.value, weights.DamagedCheckpointError)
-  assert isinstance(raised.value, checkpointing.WorkdirError)
+  assert isinstance(raised.value, storage.WorkdirError)
   assert isinstance(raised.value, errors.UserError)
   assert names(workdir / 'checkpoints') == ['1.damaged', '2.damaged']
 
@@ -139,7 +139,7 @@ def test_a_state_of_other_arrays_is_refused_not_moved(workdir):
   other = tiny_state(2)
   other = other.replace(opt_state=(*other.opt_state, {'velocity': jnp.zeros(3)}))
   ckpts = reopen(workdir)
-  with pytest.raises(checkpointing.WorkdirError, match=r'opt_state/2/velocity: checkpoint none'):
+  with pytest.raises(storage.WorkdirError, match=r'opt_state/2/velocity: checkpoint none'):
     ckpts.restore_newest(abstract(other))
   ckpts.close()
   assert names(workdir / 'checkpoints') == ['1', '2']

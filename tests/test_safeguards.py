@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from psp_jax import experiment, paths
 from psp_jax.data import sources
-from psp_jax.train import checkpointing, loop, safeguards, summaries
+from psp_jax.train import checkpointing, loop, safeguards, storage, summaries
 from psp_jax.train.train_state import TrainState
 
 from helpers import tiny_config
@@ -112,10 +112,10 @@ def test_non_finite_steps_stop_naming_the_step_or_are_counted(caplog):
 
 def test_unwritable_workdir_is_refused_untouched(tmp_path):
   (tmp_path / 'file').write_text('keep')
-  with pytest.raises(checkpointing.WorkdirError, match='Cannot write to --workdir.*file/run'):
-    checkpointing.check_workdir(str(tmp_path / 'file' / 'run'))
+  with pytest.raises(storage.WorkdirError, match='Cannot write to --workdir.*file/run'):
+    storage.check_workdir(str(tmp_path / 'file' / 'run'))
   assert (tmp_path / 'file').read_text() == 'keep'
-  checkpointing.check_workdir(str(tmp_path / 'new' / 'run'))  # Created, and left empty.
+  storage.check_workdir(str(tmp_path / 'new' / 'run'))  # Created, and left empty.
   assert os.listdir(tmp_path / 'new' / 'run') == []
 
 
@@ -132,7 +132,7 @@ def test_full_workdir_fails_before_anything_compiles(tmp_path, monkeypatch):
   monkeypatch.setattr(jax, 'jit', no_jit)
   # The data are not this test's subject (tiny_config's ADE20K is not prepared here).
   monkeypatch.setattr(sources, 'check_available', lambda data_config, splits: None)
-  with pytest.raises(checkpointing.WorkdirError, match=r'0\.0 MiB free.*checkpoint.*MiB'):
+  with pytest.raises(storage.WorkdirError, match=r'0\.0 MiB free.*checkpoint.*MiB'):
     experiment.train_and_evaluate(tiny_config(), str(workdir))
   assert sorted(os.listdir(workdir)) == ['best', 'checkpoints', 'notes.txt']
   assert (workdir / 'notes.txt').read_text() == 'mine'

@@ -5,10 +5,11 @@ is moved aside when resuming (Checkpoints.restore_newest). The workdir's layout 
 other checkpoint kinds: docs/design.md#checkpoints
 """
 
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -16,7 +17,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from psp_jax import digests, errors, paths, weights
+from psp_jax import digests, paths, weights
+from psp_jax.train import storage
 from psp_jax.train.train_state import TrainState
 
 # Also the keywords of the ocp.args.Composite saves and restores below.
@@ -28,63 +30,8 @@ TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint still being 
 DAMAGED_SUFFIX = '.damaged'
 
 
-class WorkdirError(errors.UserError, OSError):
-  """A workdir that cannot hold the run (not writable, too little space, another model)."""
-
-
-class DamagedRunError(weights.DamagedCheckpointError, WorkdirError):
+class DamagedRunError(weights.DamagedCheckpointError, storage.WorkdirError):
   """A run that cannot resume: no checkpoint of it can be read, or one cannot be moved aside."""
-
-
-def check_workdir(workdir: str) -> None:
-  """Creates workdir if needed and checks that this process can write files in it.
-
-  Nothing already in workdir is touched (a probe file of a unique name is written and
-  removed). Remote paths (gs://...) are left to the checkpoint library.
-
-  Args:
-    workdir: the run's directory.
-
-  Raises:
-    WorkdirError: naming the directory and the system's reason.
-  """
-  if paths.is_remote(workdir):
-    return
-  probe = os.path.join(workdir, f'.write_probe.{jax.process_index()}.{os.getpid()}')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    with open(probe, 'w') as f:
-      f.write('ok')
-    os.remove(probe)
-  except OSError as e:
-    raise WorkdirError(
-      f'Cannot write to --workdir {workdir} ({type(e).__name__}: {e.strerror or e}). Choose '
-      'another --workdir, or fix its permissions or file system.'
-    ) from e
-
-
-def check_free_space(workdir: str, checkpoint_bytes: int) -> None:
-  """Checks that workdir's file system has room for two more checkpoints.
-
-  A new checkpoint is written beside the old ones (which are deleted only once it is
-  complete), and the best weights may be saved at the same step.
-
-  Args:
-    workdir: the run's directory (must exist).
-    checkpoint_bytes: bytes of one TrainState checkpoint.
-
-  Raises:
-    WorkdirError: with the free and the needed space.
-  """
-  if paths.is_remote(workdir):
-    return
-  free, need = shutil.disk_usage(workdir).free, 2 * checkpoint_bytes
-  if free < need:
-    raise WorkdirError(
-      f'--workdir {workdir} has {free / 2**20:.1f} MiB free, but a checkpoint of this model '
-      f'takes {checkpoint_bytes / 2**20:.1f} MiB and training needs room for two '
-      f'({need / 2**20:.1f} MiB). Free some space or choose another --workdir.'
-    )
 
 
 def unfinished(directory: str) -> list[str]:
@@ -128,6 +75,10 @@ def _tree_differences(saved: Any, target: TrainState) -> list[str]:
   return shown[:3] + ([f'{len(keys) - 3} more'] if len(keys) > 3 else [])
 
 
+def _nbytes(tree: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
+
+
 class Checkpoints:
   """The last `keep` TrainStates of a run and its best weights by validation mIoU.
 
@@ -137,6 +88,14 @@ class Checkpoints:
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     workdir = paths.as_path(workdir)
+    self.workdir, self.keep = workdir, keep
+    self._sizes = (0, 0)  # Bytes of a TrainState and of best/'s weights, once saved.
+    self._disk_full = False
+    storage.quiet_disk_full_logs()
+    # A failed save or restore abandons tensorstore's other reads and writes, whose threads
+    # then report into orbax's closed event loop: dropped from the start, as they can come
+    # before the error reaches this code.
+    weights.quiet_abandoned_reads()
     self.latest = ocp.CheckpointManager(
       workdir / weights.LATEST_DIR,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
@@ -213,7 +172,7 @@ class Checkpoints:
       The restored TrainState, or None when the run has no checkpoint, damaged or not.
 
     Raises:
-      WorkdirError: a readable state whose arrays are not target's (another optimiser or
+      storage.WorkdirError: a readable state whose arrays are not target's (another optimiser or
         TrainState); nothing is moved, as for another model.
       DamagedRunError: every checkpoint is damaged (starting over would overwrite the run),
         or a damaged one cannot be moved aside.
@@ -226,7 +185,7 @@ class Checkpoints:
       check_config(step, config)
       differences = _tree_differences(saved_tree, target)
       if differences:
-        raise WorkdirError(
+        raise storage.WorkdirError(
           f'{self.latest.directory / str(step)} holds a TrainState of other arrays than this '
           f'config makes ({"; ".join(differences)}): use the config that wrote it, or a new '
           '--workdir. The checkpoint was left as it is.'
@@ -306,15 +265,17 @@ class Checkpoints:
     step = int(jax.device_get(state.step))
     if step in self.latest.all_steps():
       return
-    self.latest.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        model_config=ocp.args.JsonSave(model_config),
-        digests=ocp.args.JsonSave(digests.of_tree(state)),
-      ),
-      force=True,
-    )
+    self._sizes = (_nbytes(state), _nbytes((state.params, state.batch_stats)))
+    with self._writing():
+      self.latest.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state),
+          model_config=ocp.args.JsonSave(model_config),
+          digests=ocp.args.JsonSave(digests.of_tree(state)),
+        ),
+        force=True,
+      )
 
   def best_value(self) -> float | None:
     """Validation mIoU of the best checkpoint so far (None if none)."""
@@ -335,24 +296,83 @@ class Checkpoints:
     if step in self.best.all_steps():
       return False
     kept = {'step': state.step, 'params': state.params, 'batch_stats': state.batch_stats}
-    self.best.save(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave(kept),
-        model_config=ocp.args.JsonSave(model_config),
-        digests=ocp.args.JsonSave(digests.of_tree(kept)),
-      ),
-      metrics={k: float(v) for k, v in scalars.items()},
-      force=True,
-    )
+    with self._writing():
+      self.best.save(
+        step,
+        args=ocp.args.Composite(
+          state=ocp.args.StandardSave(kept),
+          model_config=ocp.args.JsonSave(model_config),
+          digests=ocp.args.JsonSave(digests.of_tree(kept)),
+        ),
+        metrics={k: float(v) for k, v in scalars.items()},
+        force=True,
+      )
     return True
 
   def wait(self) -> None:
     """Blocks until pending saves are on disk."""
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    with self._writing():
+      self.latest.wait_until_finished()
+      self.best.wait_until_finished()
 
   def close(self) -> None:
-    """Waits for pending saves and releases the managers."""
-    self.latest.close()
-    self.best.close()
+    """Waits for pending saves and releases the managers.
+
+    A full disk already reported (a storage.DiskFullError raised before) is not raised again.
+    """
+    reported, error = self._disk_full, None
+    for manager in (self.latest, self.best):
+      try:
+        with self._writing():
+          manager.close()
+      except storage.DiskFullError as e:
+        error = error or e
+    if self._disk_full:  # Again, now that orbax's threads are done with them.
+      self._remove_unfinished()
+    if error is not None and not reported:
+      raise error
+
+  @contextlib.contextmanager
+  def _writing(self) -> Iterator[None]:
+    """Turns a save that ran out of space (orbax's threads or ours) into one storage.DiskFullError.
+
+    The half-written step directories are removed (a restore never reads them; their space
+    is the user's), so the newest complete checkpoint is what a rerun resumes from.
+    """
+    try:
+      yield
+    except Exception as e:
+      if not storage.disk_full(e):
+        raise
+      self._disk_full = True
+      raise self._disk_full_error() from None
+
+  def _remove_unfinished(self) -> list[str]:
+    """Removes the half-written step directories (process 0); 'checkpoints/6', ... of them."""
+    removed = []
+    for directory in (self.latest.directory, self.workdir / weights.BEST_DIR):
+      for name in unfinished(str(directory)):
+        if jax.process_index() == 0:
+          shutil.rmtree(os.path.join(str(directory), name), ignore_errors=True)
+        removed.append(f'{directory.name}/{name.split(TMP_MARKER)[0]}')
+    return removed
+
+  def _disk_full_error(self) -> storage.DiskFullError:
+    removed = self._remove_unfinished()
+    self.latest.reload()
+    state_bytes, best_bytes = self._sizes
+    need, how = storage.space_needed(str(self.workdir), state_bytes, best_bytes, self.keep)
+    free = shutil.disk_usage(str(self.workdir)).free / 2**20
+    latest = self.latest.latest_step()
+    kept = (
+      f'The newest complete checkpoint, step {latest}, is intact: free some space (or lower '
+      '--config.keep_checkpoints) and rerun the same command to resume from it.'
+      if latest is not None
+      else 'No checkpoint was complete yet: free some space and rerun to start the run.'
+    )
+    written = f' ({", ".join(removed)}: half-written, never read)' if removed else ''
+    return storage.DiskFullError(
+      f'The disk of --workdir {self.workdir} is full: a checkpoint could not be written'
+      f'{written}. {free:.1f} MiB free now; the run needs {need / 2**20:.1f} MiB more: '
+      f'{how}. {kept}'
+    )

@@ -19,7 +19,15 @@ from jax.sharding import Mesh
 from psp_jax import distributed, errors, paths, runtime, weights
 from psp_jax.data import classes, pipeline, sources
 from psp_jax.models import codec
-from psp_jax.train import checkpointing, config_checks, safeguards, summaries, train_state, training
+from psp_jax.train import (
+  checkpointing,
+  config_checks,
+  safeguards,
+  storage,
+  summaries,
+  train_state,
+  training,
+)
 from psp_jax.train.train_state import TrainState
 
 
@@ -94,7 +102,7 @@ def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
   ]
 
 
-def _initial_state(config, workdir, program: training.TrainingProgram):
+def _initial_state(config, workdir, program: training.TrainingProgram, total_steps: int):
   """(state, checkpoints): restored from the workdir, or fresh.
 
   Everything that can refuse the workdir (another model's checkpoints, too little space,
@@ -108,16 +116,20 @@ def _initial_state(config, workdir, program: training.TrainingProgram):
     # The compute dtype may change between runs (e.g. resumed on TPU): the weights do not.
     differences = _differences(saved, program.model_config)
     if differences:
-      raise checkpointing.WorkdirError(
+      raise storage.WorkdirError(
         f'{workdir} holds checkpoints of another model ({"; ".join(differences)}): use a new '
         '--workdir, or the config that wrote it. Nothing in it was changed.'
       )
 
   target = program.state
   try:
-    checkpointing.check_free_space(
-      workdir, sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
+    best_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target.variables))
+    events = summaries.events_bytes(config, total_steps)
+    need, how = storage.space_needed(
+      workdir, state_bytes, best_bytes, config.keep_checkpoints, events
     )
+    storage.check_free_space(workdir, need, how)
     state = checkpoints.restore_newest(target, same_model)
   except BaseException:
     checkpoints.close()
@@ -168,7 +180,7 @@ def train(
     whether a signal stopped the run, 'skipped_steps': steps skipped for a non-finite loss}.
 
   Raises:
-    config_checks.ConfigError, checkpointing.WorkdirError: before anything is compiled.
+    config_checks.ConfigError, storage.WorkdirError: before anything is compiled.
     safeguards.NonFiniteLossError: a step's loss was not finite (unless
       config.optim.skip_nonfinite_steps).
     psp_jax.data.files.BadExampleError: a bad data file (unless
@@ -181,7 +193,7 @@ def train(
   runtime.setup_tensorflow()
   sources.check_available(config.data, (config.data.train_split, config.data.eval_split))
   check_init_checkpoint(config, workdir)
-  checkpointing.check_workdir(workdir)
+  storage.check_workdir(workdir)
   with safeguards.StopRequest() as stop:
     logging.info('SIGTERM or Ctrl-C saves a checkpoint after the current step and stops.')
     platform = jax.devices()[0].platform
@@ -204,7 +216,7 @@ def train(
       model_config,
     )
 
-    state, checkpoints = _initial_state(config, workdir, program)
+    state, checkpoints = _initial_state(config, workdir, program, total_steps)
     start_step = int(jax.device_get(state.step))
     end_step = total_steps if stop_at_step is None else min(stop_at_step, total_steps)
     summaries.write_config(workdir, config, model_config)

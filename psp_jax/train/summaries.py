@@ -38,6 +38,22 @@ def write_config(workdir: str, config: ml_collections.ConfigDict, model_config: 
   weights.write_model_config(path, model_config)
 
 
+SCALAR_LOG_BYTES = 2048  # one log step's train scalars, generously
+
+
+def events_bytes(config: ml_collections.ConfigDict, total_steps: int) -> int:
+  """An estimate of the TensorBoard events a run writes: each validation's example panels
+  (num_summary_images of input | truth | prediction, as uncompressed RGB at the crop size:
+  validation images are about that size in the official recipes) and each log step's
+  scalars."""
+  validations = total_steps // max(1, config.eval_every_steps) + 1
+  logs = total_steps // max(1, config.log_every_steps) + 1
+  crop = config.data.crop_size
+  height, width = (crop, crop) if isinstance(crop, int) else crop
+  panel = 3 * height * width * 3
+  return validations * config.num_summary_images * panel + logs * SCALAR_LOG_BYTES
+
+
 def example_panels(
   examples: Sequence[Mapping[str, np.ndarray]], palette: np.ndarray, *, ignore_label: int = 255
 ) -> np.ndarray:
