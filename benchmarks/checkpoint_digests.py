@@ -4,8 +4,10 @@
 
 Makes the ADE20K recipe's TrainState (parameters, BatchNorm statistics, SGD momentum) on the
 CPU, then times, in a temporary workdir, the digests alone (digests.of_tree: what a save
-adds and what a restore adds), Checkpoints.save to disk (synchronous, digests included) and
-Checkpoints.restore (verification included). Prints a Markdown table; --out writes it too.
+adds and what a restore adds), Checkpoints.save to disk (synchronous, digests included),
+Checkpoints.restore (verification included), and restore_newest, which a resume runs (every
+array read once first by weights.check_readable, then restored and verified). Prints a
+Markdown table; --out writes it too.
 The figures are this machine's (CPU, its disk); on a TPU VM the state is first copied from
 the chips, as orbax's own save does.
 """
@@ -42,7 +44,7 @@ def main() -> None:
   import jax  # noqa: PLC0415 (after sys.path is set)
 
   from configs import ade20k  # noqa: PLC0415
-  from psp_jax import digests, distributed  # noqa: PLC0415
+  from psp_jax import digests, distributed, weights  # noqa: PLC0415
   from psp_jax.train import checkpointing, train_state, training  # noqa: PLC0415
 
   config = ade20k.get_config()
@@ -66,13 +68,16 @@ def main() -> None:
       ckpts.wait()
 
     save_s = timed(save, args.reps)
+    read_s = timed(lambda: weights.check_readable(f'{workdir}/checkpoints/1/state'), args.reps)
     restore_s = timed(lambda: jax.block_until_ready(ckpts.restore(program.state)), args.reps)
+    newest_s = timed(lambda: jax.block_until_ready(ckpts.restore_newest(program.state)), args.reps)
     ckpts.close()
 
   rows = [
     ('digests (sha256 of every array)', digest_s),
     ('Checkpoints.save, to disk (digests included)', save_s),
     ('Checkpoints.restore (verification included)', restore_s),
+    ('Checkpoints.restore_newest (read first, restore, verify: a resume)', newest_s),
   ]
   lines = [
     f'PSPNet-{args.depth} TrainState of the ADE20K recipe: {arrays} arrays, '
@@ -83,7 +88,9 @@ def main() -> None:
     f'| {rows[0][0]} | {digest_s:.2f} | - |',
     *(f'| {what} | {s:.2f} | {100 * digest_s / s:.0f}% |' for what, s in rows[1:]),
     '',
-    f'sha256 rate: {nbytes / digest_s / 1e9:.2f} GB/s.',
+    f'sha256 rate: {nbytes / digest_s / 1e9:.2f} GB/s. Reading every array once before orbax '
+    f'does (weights.check_readable, so that a damaged file fails before orbax reads it): '
+    f'{read_s:.2f} s.',
   ]
   text = '\n'.join(lines)
   print(text)

@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from psp_jax import digests, errors
+from psp_jax import digests, errors, paths
 from psp_jax.interop import pth, semseg
 from psp_jax.models import codec
 from psp_jax.paths import as_path
@@ -219,6 +219,31 @@ def _as_numpy(tree: Any) -> Any:
   return np.asarray(tree)
 
 
+def check_readable(tree_dir: str | os.PathLike) -> None:
+  """Reads and decodes every array of an orbax tree directory, one read finished at a time.
+
+  Orbax's restore reads all arrays at once and, at the first that fails, closes its event
+  loop on the others: tensorstore's threads then report into the closed loop (the noise
+  quiet_abandoned_reads drops). Read here first, a damaged checkpoint fails before orbax
+  reads anything, with nothing left unfinished. A tree in another layout than OCDBT (no
+  manifest.ocdbt) is left to orbax.
+
+  Raises:
+    The first read's error (tensorstore's ValueError names the array and the file).
+  """
+  import tensorstore as ts  # noqa: PLC0415 (orbax's own dependency)
+
+  tree_dir = as_path(tree_dir)
+  if not (tree_dir / 'manifest.ocdbt').exists():
+    return
+  base = str(tree_dir) if paths.is_remote(tree_dir) else f'file://{tree_dir}'
+  kvstore = {'driver': 'ocdbt', 'base': base + '/'}
+  keys = ts.KvStore.open(kvstore).result().list().result()
+  for name in sorted({k.decode().split('/')[0] for k in keys if b'/' in k}):
+    spec = {'driver': 'zarr', 'kvstore': dict(kvstore, path=name + '/')}
+    ts.open(spec, open=True).result().read().result()
+
+
 def _restore_numpy(path: epath.Path) -> dict[str, Any]:
   """params and batch_stats of an orbax pytree checkpoint as numpy (other items not read)."""
   # The handler, not a Checkpointer: that one warns that a step's state/ has no step
@@ -226,6 +251,7 @@ def _restore_numpy(path: epath.Path) -> dict[str, Any]:
   handler = ocp.PyTreeCheckpointHandler()
   try:
     with _reading(path):
+      check_readable(path)  # Before orbax reads any of it: see check_readable.
       tree = handler.metadata(path).tree
     missing = [c for c in COLLECTIONS if c not in tree]
     if missing:

@@ -204,13 +204,16 @@ class Checkpoints:
     return None
 
   def _saved(self, step: int) -> tuple[dict[str, Any], Any]:
-    """(model_config, array metadata tree of the state) of a checkpoint: small files only."""
+    """(model_config, array metadata tree of the state) of a checkpoint, once its arrays read
+    whole (weights.check_readable)."""
     config = self.model_config(step)
+    tree_dir = self.latest.directory / str(step) / weights.STATE_ITEM
+    weights.check_readable(tree_dir)  # Before orbax reads any of it: see check_readable.
     # The handler, not a Checkpointer: that one warns about a step metadata file `state/`
     # never has.
     handler = ocp.PyTreeCheckpointHandler()
     try:
-      return config, handler.metadata(self.latest.directory / str(step) / weights.STATE_ITEM).tree
+      return config, handler.metadata(tree_dir).tree
     finally:
       handler.close()
 
