@@ -6,6 +6,7 @@ are byte for byte unchanged. PSP_JAX_TRACEBACK=1 brings the traceback back.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -16,6 +17,7 @@ from PIL import Image
 from psp_jax import weights
 from psp_jax.models import PSPNet
 
+from faults import damage  # noqa: I001 (tests/ is on sys.path)
 from helpers import ROOT, random_variables, refused
 
 pytestmark = pytest.mark.e2e
@@ -190,6 +192,25 @@ def test_a_missing_init_checkpoint_or_list_file_is_refused_before_the_workdir(tm
   proc = run('train.py', '--config=configs/synthetic.py', f'--workdir={workdir}', *lists, *tiny)
   refused(proc, 1, 'config.data.val_list = val.txt is not a file')  # Validation's, up front.
   assert not workdir.exists()
+
+
+def test_a_damaged_weights_directory_is_refused_by_every_reader(tmp_path, checkpoint):
+  """Bytes flipped in its array data (bit rot): refused with one message, naming it."""
+  damaged = tmp_path / 'weights'
+  shutil.copytree(checkpoint, damaged)
+  damage(damaged / weights.VARIABLES_DIR, 'flipped')
+  (tmp_path / 'images').mkdir()
+  Image.new('RGB', (48, 40)).save(tmp_path / 'images' / 'a.png')
+  out = tmp_path / 'out'
+  commands = [
+    ['psp_jax.predict', f'--input={tmp_path / "images"}', f'--output={out}'],
+    ['psp_jax.export', '--size=65x65', '--format=stablehlo', f'--output={out}'],
+    ['psp_jax.evaluate', '--config=configs/voc2012.py', f'--output_dir={out}'],
+  ]
+  for module, *args in commands:
+    message = refused(run('-m', module, f'--checkpoint={damaged}', *args), 1)
+    assert f'{damaged}' in message and ('is damaged' in message or 'cannot be read' in message)
+  assert not out.exists()
 
 
 def test_checkpoint_of_another_data_set(checkpoint):
