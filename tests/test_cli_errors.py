@@ -194,6 +194,45 @@ def test_a_missing_init_checkpoint_or_list_file_is_refused_before_the_workdir(tm
   assert not workdir.exists()
 
 
+def test_every_command_refuses_a_missing_file_argument_before_writing(tmp_path):
+  nowhere, out, images = tmp_path / 'nowhere', tmp_path / 'out', tmp_path / 'images'
+  images.mkdir()
+  Image.new('RGB', (48, 40)).save(images / 'a.png')
+  for args, words in [
+    (['-m', 'psp_jax.convert', f'{nowhere}.pth', str(out)], ('no such file', 'nowhere.pth')),
+    (
+      [
+        '-m',
+        'psp_jax.evaluate',
+        '--config=configs/synthetic.py',
+        f'--checkpoint={nowhere}',
+        f'--output_dir={out}',
+      ],
+      ('no such checkpoint', str(nowhere)),
+    ),
+    (
+      [
+        '-m',
+        'psp_jax.predict',
+        f'--checkpoint={nowhere}',
+        f'--input={tmp_path}',
+        f'--output={out}',
+      ],
+      ('no such checkpoint', str(nowhere)),
+    ),
+    (
+      ['-m', 'psp_jax.predict', f'--exported={nowhere}', f'--input={tmp_path}', f'--output={out}'],
+      ('--exported', 'no such folder'),
+    ),
+    (
+      ['-m', 'psp_jax.data.prepare', 'ade20k', f'--manual_dir={nowhere}', f'--data_dir={out}'],
+      (str(nowhere), 'does not hold ADE20K'),
+    ),
+  ]:
+    refused(run(*args), 1, *words)
+    assert not out.exists(), args
+
+
 def test_a_damaged_weights_directory_is_refused_by_every_reader(tmp_path, checkpoint):
   """Bytes flipped in its array data (bit rot): refused with one message, naming it."""
   damaged = tmp_path / 'weights'
