@@ -5,6 +5,7 @@ compares against. Test modules import from here, never from each other (tests/te
 """
 
 import importlib
+import logging
 import math
 import os
 import pathlib
@@ -160,6 +161,30 @@ def snapshot(workdir) -> dict[str, bytes]:
 
 def steps(workdir) -> list[str]:
   return sorted(os.listdir(workdir / 'checkpoints'), key=lambda n: (len(n), n))
+
+
+def assert_same_tree(got, expected) -> None:
+  """Two pytrees of the same structure and bit for bit the same arrays."""
+  assert jax.tree.structure(got) == jax.tree.structure(expected)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def warnings_of(caplog) -> list[str]:
+  """The messages of the warnings (and worse) caplog holds."""
+  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def checkpointed_workdir(path, make_state, model_config) -> pathlib.Path:
+  """A run's workdir at path with checkpoints/1 and checkpoints/2 of make_state, and best/2."""
+  from psp_jax.train import checkpointing  # noqa: PLC0415 (only the checkpoint tests)
+
+  ckpts = checkpointing.Checkpoints(str(path), keep=3, async_save=False)
+  for step in (1, 2):
+    ckpts.save(make_state(step), model_config)
+  ckpts.save_if_best(make_state(2), model_config, {'mIoU': 0.5})
+  ckpts.close()
+  return path
 
 
 def assert_same_state(got_dir, expected_dir) -> None:

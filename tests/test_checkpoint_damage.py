@@ -27,7 +27,19 @@ from psp_jax.train import checkpointing, storage
 from psp_jax.train.train_state import TrainState
 
 from faults import DAMAGES, damage  # noqa: I001 (tests/ is on sys.path)
-from helpers import ROOT, SHRINK, assert_same_state, check, snapshot, steps, train, user_env
+from helpers import (
+  ROOT,
+  SHRINK,
+  assert_same_state,
+  assert_same_tree,
+  check,
+  checkpointed_workdir,
+  snapshot,
+  steps,
+  train,
+  user_env,
+  warnings_of,
+)
 
 MODEL_CONFIG = {'num_classes': 3, 'depth': 18}
 
@@ -54,29 +66,14 @@ def variables_of(step: int) -> dict:
   return jax.tree.map(np.asarray, {'params': state.params, 'batch_stats': state.batch_stats})
 
 
-def assert_same(got, expected) -> None:
-  assert jax.tree.structure(got) == jax.tree.structure(expected)
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
 def names(directory) -> list[str]:
   return sorted(p.name for p in directory.iterdir())
-
-
-def warnings_of(caplog) -> list[str]:
-  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 @pytest.fixture
 def workdir(tmp_path):
   """A run's workdir with checkpoints/1 and checkpoints/2, and best/2."""
-  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=3, async_save=False)
-  for step in (1, 2):
-    ckpts.save(tiny_state(step), MODEL_CONFIG)
-  ckpts.save_if_best(tiny_state(2), MODEL_CONFIG, {'mIoU': 0.5})
-  ckpts.close()
-  return tmp_path
+  return checkpointed_workdir(tmp_path, tiny_state, MODEL_CONFIG)
 
 
 def reopen(workdir) -> checkpointing.Checkpoints:
@@ -97,7 +94,7 @@ def test_resuming_moves_a_damaged_newest_checkpoint_aside(workdir, how, caplog):
   checked = []
   with caplog.at_level(logging.WARNING):
     state = ckpts.restore_newest(abstract(tiny_state(2)), lambda *saved: checked.append(saved))
-  assert_same(state, tiny_state(1))
+  assert_same_tree(state, tiny_state(1))
   assert checked[-1] == (1, MODEL_CONFIG)
   (warning,) = warnings_of(caplog)
   assert warning.startswith('Checkpoint step 2 cannot be read (') and '\n' not in warning
@@ -114,7 +111,7 @@ def test_a_damaged_model_config_counts_as_damage_and_names_stay_unique(workdir):
   (workdir / 'checkpoints' / '2' / 'model_config' / 'metadata').write_text('{"num_cl')
   (workdir / 'checkpoints' / '2.damaged').mkdir()  # Step 2 was damaged once before.
   ckpts = reopen(workdir)
-  assert_same(ckpts.restore_newest(abstract(tiny_state(2))), tiny_state(1))
+  assert_same_tree(ckpts.restore_newest(abstract(tiny_state(2))), tiny_state(1))
   ckpts.close()
   assert names(workdir / 'checkpoints') == ['1', '2.damaged', '2.damaged.2']
 
@@ -162,7 +159,7 @@ def test_a_reader_skips_damaged_checkpoints_with_one_warning(workdir, how, caplo
   damage(workdir / 'best' / '2' / 'state', how)
   with caplog.at_level(logging.WARNING):
     variables, config = weights.load_variables(workdir)
-  assert_same(variables, variables_of(2))  # checkpoints/2
+  assert_same_tree(variables, variables_of(2))  # checkpoints/2
   assert config == MODEL_CONFIG
   (warning,) = warnings_of(caplog)
   assert warning.startswith(f'Damaged checkpoint(s) in {workdir} skipped: best/2 (')
@@ -171,7 +168,7 @@ def test_a_reader_skips_damaged_checkpoints_with_one_warning(workdir, how, caplo
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     variables, _ = weights.load_variables(workdir)
-  assert_same(variables, variables_of(1))
+  assert_same_tree(variables, variables_of(1))
   (warning,) = warnings_of(caplog)
   assert 'skipped: best/2 (' in warning and '); checkpoints/2 (' in warning
   assert warning.endswith('; using checkpoints/1 instead.')
@@ -215,10 +212,10 @@ def test_twenty_fallbacks_in_a_row_leave_no_read_unfinished(workdir, capfd, monk
   for n in range(20):
     shutil.copytree(pristine, workdir / 'checkpoints' / '2')
     variables, _ = weights.load_variables(workdir)  # best/2 skipped: checkpoints/2.
-    assert_same(variables['params'], tiny_state(2).params)
+    assert_same_tree(variables['params'], tiny_state(2).params)
     damage(workdir / 'checkpoints' / '2' / 'state', DAMAGES[n % len(DAMAGES)])
     ckpts = reopen(workdir)
-    assert_same(ckpts.restore_newest(abstract(tiny_state(2))), tiny_state(1))
+    assert_same_tree(ckpts.restore_newest(abstract(tiny_state(2))), tiny_state(1))
     ckpts.close()
   gc.collect()
   time.sleep(0.5)  # Any straggling tensorstore callback would print by now.
@@ -316,5 +313,5 @@ def test_train_py_resumes_before_a_damaged_checkpoint_and_evaluate_falls_back(
   check(train(shared, straight, num_train_steps=9))
   got, _ = weights.load_variables(workdir / 'checkpoints' / '9')
   expected, _ = weights.load_variables(straight / 'checkpoints' / '9')
-  assert_same(got, expected)
+  assert_same_tree(got, expected)
   assert_same_state(workdir / 'checkpoints' / '9', straight / 'checkpoints' / '9')

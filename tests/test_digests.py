@@ -20,6 +20,7 @@ from psp_jax.train import checkpointing
 from psp_jax.train.train_state import TrainState
 
 from faults import damage  # noqa: I001 (tests/ is on sys.path)
+from helpers import assert_same_tree, checkpointed_workdir, warnings_of
 
 MODEL_CONFIG = {'num_classes': 3, 'depth': 18}
 
@@ -39,24 +40,10 @@ def abstract(state: TrainState) -> TrainState:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
-def assert_same(got, expected) -> None:
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-
-
-def warnings_of(caplog) -> list[str]:
-  return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-
-
 @pytest.fixture
 def workdir(tmp_path):
   """checkpoints/1, checkpoints/2 and best/2 of random_state."""
-  ckpts = checkpointing.Checkpoints(str(tmp_path), keep=3, async_save=False)
-  for step in (1, 2):
-    ckpts.save(random_state(step), MODEL_CONFIG)
-  ckpts.save_if_best(random_state(2), MODEL_CONFIG, {'mIoU': 0.5})
-  ckpts.close()
-  return tmp_path
+  return checkpointed_workdir(tmp_path, random_state, MODEL_CONFIG)
 
 
 def test_a_digest_covers_dtype_shape_and_every_bit():
@@ -109,7 +96,7 @@ def test_flipped_bytes_restore_silently_without_digests_and_training_falls_back(
     ckpts.restore(target, 2)
   with caplog.at_level(logging.WARNING):
     state = ckpts.restore_newest(target)
-  assert_same(state, random_state(1))
+  assert_same_tree(state, random_state(1))
   (warning,) = warnings_of(caplog)
   assert warning.startswith('Checkpoint step 2 cannot be read (DamagedCheckpointError: ')
   assert 'params/conv/kernel differ from the digest saved with it' in warning
@@ -127,7 +114,7 @@ def test_readers_refuse_a_flipped_step_or_fall_back_from_it_in_a_workdir(workdir
   with caplog.at_level(logging.WARNING):
     variables, config = weights.load_variables(workdir)
   assert config == MODEL_CONFIG
-  assert_same(variables['params'], random_state(2).params)  # checkpoints/2, intact.
+  assert_same_tree(variables['params'], random_state(2).params)  # checkpoints/2, intact.
   (warning,) = warnings_of(caplog)
   assert warning.startswith(f'Damaged checkpoint(s) in {workdir} skipped: best/2 (')
   assert warning.endswith('; using checkpoints/2 instead.')
@@ -161,10 +148,12 @@ def test_checkpoints_written_before_digests_load_with_one_warning(workdir, tmp_p
   (tmp_path / 'w' / digests.FILE).unlink()
   with caplog.at_level(logging.WARNING):
     ckpts = checkpointing.Checkpoints(str(workdir), keep=3, async_save=False)
-    assert_same(ckpts.restore_newest(abstract(random_state(2))), random_state(2))
+    assert_same_tree(ckpts.restore_newest(abstract(random_state(2))), random_state(2))
     ckpts.close()
-    assert_same(weights.load_variables(workdir / 'best' / '2')[0]['params'], random_state(2).params)
-    assert_same(weights.load_variables(tmp_path / 'w')[0]['params'], state.params)
+    assert_same_tree(
+      weights.load_variables(workdir / 'best' / '2')[0]['params'], random_state(2).params
+    )
+    assert_same_tree(weights.load_variables(tmp_path / 'w')[0]['params'], state.params)
   assert warnings_of(caplog) == [
     f'{path} has no digests (it was written before psp-jax recorded them): its arrays are used '
     'unchecked.'

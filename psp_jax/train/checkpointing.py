@@ -75,6 +75,15 @@ def _tree_differences(saved: Any, target: TrainState) -> list[str]:
   return shown[:3] + ([f'{len(keys) - 3} more'] if len(keys) > 3 else [])
 
 
+def _items(tree: Any, model_config: dict[str, Any]) -> ocp.args.Composite:
+  """A step's ITEMS: the tree, its model_config and the tree's digests, in one orbax commit."""
+  return ocp.args.Composite(
+    state=ocp.args.StandardSave(tree),
+    model_config=ocp.args.JsonSave(model_config),
+    digests=ocp.args.JsonSave(digests.of_tree(tree)),
+  )
+
+
 def _nbytes(tree: Any) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
 
@@ -270,15 +279,7 @@ class Checkpoints:
       return
     self._sizes = (_nbytes(state), _nbytes((state.params, state.batch_stats)))
     with self._writing():
-      self.latest.save(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          model_config=ocp.args.JsonSave(model_config),
-          digests=ocp.args.JsonSave(digests.of_tree(state)),
-        ),
-        force=True,
-      )
+      self.latest.save(step, args=_items(state, model_config), force=True)
 
   def best_value(self) -> float | None:
     """Validation mIoU of the best checkpoint so far (None if none)."""
@@ -302,11 +303,7 @@ class Checkpoints:
     with self._writing():
       self.best.save(
         step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardSave(kept),
-          model_config=ocp.args.JsonSave(model_config),
-          digests=ocp.args.JsonSave(digests.of_tree(kept)),
-        ),
+        args=_items(kept, model_config),
         metrics={k: float(v) for k, v in scalars.items()},
         force=True,
       )
