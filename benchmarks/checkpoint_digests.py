@@ -6,7 +6,7 @@ Makes the ADE20K recipe's TrainState (parameters, BatchNorm statistics, SGD mome
 CPU, then times, in a temporary workdir, the digests alone (digests.of_tree: what a save
 adds and what a restore adds), Checkpoints.save to disk (synchronous, digests included),
 Checkpoints.restore (verification included), and restore_newest, which a resume runs (every
-array read once first by weights.check_readable, then restored and verified). Prints a
+array read once first by orbax_reads.check_readable, then restored and verified). Prints a
 Markdown table; --out writes it too.
 The figures are this machine's (CPU, its disk); on a TPU VM the state is first copied from
 the chips, as orbax's own save does.
@@ -44,7 +44,7 @@ def main() -> None:
   import jax  # noqa: PLC0415 (after sys.path is set)
 
   from configs import ade20k  # noqa: PLC0415
-  from psp_jax import digests, distributed, weights  # noqa: PLC0415
+  from psp_jax import digests, distributed, orbax_reads  # noqa: PLC0415
   from psp_jax.train import checkpointing, train_state, training  # noqa: PLC0415
 
   config = ade20k.get_config()
@@ -68,7 +68,7 @@ def main() -> None:
       ckpts.wait()
 
     save_s = timed(save, args.reps)
-    read_s = timed(lambda: weights.check_readable(f'{workdir}/checkpoints/1/state'), args.reps)
+    read_s = timed(lambda: orbax_reads.check_readable(f'{workdir}/checkpoints/1/state'), args.reps)
     restore_s = timed(lambda: jax.block_until_ready(ckpts.restore(program.state)), args.reps)
     newest_s = timed(lambda: jax.block_until_ready(ckpts.restore_newest(program.state)), args.reps)
     ckpts.close()
@@ -89,7 +89,7 @@ def main() -> None:
     *(f'| {what} | {s:.2f} | {100 * digest_s / s:.0f}% |' for what, s in rows[1:]),
     '',
     f'sha256 rate: {nbytes / digest_s / 1e9:.2f} GB/s. Reading every array once before orbax '
-    f'does (weights.check_readable, so that a damaged file fails before orbax reads it): '
+    f'does (orbax_reads.check_readable, so that a damaged file fails before orbax reads it): '
     f'{read_s:.2f} s.',
   ]
   text = '\n'.join(lines)

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import pytest
 
-from psp_jax import errors, weights
+from psp_jax import errors, orbax_reads, weights
 from psp_jax.train import checkpointing, storage
 from psp_jax.train.train_state import TrainState
 
@@ -201,11 +201,11 @@ def test_a_damaged_directory_named_by_the_user_is_one_error(workdir, how):
 def test_twenty_fallbacks_in_a_row_leave_no_read_unfinished(workdir, capfd, monkeypatch, caplog):
   """The cause, not the printing: with quiet_abandoned_reads' hooks out of the way, readers
   and training fall back over a damaged checkpoint 20 times each, and no tensorstore thread
-  reports into a closed event loop: weights.check_readable fails before orbax reads."""
+  reports into a closed event loop: orbax_reads.check_readable fails before orbax reads."""
   monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)
   monkeypatch.setattr(sys, 'excepthook', sys.__excepthook__)
   monkeypatch.setattr(logging.getLogger('asyncio'), 'filters', [])
-  monkeypatch.setattr(weights, 'quiet_abandoned_reads', lambda: None)
+  monkeypatch.setattr(orbax_reads, 'quiet_abandoned_reads', lambda: None)
   damage(workdir / 'best' / '2' / 'state', 'truncated')
   pristine = workdir / 'pristine'
   shutil.move(workdir / 'checkpoints' / '2', pristine)
@@ -230,8 +230,8 @@ def test_only_the_noise_of_abandoned_reads_is_dropped(monkeypatch):
   seen = []
   monkeypatch.setattr(sys, 'unraisablehook', seen.append)
   monkeypatch.setattr(logging.getLogger('asyncio'), 'filters', [])
-  weights.quiet_abandoned_reads()
-  weights.quiet_abandoned_reads()  # Installed once.
+  orbax_reads.quiet_abandoned_reads()
+  orbax_reads.quiet_abandoned_reads()  # Installed once.
   loop = asyncio.new_event_loop()
   loop.close()
   with pytest.raises(RuntimeError, match='Event loop is closed') as closed:

@@ -28,6 +28,7 @@ COMMANDS |= {'psp_jax.experiment'}  # the training job: joins train/ and inferen
 COMMANDS |= {'psp_jax.export'}  # serving export: psp_jax.serving
 SHARED = {'psp_jax.paths', 'psp_jax.metrics', 'psp_jax.visualize', 'psp_jax.distributed'}
 SHARED |= {'psp_jax.runtime', 'psp_jax.sizes', 'psp_jax.errors', 'psp_jax.digests'}
+SHARED |= {'psp_jax.orbax_reads'}
 SHARED |= {'psp_jax.config_schema'}  # the experiment config: train/ checks it, inference/ reads it
 # room -> the rooms and modules it may import (besides itself and the shared leaves).
 ALLOWED = {
@@ -52,6 +53,7 @@ SHARED_ALLOWED |= {
   'psp_jax.errors': set(),
   'psp_jax.config_schema': set(),
   'psp_jax.digests': set(),
+  'psp_jax.orbax_reads': set(),
 }
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from psp_jax import digests, paths, weights
+from psp_jax import digests, orbax_reads, paths, weights
 from psp_jax.train import storage
 from psp_jax.train.train_state import TrainState
 
@@ -104,7 +104,7 @@ class Checkpoints:
     # A failed save or restore abandons tensorstore's other reads and writes, whose threads
     # then report into orbax's closed event loop: dropped from the start, as they can come
     # before the error reaches this code.
-    weights.quiet_abandoned_reads()
+    orbax_reads.quiet_abandoned_reads()
     self.latest = ocp.CheckpointManager(
       workdir / weights.LATEST_DIR,
       options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
@@ -214,10 +214,10 @@ class Checkpoints:
 
   def _saved(self, step: int) -> tuple[dict[str, Any], Any]:
     """(model_config, array metadata tree of the state) of a checkpoint, once its arrays read
-    whole (weights.check_readable)."""
+    whole (orbax_reads.check_readable)."""
     config = self.model_config(step)
     tree_dir = self.latest.directory / str(step) / weights.STATE_ITEM
-    weights.check_readable(tree_dir)  # Before orbax reads any of it: see check_readable.
+    orbax_reads.check_readable(tree_dir)  # Before orbax reads any of it: see check_readable.
     # The handler, not a Checkpointer: that one warns about a step metadata file `state/`
     # never has.
     handler = ocp.PyTreeCheckpointHandler()
@@ -231,7 +231,7 @@ class Checkpoints:
     try:
       value, error = read(*args), None
     except Exception as e:  # orbax raises a bare Exception for an unreadable array.
-      weights.quiet_abandoned_reads()
+      orbax_reads.quiet_abandoned_reads()
       value, error = None, e
     if _anywhere(error is not None):
       self._move_aside(step, error)
