@@ -51,8 +51,9 @@ def initialize(
 
   With a coordinator address (argument, or JAX_COORDINATOR_ADDRESS with JAX_NUM_PROCESSES
   and JAX_PROCESS_ID in the environment) the processes are given explicitly, as for CPU
-  tests on one machine. On a Cloud TPU VM, jax.distributed.initialize() finds the other
-  hosts of the slice itself. Otherwise the run is one process and nothing happens.
+  tests on one machine. Under SLURM (srun with more than one task) and on a Cloud TPU VM,
+  jax.distributed.initialize() finds the others itself (slurm_devices says which GPUs each
+  task takes). Otherwise the run is one process and nothing happens.
 
   Args:
     coordinator_address: 'host:port' of process 0.
@@ -73,11 +74,52 @@ def initialize(
         'pass --num_processes and --process_id (or set JAX_NUM_PROCESSES and JAX_PROCESS_ID).'
       )
     jax.distributed.initialize(address, num_processes=num_processes, process_id=process_id)
+  elif slurm_tasks(env) > 1:  # jax reads SLURM's variables: the job's first node coordinates.
+    jax.distributed.initialize(local_device_ids=slurm_devices(env))
   elif importlib.util.find_spec('libtpu') is not None:
     try:  # A TPU VM: one process per host, found through the TPU metadata.
       jax.distributed.initialize()
     except (ValueError, RuntimeError) as e:  # e.g. libtpu installed on a machine without TPUs.
       logging.warning('jax.distributed.initialize() failed (%s); running as one process.', e)
+
+
+# What srun sets for every task; jax's SLURM detection needs all of them.
+SLURM_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID')
+SLURM_VARIABLES += ('SLURM_LOCALID',)
+
+
+def slurm_tasks(env: dict[str, str] | os._Environ = os.environ) -> int:
+  """Tasks of the SLURM job step this process is one of (0 outside srun)."""
+  if not all(name in env for name in SLURM_VARIABLES):
+    return 0
+  return int(env['SLURM_NTASKS'])
+
+
+def _tasks_on_this_node(env) -> int | None:
+  """This node's task count, from SLURM_STEP_TASKS_PER_NODE ('8', '8(x2)', '8(x2),4')."""
+  counts = []
+  for part in env.get('SLURM_STEP_TASKS_PER_NODE', '').split(','):
+    number, _, repeat = part.partition('(x')
+    if number.strip().isdigit():
+      counts += [int(number)] * int(repeat.rstrip(')') or 1)
+  node = int(env.get('SLURM_NODEID', '0'))
+  return counts[node] if node < len(counts) else None
+
+
+def slurm_devices(env: dict[str, str] | os._Environ = os.environ) -> list[int] | None:
+  """The local GPUs a SLURM task takes: all of its node's with one task a node, else None.
+
+  jax's SLURM detection gives task i of a node GPU i alone (one task a GPU: `srun
+  --ntasks-per-node=8 --gpus-per-task=1`). With one task a node (`--ntasks-per-node=1`),
+  that would be GPU 0 alone: here the task takes every GPU SLURM gave the node
+  (SLURM_GPUS_ON_NODE, else CUDA_VISIBLE_DEVICES). None leaves jax's choice.
+  """
+  if _tasks_on_this_node(env) != 1:
+    return None
+  if env.get('SLURM_GPUS_ON_NODE', '').isdigit():
+    return list(range(int(env['SLURM_GPUS_ON_NODE'])))
+  visible = [d for d in env.get('CUDA_VISIBLE_DEVICES', '').split(',') if d.strip()]
+  return list(range(len(visible))) or None
 
 
 def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:

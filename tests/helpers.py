@@ -136,8 +136,16 @@ def check(proc: subprocess.CompletedProcess) -> str:
 
 
 def restored(step_dir, keys=('params', 'batch_stats')) -> dict[str, np.ndarray]:
-  """{path: array} of parts of a checkpoint's state, read without a target."""
-  state = ocp.StandardCheckpointer().restore(step_dir / 'state')
+  """{path: array} of parts of a checkpoint's state, read without a target, as numpy (so a
+  checkpoint of other devices or processes reads here too)."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    tree = handler.metadata(step_dir / 'state').tree
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    args = ocp.args.PyTreeRestore(item=tree, restore_args=as_numpy)
+    state = handler.restore(step_dir / 'state', args=args)
+  finally:
+    handler.close()
   flat = {}
 
   def walk(tree, prefix):
