@@ -318,7 +318,7 @@ class Checkpoints:
   def close(self) -> None:
     """Waits for pending saves and releases the managers.
 
-    A full disk already reported (a storage.DiskFullError raised before) is not raised again.
+    A full disk already reported (a DiskFullError raised before) is not raised again.
     """
     reported, error = self._disk_full, None
     for manager in (self.latest, self.best):
@@ -334,7 +334,7 @@ class Checkpoints:
 
   @contextlib.contextmanager
   def _writing(self) -> Iterator[None]:
-    """Turns a save that ran out of space (orbax's threads or ours) into one storage.DiskFullError.
+    """Turns a save that ran out of space (orbax's threads or ours) into one DiskFullError.
 
     The half-written step directories are removed (a restore never reads them; their space
     is the user's), so the newest complete checkpoint is what a rerun resumes from.
@@ -362,7 +362,8 @@ class Checkpoints:
     self.latest.reload()
     state_bytes, best_bytes = self._sizes
     need, how = storage.space_needed(str(self.workdir), state_bytes, best_bytes, self.keep)
-    free = shutil.disk_usage(str(self.workdir)).free / 2**20
+    remote = paths.is_remote(str(self.workdir))
+    free = 0.0 if remote else shutil.disk_usage(str(self.workdir)).free / 2**20
     latest = self.latest.latest_step()
     kept = (
       f'The newest complete checkpoint, step {latest}, is intact: free some space (or lower '

@@ -16,6 +16,8 @@ import jax
 
 from psp_jax import errors, paths, weights
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota
+
 
 class WorkdirError(errors.UserError, OSError):
   """A workdir that cannot hold the run (not writable, too little space, another model)."""
@@ -69,7 +71,6 @@ def space_needed(
   )
   if events_bytes:
     how += f', {events_bytes / mib:.1f} MiB of TensorBoard events (an estimate)'
-
   return need, how
 
 
@@ -92,9 +93,6 @@ def check_free_space(workdir: str, need: int, how: str) -> None:
       f'{need / 2**20:.1f} MiB more: {how}. Free some space, lower --config.keep_checkpoints, '
       'or choose another --workdir.'
     )
-
-
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class DiskFullError(WorkdirError):
