@@ -11,13 +11,22 @@ import os
 import re
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 from absl import flags
 
 TRACEBACK_ENV = 'PSP_JAX_TRACEBACK'
 _CONFIG_FLAGS_SOURCE = os.path.join('ml_collections', 'config_flags', 'config_flags.py')
+
+
+def chain(error: BaseException | None) -> Iterator[BaseException]:
+  """error, then what it was raised from or during (__cause__, else __context__), each once."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    yield error
+    error = error.__cause__ or error.__context__
 
 
 class UserError(Exception):

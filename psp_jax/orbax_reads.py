@@ -11,7 +11,7 @@ import re
 import sys
 from typing import Any
 
-from psp_jax import paths
+from psp_jax import errors, paths
 
 _ASYNCIO_LOOP = os.path.join('asyncio', 'base_events.py')
 _UNRETRIEVED = re.compile(r'\w+ exception was never retrieved')
@@ -68,13 +68,7 @@ def _abandoned_task(record: logging.LogRecord) -> bool:
 
 def _from_tensorstore(error: BaseException | None) -> bool:
   """Whether error, or one it was raised from or during, is a tensorstore read's."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if any(mark in str(error) for mark in _TENSORSTORE_MARKS):
-      return True
-    error = error.__cause__ or error.__context__
-  return False
+  return any(mark in str(e) for e in errors.chain(error) for mark in _TENSORSTORE_MARKS)
 
 
 def _loop_closed_in_asyncio(error: BaseException, tb: Any) -> bool:

@@ -226,7 +226,8 @@ def verify(tree: Any, directory: str | os.PathLike) -> None:
     )
 
 
-def _steps(directory: epath.Path) -> list[int]:
+def step_numbers(directory: epath.Path) -> list[int]:
+  """The steps of a directory of orbax step directories (checkpoints/, best/), ascending."""
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
@@ -297,7 +298,9 @@ def load_variables(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, A
     return variables, config
   if (path / STATE_ITEM).is_dir():  # The user named this step: no fallback.
     return _read_step_dir(path)
-  candidates = [path / sub / str(step) for sub in TRAIN_DIRS for step in _steps(path / sub)[::-1]]
+  candidates = [
+    path / sub / str(step) for sub in TRAIN_DIRS for step in step_numbers(path / sub)[::-1]
+  ]
   if not candidates:
     raise errors.NotFoundError(
       f'{path} is not a checkpoint: expected {VARIABLES_DIR}/ + {CONFIG_FILE} (psp_jax.convert), '

@@ -311,12 +311,15 @@ def get_source(
     A dataset of {'image': uint8 [H, W, 3], 'label': uint8 [H, W]} (255 = ignore).
   """
   _check_process(process_index, process_count)
-  reader = _SOURCES.get(data_config.name)
-  if reader is None:
+  _check_known(data_config)
+  return _SOURCES[data_config.name](data_config, split, process_index, process_count, shuffle_seed)
+
+
+def _check_known(data_config: Any) -> None:
+  if data_config.name not in _SOURCES:
     raise errors.InvalidInputError(
       f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.'
     )
-  return reader(data_config, split, process_index, process_count, shuffle_seed)
 
 
 def check_available(data_config: Any, splits: tuple[str, ...]) -> None:
@@ -326,15 +329,14 @@ def check_available(data_config: Any, splits: tuple[str, ...]) -> None:
   skip_bad_examples), a data set not prepared (the synthetic one is prepared), a split it
   lacks, an unknown source.
   """
-  for split in splits:
-    if data_config.name in ('list', 'folder'):
+  _check_known(data_config)
+  if data_config.name in ('list', 'folder'):
+    for split in splits:
       _file_pairs(data_config, split)
-    elif data_config.name in _SOURCES:
-      _tfds_split(_builder(data_config), split)
-    else:
-      raise errors.InvalidInputError(
-        f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.'
-      )
+    return
+  builder = _builder(data_config)
+  for split in splits:
+    _tfds_split(builder, split)
 
 
 def num_examples(data_config: Any, split: str) -> int:
@@ -349,10 +351,7 @@ def num_examples(data_config: Any, split: str) -> int:
   """
   if data_config.name in ('list', 'folder'):
     return len(_file_pairs(data_config, split))
-  if data_config.name not in _SOURCES:
-    raise errors.InvalidInputError(
-      f'Unknown config.data.name {data_config.name!r}; known: {sorted(_SOURCES)}.'
-    )
+  _check_known(data_config)
   builder = _builder(data_config)
   return builder.info.splits[_tfds_split(builder, split)].num_examples
 

@@ -84,10 +84,6 @@ def _items(tree: Any, model_config: dict[str, Any]) -> ocp.args.Composite:
   )
 
 
-def _nbytes(tree: Any) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, 'dtype'))
-
-
 class Checkpoints:
   """The last `keep` TrainStates of a run and its best weights by validation mIoU.
 
@@ -231,8 +227,7 @@ class Checkpoints:
     try:
       value, error = read(*args), None
     except Exception as e:  # orbax raises a bare Exception for an unreadable array.
-      orbax_reads.quiet_abandoned_reads()
-      value, error = None, e
+      value, error = None, e  # What it abandoned is quiet: __init__ installed the hooks.
     if _anywhere(error is not None):
       self._move_aside(step, error)
       return None
@@ -277,7 +272,7 @@ class Checkpoints:
     step = int(jax.device_get(state.step))
     if step in self.latest.all_steps():
       return
-    self._sizes = (_nbytes(state), _nbytes((state.params, state.batch_stats)))
+    self._sizes = (storage.nbytes(state), storage.nbytes(state.variables))
     with self._writing():
       self.latest.save(step, args=_items(state, model_config), force=True)
 

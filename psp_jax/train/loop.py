@@ -80,8 +80,7 @@ def check_init_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> No
   path = config.init_checkpoint
   if not path or paths.as_path(path).exists():
     return
-  latest = paths.as_path(workdir) / weights.LATEST_DIR
-  if latest.is_dir() and any(p.name.isdigit() for p in latest.iterdir()):
+  if weights.step_numbers(paths.as_path(workdir) / weights.LATEST_DIR):
     return
   raise errors.NotFoundError(
     f'config.init_checkpoint={path}: no such file or directory. Pass the path of a .pth '
@@ -123,11 +122,13 @@ def _initial_state(config, workdir, program: training.TrainingProgram, total_ste
 
   target = program.state
   try:
-    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target))
-    best_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(target.variables))
     events = summaries.events_bytes(config, total_steps)
     need, how = storage.space_needed(
-      workdir, state_bytes, best_bytes, config.keep_checkpoints, events
+      workdir,
+      storage.nbytes(target),
+      storage.nbytes(target.variables),
+      config.keep_checkpoints,
+      events,
     )
     storage.check_free_space(workdir, need, how)
     state = checkpoints.restore_newest(target, same_model)

@@ -60,8 +60,8 @@ def space_needed(
   count as written. Plus events_bytes (TensorBoard: summaries.events_bytes).
   """
   root = paths.as_path(workdir)
-  have_steps = len(_step_names(root / weights.LATEST_DIR))
-  have_best = len(_step_names(root / weights.BEST_DIR))
+  have_steps = len(weights.step_numbers(root / weights.LATEST_DIR))
+  have_best = len(weights.step_numbers(root / weights.BEST_DIR))
   steps, best = max(0, keep + 1 - have_steps), max(0, 2 - have_best)
   need = steps * state_bytes + best * best_bytes + events_bytes
   mib = 2**20
@@ -74,8 +74,9 @@ def space_needed(
   return need, how
 
 
-def _step_names(directory: Any) -> list[str]:
-  return [p.name for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+def nbytes(tree: Any) -> int:
+  """Bytes of a tree's arrays (or of jax.ShapeDtypeStructs), as a checkpoint stores them."""
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def check_free_space(workdir: str, need: int, how: str) -> None:
@@ -102,15 +103,12 @@ class DiskFullError(WorkdirError):
 def disk_full(error: BaseException | None) -> bool:
   """Whether error, or one it was raised from or during, is 'no space' (ENOSPC, EDQUOT):
   an OSError's errno, or tensorstore's or TensorFlow's error saying it."""
-  seen = set()
-  while error is not None and id(error) not in seen:
-    seen.add(id(error))
-    if isinstance(error, OSError) and error.errno in _NO_SPACE:
+  for e in errors.chain(error):
+    if isinstance(e, OSError) and e.errno in _NO_SPACE:
       return True
     # tensorstore's ValueError and TensorFlow's ResourceExhaustedError say it in words.
-    if not isinstance(error, OSError) and any(os.strerror(c) in str(error) for c in _NO_SPACE):
+    if not isinstance(e, OSError) and any(os.strerror(c) in str(e) for c in _NO_SPACE):
       return True
-    error = error.__cause__ or error.__context__
   return False
 
 

@@ -14,6 +14,7 @@ from clu import metric_writers
 from tqdm import tqdm
 
 from psp_jax import paths, visualize, weights
+from psp_jax.train import config_checks
 
 
 def create_writer(workdir: str) -> metric_writers.MetricWriter:
@@ -48,8 +49,7 @@ def events_bytes(config: ml_collections.ConfigDict, total_steps: int) -> int:
   scalars."""
   validations = total_steps // max(1, config.eval_every_steps) + 1
   logs = total_steps // max(1, config.log_every_steps) + 1
-  crop = config.data.crop_size
-  height, width = (crop, crop) if isinstance(crop, int) else crop
+  height, width = config_checks.crop_pair(config.data.crop_size)
   panel = 3 * height * width * 3
   return validations * config.num_summary_images * panel + logs * SCALAR_LOG_BYTES
 
