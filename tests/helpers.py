@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -133,6 +134,13 @@ def check(proc: subprocess.CompletedProcess) -> str:
   log = proc.stdout + proc.stderr
   assert proc.returncode == 0, log[-4000:]
   return log
+
+
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
 
 
 def restored(step_dir, keys=('params', 'batch_stats')) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ import pytest
 
 from psp_jax import distributed
 
-from helpers import ROOT, assert_same_state, command, user_env
+from helpers import ROOT, assert_same_state, command, free_port, user_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess, pytest.mark.xdist_group('train_py')]
 TASKS, DEVICES = 2, 4
@@ -101,7 +101,7 @@ def finish(job) -> str:
 
 def explicit(shared, workdir) -> list[str]:
   """The same run started the explicit way: --coordinator_address and process ids."""
-  port = free_job_id() + _PORTS[0]
+  port = free_port()
   flags = f'{distributed.CPU_XLA_FLAGS} --xla_force_host_platform_device_count={DEVICES}'
   procs = []
   for task in range(TASKS):

@@ -5,7 +5,6 @@ A tiny PSPNet (depth 18, width 4, crop 41) on 8 simulated CPU devices (tests/con
 
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ from psp_jax.data import pipeline
 from psp_jax.models import codec
 from psp_jax.train import loop, losses, optim, train_state, train_step
 
-from helpers import BATCH, CROP, NUM_CLASSES, tiny_config
+from helpers import BATCH, CROP, NUM_CLASSES, free_port, tiny_config
 
 
 def global_batch(seed: int = 0, batch: int = BATCH) -> dict[str, np.ndarray]:
@@ -323,12 +322,6 @@ def test_cross_entropy_matches_torch_ignore_index():
   np.testing.assert_allclose(float(got), expected.item(), rtol=1e-6)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.multiprocess
 @pytest.mark.e2e
 def test_two_processes_of_four_devices_match_one_of_eight(
@@ -336,7 +329,7 @@ def test_two_processes_of_four_devices_match_one_of_eight(
 ):
   # The workers start from the same initial state (saved here: spares them its compilation).
   np.savez(tmp_path / 'initial.npz', *jax.tree.leaves(initial_state))
-  port, script = _free_port(), str(pathlib.Path(__file__).resolve())
+  port, script = free_port(), str(pathlib.Path(__file__).resolve())
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4')
   procs = [
     subprocess.Popen(
