@@ -1,10 +1,11 @@
 """Training input pipeline throughput (images/s) at crop 473 with the full official augmentation.
 
-Rows 1-3 read ADE20K-sized generated examples (short side 512, long side 512-768, ADE20K's
+Rows 1-4 read ADE20K-sized generated examples (short side 512, long side 512-768, ADE20K's
 common sizes): JPEG images (quality 90) and PNG labels with 150 classes, in a TFRecord file as
-TFDS stores them, decoded in the pipeline as sources.py decodes TFDS JPEGs. Row 4 is the real
+TFDS stores them, decoded in the pipeline as sources.py decodes TFDS JPEGs. Row 5 is the real
 create_train_dataset path over the project's psp_synthetic TFDS builder prepared at 512x512
-(PNG images, so its decode costs differ):
+(PNG images, so its decode costs differ); row 6 is that path as one of 8 processes, which
+reads every record of the split and decodes and augments its eighth:
 
   .venv/bin/python benchmarks/input_pipeline.py [--batches 30] [--threads 2]
 
@@ -156,6 +157,10 @@ def main() -> None:
         batch_size=args.batch, seed=0, num_threads=args.threads)),
       (f'create_train_dataset, psp_synthetic {args.synthetic_size}px PNG', lambda: (
         pipeline.create_train_dataset(synthetic, batch_size=args.batch, seed=0,
+                                      num_threads=args.threads))),
+      ('the same, as process 1 of 8 (decodes 1/8)', lambda: (
+        pipeline.create_train_dataset(synthetic, batch_size=8 * args.batch, seed=0,
+                                      process_index=1, process_count=8,
                                       num_threads=args.threads))),
     ]  # fmt: skip
     cores = min(args.threads, os.cpu_count() or 1)

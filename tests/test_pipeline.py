@@ -41,10 +41,30 @@ def test_same_seed_same_batches_other_seed_differs(run_through):
   assert_same_batches(run_through, again)
   other = take(pipeline.build_train_dataset(source(), data_config(), batch_size=4, seed=1), 1)
   assert not np.array_equal(other[0]['image'], run_through[0]['image'])
-  process1 = pipeline.build_train_dataset(
-    source(), data_config(), batch_size=4, seed=0, process_index=1
-  )
-  assert not np.array_equal(take(process1, 1)[0]['image'], run_through[0]['image'])
+
+
+@pytest.mark.parametrize('process_count', [2, 4])
+def test_processes_take_their_rows_of_the_one_stream(run_through, process_count):
+  def rows(process_index, start_step=0):
+    dataset = pipeline.build_train_dataset(
+      source(), data_config(), batch_size=4, seed=0, process_index=process_index,
+      process_count=process_count, start_step=start_step)  # fmt: skip
+    return take(dataset, 7 - start_step)
+
+  parts = [rows(p) for p in range(process_count)]
+  joined = [{k: np.concatenate([part[i][k] for part in parts]) for k in ('image', 'label')}
+            for i in range(7)]  # fmt: skip
+  assert_same_batches(run_through, joined)
+  assert parts[0][0]['image'].shape[0] == 4 // process_count
+  # Resumed on this process count, at a step inside epoch 1 (4 * 3 = 12 examples).
+  rows_of_1 = slice(4 // process_count, 2 * (4 // process_count))
+  for got, expected in zip(rows(1, start_step=3), run_through[3:], strict=True):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(got[key], expected[key][rows_of_1])
+  with pytest.raises(ValueError, match='dividing batch_size'):
+    pipeline.build_train_dataset(
+      source(), data_config(), batch_size=3, seed=0, process_index=0, process_count=2
+    )
 
 
 @pytest.mark.parametrize('start_step', [1, 3, 5])
@@ -103,10 +123,10 @@ def synthetic_config(tmp_path_factory):
 
 
 def test_synthetic_source_train_batches_and_resume(synthetic_config):
-  def batches(process_index, start_step, n):
+  def batches(process_index, start_step, n, process_count=2):
     dataset = pipeline.create_train_dataset(
-      synthetic_config, batch_size=2, seed=4, process_index=process_index, process_count=2,
-      start_step=start_step)  # fmt: skip
+      synthetic_config, batch_size=4, seed=4, process_index=process_index,
+      process_count=process_count, start_step=start_step)  # fmt: skip
     return take(dataset, n)
 
   through = batches(1, 0, 5)
@@ -114,8 +134,12 @@ def test_synthetic_source_train_batches_and_resume(synthetic_config):
     assert batch['image'].shape == (2, CROP, CROP, 3) and batch['label'].shape == (2, CROP, CROP)
     assert set(np.unique(batch['label'])) <= set(range(11)) | {255}
     assert np.abs(batch['image']).max() < 3.0  # normalised
-  assert_same_batches(through[3:], batches(1, 3, 2))  # 3 examples a process: epoch 2, offset 0
-  assert not np.array_equal(batches(0, 0, 1)[0]['image'], through[0]['image'])
+  assert_same_batches(through[3:], batches(1, 3, 2))  # 12 examples of 6: epoch 2, offset 0
+  # The two processes' rows are the one-process run's batches, decoded from TFDS records.
+  whole, first = batches(0, 0, 5, process_count=1), batches(0, 0, 5)
+  for one, (a, b) in zip(whole, zip(first, through, strict=True), strict=True):
+    for key in ('image', 'label'):
+      np.testing.assert_array_equal(one[key], np.concatenate([a[key], b[key]]))
 
 
 def test_to_global_shards_the_batch_over_the_mesh():

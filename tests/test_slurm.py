@@ -4,13 +4,10 @@ The script runs with the variables sbatch gives a batch script, and `srun` is
 tests/fake_srun.py: two tasks of four CPU devices, each with the variables a real srun gives
 a task. Nothing else tells the tasks of each other: psp_jax.distributed sees SLURM's
 variables and jax.distributed finds the coordinator (the step's first node, a port from the
-job id). The run is bit for bit the one started with explicit coordinator address and process ids,
-and a preemption (SIGTERM to every task, as SLURM sends before it stops a job) then a
-requeue (the same script again) ends bit for bit as the uninterrupted run.
-
-(Not the run of one process of 8 devices: each process shuffles and augments its own shard
-of the data, so another process count sees the examples in another order. The step itself
-is the same on 2 x 4 as on 1 x 8: tests/test_train.py compares them on one global batch.)
+job id). The run trains as train.py does in one process of eight devices (the same global
+batches; the state within float32's reduction order), and a preemption (SIGTERM to every
+task, as SLURM sends before it stops a job) then a requeue (the same script again) ends bit
+for bit as the uninterrupted run.
 """
 
 import os
@@ -22,11 +19,12 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from psp_jax import distributed
 
-from helpers import ROOT, assert_same_state, command, free_port, user_env
+from helpers import ROOT, assert_same_state, check, command, restored, train, user_env
 
 pytestmark = [pytest.mark.e2e, pytest.mark.multiprocess, pytest.mark.xdist_group('train_py')]
 TASKS, DEVICES = 2, 4
@@ -99,40 +97,35 @@ def finish(job) -> str:
   return text
 
 
-def explicit(shared, workdir) -> list[str]:
-  """The same run started the explicit way: --coordinator_address and process ids."""
-  port = free_port()
-  flags = f'{distributed.CPU_XLA_FLAGS} --xla_force_host_platform_device_count={DEVICES}'
-  procs = []
-  for task in range(TASKS):
-    extra = [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={TASKS}']
-    args = command(shared, workdir, *extra, f'--process_id={task}', **RUN)
-    env = user_env() | {'XLA_FLAGS': flags}
-    procs.append(
-      subprocess.Popen(
-        args,
-        env=env,
-        cwd=str(workdir.parent),
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-      )
-    )
-  logs = [proc.communicate(timeout=900)[0] for proc in procs]
-  for proc, log in zip(procs, logs, strict=True):
-    assert proc.returncode == 0, log[-4000:]
-  return logs
+def one_process(shared, workdir) -> str:
+  """The same run as one process of TASKS * DEVICES devices."""
+  flags = f'{distributed.CPU_XLA_FLAGS} --xla_force_host_platform_device_count={TASKS * DEVICES}'
+  proc = train(shared, workdir, env=user_env() | {'XLA_FLAGS': flags}, **RUN)
+  return check(proc)
+
+
+def assert_close_state(got_dir, expected_dir) -> None:
+  """The same state up to float32's reduction order: each array within 1e-4 of its largest
+  magnitude (the all-reduce sums in another order across processes: 1e-5 measured)."""
+  keys = ('step', 'params', 'batch_stats', 'opt_state')
+  got, expected = restored(got_dir, keys), restored(expected_dir, keys)
+  assert got.keys() == expected.keys()
+  for key in expected:
+    scale = float(np.abs(expected[key]).max())
+    np.testing.assert_allclose(got[key], expected[key], rtol=0, atol=1e-4 * scale, err_msg=key)
 
 
 def test_train_sbatch_finds_its_tasks_and_resumes_exactly_after_a_requeue(tmp_path, fake_bin):
   shared = dict(data_dir=str(tmp_path / 'tfds'), cache=str(tmp_path / 'xla_cache'))
-  given = tmp_path / 'given'
-  explicit(shared, given)
+  one = tmp_path / 'one'
+  assert 'on 8 devices (1 processes, cpu)' in one_process(shared, one)
   two = tmp_path / 'two'
   log = finish(sbatch(shared, two, fake_bin))
   assert 'on 8 devices (2 processes, cpu)' in log, log[-3000:]
-  # SLURM's variables alone make the run that explicit addresses and ids make.
-  assert_same_state(two / 'checkpoints' / '6', given / 'checkpoints' / '6')
+  # SLURM's variables alone make the tasks one run, on the global batches of one process.
+  # At step 3: from scratch, this tiny network's later steps amplify float32's differences
+  # (a nearly constant BatchNorm channel took them from 1e-5 to 1e-2 in one step).
+  assert_close_state(two / 'checkpoints' / '3', one / 'checkpoints' / '3')
 
   # A preemption: SIGTERM to every process of the job, then the script runs again.
   requeued = tmp_path / 'requeued'

@@ -345,16 +345,20 @@ def _skipped() -> tf.queue.FIFOQueue:
 _drain_lock = threading.Lock()  # size() then dequeue_many() must not interleave.
 
 
+def _kept(element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  return {k: v for k, v in element.items() if k not in ('ok', 'reason')}
+
+
 def drop_or_raise(ds: tf.data.Dataset, *, skip: bool, what: str) -> tf.data.Dataset:
   """Ends the stream of read_pair results at a bad example, or skips and counts it.
 
   Args:
-    ds: read_pair's {'image', 'label', 'ok', 'reason'} elements.
+    ds: read_pair's {'image', 'label', 'ok', 'reason'} elements (other keys pass through).
     skip: config.data.skip_bad_examples.
     what: the source, e.g. 'list train', for the skip messages.
 
   Returns:
-    {'image': uint8 [H, W, 3], 'label': uint8 [H, W]} of the good examples. Without skip, a
+    The good examples without 'ok' and 'reason'. Without skip, a
     bad one raises InvalidArgumentError (its message readable, and marked for reported());
     with skip, it is left out and 'Skipped bad example N of <what>: <reason>' queued for
     reported() to log, N counting this source's skips.
@@ -366,7 +370,7 @@ def drop_or_raise(ds: tf.data.Dataset, *, skip: bool, what: str) -> tf.data.Data
       # base64 survives the escaping of the assertion's text, so reported() gets it exact.
       marked = tf.strings.join([_MARK, tf.io.encode_base64(message)])
       with tf.control_dependencies([tf.debugging.Assert(e['ok'], [message, marked])]):
-        return {'image': tf.identity(e['image']), 'label': tf.identity(e['label'])}
+        return {k: tf.identity(v) for k, v in _kept(e).items()}
 
     return ds.map(_graph_only(check))
   count = tf.Variable(0, dtype=tf.int64, trainable=False)  # This source's skips, all passes.
@@ -382,8 +386,7 @@ def drop_or_raise(ds: tf.data.Dataset, *, skip: bool, what: str) -> tf.data.Data
     return tf.cond(e['ok'], lambda: tf.constant(True), skipped)
 
   # filter runs its predicate in order, one element at a time: the numbers count up.
-  strip = _graph_only(lambda e: {'image': e['image'], 'label': e['label']})
-  return ds.filter(_graph_only(keep)).map(strip)
+  return ds.filter(_graph_only(keep)).map(_graph_only(_kept))
 
 
 def log_skipped() -> None:

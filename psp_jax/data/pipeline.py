@@ -1,7 +1,7 @@
 """tf.data input pipelines: augmented training batches, and their numpy and global forms.
 
-Each process builds its own pipeline over its part of the data (get_source shards by
-process) and turns its batches into global jax.Arrays with `to_global`.
+Each process builds the training stream of the whole split and takes its rows of each global
+batch (build_train_dataset), then turns them into global jax.Arrays with `to_global`.
 """
 
 import functools
@@ -19,6 +19,7 @@ from psp_jax import errors, sizes
 from psp_jax.data import augment, decode, mmseg_augment, sources, transforms
 
 _MAX_EPOCHS = 2**62  # "forever": the training stream repeats until the caller stops reading
+_EPOCH, _INDEX = 'psp_epoch', 'psp_index'  # An example's place in the stream, for its seed.
 
 
 def _range(value: Sequence[float] | None, name: str) -> tuple[float, float] | None:
@@ -149,39 +150,53 @@ def build_train_dataset(
   batch_size: int,
   seed: int,
   process_index: int = 0,
+  process_count: int = 1,
   start_step: int = 0,
   num_threads: int | None = None,
+  decode: Callable[[tf.data.Dataset], tf.data.Dataset] | None = None,
 ) -> tf.data.Dataset:
-  """Infinite augmented training batches from one process's single-pass source.
+  """This process's rows of the infinite stream of augmented global training batches.
 
-  The stream is a function of (seed, process_index) alone: epoch e is the source shuffled
-  with a seed derived from (seed, process_index, e), and the i-th example of epoch e is
-  augmented with a stateless seed derived from (seed, process_index, e, i), so results do not
-  depend on thread scheduling. With data_config.deterministic the batches are reproducible,
-  and start_step=k yields exactly the batches from step k on (skipping whole epochs without
-  reading them, and the rest of the epoch before any augmentation).
+  The stream is a function of the seed alone, whatever the number of processes: epoch e is
+  the whole split shuffled with a seed derived from (seed, e), the i-th example of epoch e
+  is augmented with a stateless seed derived from (seed, e, i), and process p of P takes
+  rows [p * B / P, (p + 1) * B / P) of each global batch of B. So results do not depend on
+  thread scheduling or on how the devices are split into processes (a run resumes on
+  another process count at the same data), and each process decodes and augments only its
+  own rows: it reads every record of the split (undecoded bytes, or a pair of paths), but
+  decodes 1/P of them. With data_config.deterministic the batches are reproducible, and
+  start_step=k yields exactly the batches from step k on (skipping whole epochs without
+  reading them, and the rest of the epoch before any decoding).
 
   Args:
-    source: examples {'image': uint8 [H, W, 3], 'label': uint8 [H, W]}, one pass, in a
-      deterministic order.
+    source: the whole split, one pass, in a deterministic order: examples {'image': uint8
+      [H, W, 3], 'label': uint8 [H, W]}, or with decode {'record': ...} (sources.Records).
     data_config: config.data (recipe, crop_size, scale_range, rotate_range, blur, flip,
       mmseg, ignore_label, shuffle_buffer, deterministic, transfer_dtype).
-    batch_size: examples per batch on this process.
+    batch_size: the global batch (all processes); process_count must divide it.
     seed: the run's data seed.
-    process_index: this process; folded into every seed so processes draw differently.
+    process_index: this process, in [0, process_count).
+    process_count: processes sharing each global batch.
     start_step: number of batches to skip (resuming a run).
     num_threads: tf.data thread-pool size (default: the number of cores).
+    decode: sources.Records.decode for a source of records; None for decoded examples.
 
   Returns:
-    A dataset of {'image': float32 [batch_size, crop_h, crop_w, 3] normalised (uint8 of
-    0..255 with data_config.transfer_dtype 'uint8': transforms.to_uint8),
-    'label': int32 [batch_size, crop_h, crop_w]}.
+    A dataset of {'image': float32 [batch_size / process_count, crop_h, crop_w, 3]
+    normalised (uint8 of 0..255 with data_config.transfer_dtype 'uint8':
+    transforms.to_uint8), 'label': int32 [batch_size / process_count, crop_h, crop_w]}.
   """
   if batch_size < 1 or start_step < 0:
     raise ValueError(f'Need batch_size >= 1 and start_step >= 0, got {batch_size}, {start_step}.')
+  if process_count < 1 or not 0 <= process_index < process_count or batch_size % process_count:
+    raise ValueError(
+      f'Need 0 <= process_index < process_count dividing batch_size, got {process_index}, '
+      f'{process_count}, {batch_size}.'
+    )
   augment_fn = train_augmenter(data_config)
   buffer = int(data_config.shuffle_buffer)
-  base_key = tf.constant([seed, process_index], tf.int64)
+  # The second entry once held the process index; 0 keeps the stream of one-process runs.
+  base_key = tf.constant([seed, 0], tf.int64)
   fold_in = tf.random.experimental.stateless_fold_in
 
   def epoch(e):
@@ -192,14 +207,13 @@ def build_train_dataset(
         [], fold_in(key, 0), minval=None, maxval=None, dtype=tf.int64
       )
       ds = ds.shuffle(buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
-    return ds.enumerate().map(lambda i, example: (e, i, example))
+    return ds.enumerate().map(lambda i, element: {**element, _EPOCH: e, _INDEX: i})
 
   skip = start_step * batch_size
   epoch_size = _cardinality(source)
-  # An empty source would make the epoch loop below spin forever (reading one example of a
-  # source of unknown length costs one decode).
+  # An empty source would make the epoch loop below spin forever.
   if epoch_size == 0 or (epoch_size is None and not list(source.take(1))):
-    raise ValueError('The training source is empty on this process.')
+    raise ValueError('The training source is empty.')
   first_epoch = 0
   if epoch_size is not None:
     first_epoch, skip = divmod(skip, epoch_size)
@@ -208,20 +222,27 @@ def build_train_dataset(
       'Training source has unknown length: resuming reads %d examples to skip them.', skip
     )
   ds = tf.data.Dataset.range(first_epoch, _MAX_EPOCHS).flat_map(epoch)
-  # Skipping here, before the map, reads but never augments the skipped examples.
+  # Skipping here, before decoding, reads but never decodes the skipped examples.
   ds = ds.skip(skip)
+  local = batch_size // process_count
+  if process_count > 1:  # The stream starts at a global batch: position k is row k % B.
+    ds = ds.enumerate().filter(lambda k, _: (k % batch_size) // local == process_index)
+    ds = ds.map(lambda _, element: element)
+  if decode is not None:
+    ds = decode(ds)
 
   as_uint8 = data_config.transfer_dtype == 'uint8'
 
-  def prepare(e, i, example):
-    key = fold_in(fold_in(fold_in(base_key, e), 1), i)
+  def prepare(element):
+    key = fold_in(fold_in(fold_in(base_key, element[_EPOCH]), 1), element[_INDEX])
+    example = {'image': element['image'], 'label': element['label']}
     out = augment_fn(_checked(example), key)
     if as_uint8:  # Normalised again inside the train step.
       out = {**out, 'image': transforms.to_uint8(out['image'])}
     return out
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = ds.batch(local, drop_remainder=True)
   ds = ds.prefetch(tf.data.AUTOTUNE)
   return ds.with_options(options(bool(data_config.deterministic), num_threads))
 
@@ -236,11 +257,11 @@ def create_train_dataset(
   start_step: int = 0,
   num_threads: int | None = None,
 ) -> tf.data.Dataset:
-  """Infinite augmented training batches of config.data's train split for one process.
+  """This process's rows of the augmented global batches of config.data's train split.
 
   Args:
     data_config: config.data.
-    batch_size: examples per batch on this process (global batch / process_count).
+    batch_size: the global batch.
     seed: the run's data seed.
     process_index: this process (jax.process_index()).
     process_count: number of processes (jax.process_count()).
@@ -250,20 +271,17 @@ def create_train_dataset(
   Returns:
     See build_train_dataset.
   """
-  source = sources.get_source(
-    data_config,
-    data_config.train_split,
-    process_index=process_index,
-    process_count=process_count,
-  )
+  records = sources.get_records(data_config, data_config.train_split)
   return build_train_dataset(
-    source,
+    records.dataset,
     data_config,
     batch_size=batch_size,
     seed=seed,
     process_index=process_index,
+    process_count=process_count,
     start_step=start_step,
     num_threads=num_threads,
+    decode=records.decode,
   )
 
 

@@ -10,11 +10,13 @@ Design: docs/design.md#data-sources
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import inspect
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
@@ -120,8 +122,8 @@ def _tfds_split(builder: tfds.core.DatasetBuilder, split: str) -> str:
   return split
 
 
-def _decode_tfds(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-  data = example['image']
+def _decode_tfds(record: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  data = record['image']
   # JPEGs decoded with the accurate integer DCT, as cv2.imread (util/dataset.py) and PIL do;
   # TF's default fast DCT differs from them by up to a few levels.
   image = tf.cond(
@@ -130,21 +132,28 @@ def _decode_tfds(example: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     lambda: tf.io.decode_png(data, channels=3),
   )
   image.set_shape([None, None, 3])
-  return {'image': image, 'label': tf.squeeze(example['label'], -1)}
+  label = tf.io.decode_png(record['label'], channels=1)  # The builders store labels as PNG.
+  return {'image': image, 'label': tf.squeeze(label, -1)}
 
 
-def _tfds_source(
+def _tfds_records(
   data_config: Any, split: str, process_index: int, process_count: int, shuffle_seed: int | None
-) -> tf.data.Dataset:
+) -> 'Records':
   builder = _builder(data_config)
   part = tfds.even_splits(_tfds_split(builder, split), n=process_count)[process_index]
   ds = builder.as_dataset(
     split=part,
     shuffle_files=shuffle_seed is not None,
-    decoders={'image': tfds.decode.SkipDecoding()},
+    decoders={'image': tfds.decode.SkipDecoding(), 'label': tfds.decode.SkipDecoding()},
     read_config=tfds.ReadConfig(shuffle_seed=shuffle_seed),
   )
-  return ds.map(_decode_tfds, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def decode(records: tf.data.Dataset) -> tf.data.Dataset:
+    return records.map(
+      lambda e: {**_others(e), **_decode_tfds(e['record'])}, num_parallel_calls=tf.data.AUTOTUNE
+    )
+
+  return Records(ds.map(lambda record: {'record': record}), decode)
 
 
 # --- List-file and folder sources. ----------------------------------------------------------
@@ -257,9 +266,9 @@ def _file_pairs(data_config: Any, split: str) -> list[tuple[str, str]]:
   return pairs
 
 
-def _file_source(
+def _file_records(
   data_config: Any, split: str, process_index: int, process_count: int, shuffle_seed: int | None
-) -> tf.data.Dataset:
+) -> 'Records':
   pairs = _file_pairs(data_config, split)[process_index::process_count]
   if data_config.num_classes is None:
     raise errors.InvalidInputError(
@@ -274,18 +283,55 @@ def _file_source(
   # TensorFlow ops only (decode.py): a Python call inside tf.data can deadlock the iterator's
   # destructor, which holds the GIL while it waits for the call.
   @tf.autograph.experimental.do_not_convert
-  def read(image_path, label_path):
-    return decode.read_pair(image_path, label_path, table)
+  def read(e):
+    return {**_others(e), **decode.read_pair(*tf.unstack(e['record']), table)}
 
-  ds = tf.data.Dataset.from_tensor_slices(tuple(map(list, zip(*pairs, strict=True))))
+  def decode_records(records: tf.data.Dataset) -> tf.data.Dataset:
+    ds = records.map(read, num_parallel_calls=tf.data.AUTOTUNE)
+    skip = bool(data_config.skip_bad_examples)
+    return decode.drop_or_raise(ds, skip=skip, what=f'{data_config.name} {split}')
+
+  ds = tf.data.Dataset.from_tensor_slices([list(pair) for pair in pairs])
   if shuffle_seed is not None:
     ds = ds.shuffle(len(pairs), seed=shuffle_seed, reshuffle_each_iteration=True)
-  ds = ds.map(read, num_parallel_calls=tf.data.AUTOTUNE)
-  skip = bool(data_config.skip_bad_examples)
-  return decode.drop_or_raise(ds, skip=skip, what=f'{data_config.name} {split}')
+  return Records(ds.map(lambda record: {'record': record}), decode_records)
 
 
 # --- Public API. ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Records:
+  """A split's examples before decoding: cheap to read whole, decoded where they are used.
+
+  Attributes:
+    dataset: one pass in a fixed order of {'record': the encoded example} (a TFDS record's
+      image and label bytes, or a list/folder pair's two paths).
+    decode: a dataset transform, {'record', **others} -> {'image': uint8 [H, W, 3],
+      'label': uint8 [H, W] (255 = ignore), **others}; the others pass through. Bad
+      list/folder files fail, or are dropped with skip_bad_examples.
+  """
+
+  dataset: tf.data.Dataset
+  decode: Callable[[tf.data.Dataset], tf.data.Dataset]
+
+
+def _others(element: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  return {k: v for k, v in element.items() if k != 'record'}
+
+
+def get_records(
+  data_config: Any,
+  split: str,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  shuffle_seed: int | None = None,
+) -> Records:
+  """This process's examples of a split, not yet decoded (arguments as get_source's)."""
+  _check_process(process_index, process_count)
+  _check_known(data_config)
+  return _SOURCES[data_config.name](data_config, split, process_index, process_count, shuffle_seed)
 
 
 def get_source(
@@ -310,9 +356,14 @@ def get_source(
   Returns:
     A dataset of {'image': uint8 [H, W, 3], 'label': uint8 [H, W]} (255 = ignore).
   """
-  _check_process(process_index, process_count)
-  _check_known(data_config)
-  return _SOURCES[data_config.name](data_config, split, process_index, process_count, shuffle_seed)
+  records = get_records(
+    data_config,
+    split,
+    process_index=process_index,
+    process_count=process_count,
+    shuffle_seed=shuffle_seed,
+  )
+  return records.decode(records.dataset)
 
 
 def _check_known(data_config: Any) -> None:
@@ -357,8 +408,8 @@ def num_examples(data_config: Any, split: str) -> int:
 
 
 _SOURCES = {
-  'synthetic': _tfds_source,
-  **dict.fromkeys(BUILDERS, _tfds_source),
-  'list': _file_source,
-  'folder': _file_source,
+  'synthetic': _tfds_records,
+  **dict.fromkeys(BUILDERS, _tfds_records),
+  'list': _file_records,
+  'folder': _file_records,
 }

@@ -228,7 +228,7 @@ def train(
     train_iter = pipeline.numpy_batches(
       pipeline.create_train_dataset(
         config.data,
-        batch_size=config.batch_size // pc,
+        batch_size=config.batch_size,
         seed=config.seed,
         process_index=pi,
         process_count=pc,
