@@ -123,6 +123,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.skip_nonfinite_steps = False
 
   config.batch_size = 16  # batch_size: 16 (global, over all devices of all hosts)
+  # Devices each image is split over along its height (mesh axis 'space'; the batch is on
+  # 'data' over devices / spatial_partitions). 1: data parallel only. More lets a slice of
+  # more devices than batch_size train the recipe's batch, or a crop too large for a device
+  # train at all; BatchNorm statistics stay over the whole batch (docs/tpu.md).
+  config.spatial_partitions = 1
   config.num_epochs = 100  # epochs: 100
   config.num_train_steps = -1  # > 0 overrides num_epochs
   # Weights to start from (matching names and shapes are copied, the rest stays fresh), e.g.

@@ -9,6 +9,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
+SPACE_AXIS = 'space'  # Image height (NHWC H), config.spatial_partitions devices.
 # jaxlib 0.10 sends convolutions to YNNPACK on CPU, whose weight gradient is a badly shaped
 # convolution; leaving individual convolutions to XLA's own emitter made a conv's backward
 # pass about 2x faster on the machines we measured (benchmarks/NOTES.md, What was tried, 1).
@@ -122,17 +123,48 @@ def slurm_devices(env: dict[str, str] | os._Environ = os.environ) -> list[int] |
   return list(range(len(visible))) or None
 
 
-def create_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-  """A 1-D mesh over all devices of all processes, axis 'data'.
+def create_mesh(devices: list[jax.Device] | None = None, space: int = 1) -> Mesh:
+  """A 2-D mesh ('data', 'space') over all devices of all processes.
 
-  The axis is Auto, not the Explicit default of jax.make_mesh: sharded jit of flax Conv
-  models fails to infer output shardings under Explicit axes.
+  Consecutive devices (of one process where space allows) split an image's height; the
+  batch is split over the rest. The axes are Auto, not the Explicit default of
+  jax.make_mesh: sharded jit of flax Conv models fails to infer output shardings under
+  Explicit axes.
 
   Args:
     devices: the devices (default: jax.devices(), every process's).
+    space: devices an image is split over (config.spatial_partitions); must divide them.
   """
   devices = jax.devices() if devices is None else devices
-  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,))
+  if space < 1 or len(devices) % space:
+    raise ValueError(f'{space} spatial partitions do not divide {len(devices)} devices.')
+  grid = np.asarray(devices).reshape(len(devices) // space, space)
+  auto = jax.sharding.AxisType.Auto
+  return Mesh(grid, (DATA_AXIS, SPACE_AXIS), axis_types=(auto, auto))
+
+
+def batch_part(mesh: Mesh) -> tuple[int, int]:
+  """(index, count): this process feeds part `index` of `count` equal parts of each batch.
+
+  The part is the rows of the batch on this process's devices' 'data' positions; processes
+  whose devices share those positions (an image split across processes) feed the same part.
+
+  Raises:
+    ValueError: this process's 'data' positions are not one contiguous run.
+  """
+  grid = mesh.devices
+  rows = sorted(
+    {i for i in range(grid.shape[0]) for d in grid[i] if d.process_index == jax.process_index()}
+  )
+  size = len(rows)
+  if (
+    not size
+    or rows != list(range(rows[0], rows[0] + size))
+    or rows[0] % size
+    or grid.shape[0] % size
+  ):
+    raise ValueError(f'This process holds mesh rows {rows} of {grid.shape[0]}: not one equal part.')
+  return rows[0] // size, grid.shape[0] // size
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -155,8 +187,14 @@ def replicated_key(mesh: Mesh, seed: int, *fold_in: int) -> jax.Array:
 
 
 def batch_sharded(mesh: Mesh) -> NamedSharding:
-  """The leading (batch) axis split over the 'data' axis."""
+  """The leading (batch) axis split over the 'data' axis (whole images, replicated on 'space')."""
   return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def image_sharded(mesh: Mesh) -> NamedSharding:
+  """[B, H, ...] with B split over 'data' and H over 'space' (XLA pads an H that does not
+  divide, inside a jitted function; as an argument or result it must divide)."""
+  return NamedSharding(mesh, PartitionSpec(DATA_AXIS, SPACE_AXIS))
 
 
 def local_rows(array: jax.Array) -> np.ndarray:

@@ -180,12 +180,30 @@ def test_evaluate_and_prepare_commands_parse(capsys, monkeypatch):
   assert prepared['manual_dir'] == '$HOME/data'
 
 
-def test_a_batch_the_slice_cannot_split_is_refused(capsys):
+def test_a_slice_of_more_devices_than_images_splits_each_image(capsys):
   argv = ['--tpu=t', '--zone=us-west4-a', '--bucket=gs://b', '--accelerator=v5litepod-32']
-  assert tpu_launch.main([*argv, '--dry-run', 'train']) == 2
-  assert 'batch_size=64' in capsys.readouterr().err
+  script = tpu_launch.plan([*argv, 'train'])[0].script
+  assert '--config.spatial_partitions=2' in script  # 16 images x 2 devices: 32 devices.
+  assert 'each split over 2 devices' in script
+  preflight = tpu_launch.plan([*argv, 'preflight'])[0]
+  assert '--config.spatial_partitions=2' in preflight.argv
+  v5e_64 = [*argv[:3], '--accelerator=v5litepod-64', 'train']
+  assert '--config.spatial_partitions=4' in tpu_launch.plan(v5e_64)[0].script
+  # A batch that fills the slice needs no split; one that no split fits is refused.
   commands = tpu_launch.plan([*argv, '--set=batch_size=32', 'train'])
   assert '--config.batch_size=32' in commands[0].script
+  assert 'spatial_partitions' not in commands[0].script
+  assert tpu_launch.main([*argv, '--dry-run', '--set=batch_size=3', 'train']) == 2
+  err = capsys.readouterr().err
+  assert 'batch_size=64' in err and 'spatial_partitions' in err
+
+
+def test_spatial_partitions_are_the_fewest_that_fit():
+  assert tpu_launch.spatial_partitions(8, 1, 16) == 1
+  assert tpu_launch.spatial_partitions(32, 8, 16) == 2
+  assert tpu_launch.spatial_partitions(64, 16, 16) == 4
+  assert tpu_launch.spatial_partitions(64, 16, 8) == 8  # spans two hosts of 4 devices
+  assert tpu_launch.spatial_partitions(32, 8, 3) is None
 
 
 def test_the_guide_shows_exactly_what_the_launcher_prints():

@@ -346,24 +346,33 @@ def test_two_processes_of_four_devices_match_one_of_eight(
     assert p.returncode == 0, log[-3000:]
   got8 = eight_device_run[0]
   for i in range(2):
-    got = dict(np.load(tmp_path / f'out{i}.npz'))
-    assert got.keys() == got8.keys()
-    for key in got:
-      np.testing.assert_allclose(got[key], got8[key], rtol=2e-4, atol=5e-5, err_msg=key)
+    for space in SPACES:  # 2 x 4 as (8 x 1) and as (4 x 2), images split over 'space'.
+      got = dict(np.load(tmp_path / f'out{i}_{space}.npz'))
+      assert got.keys() == got8.keys()
+      for key in got:
+        np.testing.assert_allclose(got[key], got8[key], rtol=2e-4, atol=5e-5, err_msg=key)
+
+
+SPACES = (1, 2)
 
 
 def _worker(process_id: int, port: int, directory: str) -> None:
   """One of two processes with 4 CPU devices each, on the 8-device global mesh."""
   jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=process_id)
   assert jax.device_count() == 8 and jax.local_device_count() == 4
-  mesh = distributed.create_mesh()
   saved = np.load(pathlib.Path(directory) / 'initial.npz')
   leaves = [saved[f'arr_{i}'] for i in range(len(saved.files))]
   host_state = jax.tree.unflatten(jax.tree.structure(initial_abstract(tiny_config())), leaves)
-  rows = slice(process_id * 4, process_id * 4 + 4)  # This process's devices' rows.
-  batches = [{k: v[rows] for k, v in global_batch(i).items()} for i in range(3)]
-  state, _ = run_steps(make_step(tiny_config(), mesh), host_state, mesh, batches)
-  np.savez(pathlib.Path(directory) / f'out{process_id}.npz', **as_numpy(state))
+  for space in SPACES:
+    mesh = distributed.create_mesh(space=space)
+    part, parts = distributed.batch_part(mesh)
+    assert (part, parts) == (process_id, 2)
+    rows = slice(process_id * 4, process_id * 4 + 4)  # This process's devices' rows.
+    batches = [{k: v[rows] for k, v in global_batch(i).items()} for i in range(3)]
+    config = tiny_config()
+    config.spatial_partitions = space
+    state, _ = run_steps(make_step(config, mesh), host_state, mesh, batches)
+    np.savez(pathlib.Path(directory) / f'out{process_id}_{space}.npz', **as_numpy(state))
   jax.distributed.shutdown()
 
 

@@ -117,6 +117,25 @@ def topology_of(accelerator: str) -> str:
   return f'{_GENERATIONS[family]}:{shapes[chips]}'
 
 
+# The most devices the launcher splits an image over: at the recipe's 473 crop layer4 has 60
+# rows, so 8 leaves a device 7-8 rows, more than its dilation-4 convolutions' halo of 4.
+MAX_SPACE = 8
+
+
+def spatial_partitions(devices: int, hosts: int, batch: int) -> int | None:
+  """The fewest devices to split each image over so that `batch` images fill the slice.
+
+  1 when the batch already splits over the devices; None when no split of up to MAX_SPACE
+  devices (dividing, or a multiple of, a host's devices) makes it.
+  """
+  local = devices // hosts
+  for space in range(1, min(devices, MAX_SPACE) + 1):
+    fits_hosts = local % space == 0 or space % local == 0
+    if devices % space == 0 and fits_hosts and batch % (devices // space) == 0:
+      return space
+  return None
+
+
 @dataclass(frozen=True)
 class Command:
   """One step: a command run here (for ssh steps, `script` runs on the TPU VM).
@@ -217,8 +236,20 @@ class Plan:
     values = {'data.data_dir': self.data_dir(step)} if data else {}
     if OFFICIAL_EVAL_BATCH % self.slice.devices:
       values['eval.batch_size'] = self.slice.devices
+    space = self.space()
+    if space and space > 1 and 'spatial_partitions' not in self.overrides:
+      values['spatial_partitions'] = space
     values.update(self.overrides)
     return [f'--config.{k}={v}' for k, v in values.items()]
+
+  def batch(self) -> int:
+    return int(self.overrides.get('batch_size', OFFICIAL_BATCH))
+
+  def space(self) -> int | None:
+    """config.spatial_partitions of the run: --set's, else the fewest that fit the batch."""
+    if 'spatial_partitions' in self.overrides:
+      return int(self.overrides['spatial_partitions'])
+    return spatial_partitions(self.slice.devices, self.slice.hosts, self.batch())
 
   def preflight_argv(self) -> list[str]:
     """psp_jax.preflight's arguments: the training's config and overrides, the slice."""
@@ -286,13 +317,19 @@ class Plan:
       ]
       return [self._ssh(name, lines, worker='0')]
     if name == 'train':
-      batch = int(self.overrides.get('batch_size', OFFICIAL_BATCH))
-      if batch % self.slice.devices:
+      batch, space, devices = self.batch(), self.space(), self.slice.devices
+      if not space or devices % space or batch % (devices // space):
         raise ValueError(
-          f'{args.accelerator} has {self.slice.devices} devices: the global batch {batch} does '
-          f'not split over them; pass --set batch_size={self.slice.devices * 2} (a multiple).'
+          f'{args.accelerator} has {devices} devices: the global batch {batch} does not '
+          f'split over them, even with each image split over up to {MAX_SPACE} devices; '
+          f'pass --set batch_size={devices * 2} (a multiple), or --set spatial_partitions=N.'
         )
       lines = ['set -e']
+      if space > 1:
+        lines.append(
+          f'# {devices} devices for a batch of {batch}: {devices // space} images at a time, '
+          f'each split over {space} devices (config.spatial_partitions={space}).'
+        )
       if args.init_checkpoint:
         lines.append(f'mkdir -p $HOME/init && gcloud storage cp {args.init_checkpoint} $HOME/init/')
       train = shell_words([PYTHON, 'train.py', *self.train_argv()])

@@ -71,8 +71,11 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: Size) -> jax.Array:
   def mean(v: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
     return jnp.mean(v, axis=axis, dtype=acc, keepdims=keepdims)
 
-  y = _pool_axis(x.astype(acc), 1, out_h, mean)
-  y = _pool_axis(y, 2, out_w, mean)
+  # Width first: split over 'space' (config.spatial_partitions), the height's windows need
+  # rows of other devices (bin 3's 20-row windows over two devices' 30 rows each), and after
+  # the width's pooling those rows are n_w columns wide, not W.
+  y = _pool_axis(x.astype(acc), 2, out_w, mean)
+  y = _pool_axis(y, 1, out_h, mean)
   return y.astype(x.dtype)
 
 

@@ -86,16 +86,26 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int, process_co
   accum = optim.grad_accum_steps
   _check(accum >= 1, 'optim.grad_accum_steps', f'must be >= 1, got {accum}.')
   _check(config.batch_size >= 1, 'batch_size', f'must be >= 1, got {config.batch_size}.')
+  space = config.spatial_partitions
+  local = device_count // process_count
   _check(
-    config.batch_size % process_count == 0,
-    'batch_size',
-    f'{config.batch_size} is not divisible by the {process_count} processes.',
+    isinstance(space, int) and space >= 1 and device_count % space == 0,
+    'spatial_partitions',
+    f'must be a positive int dividing the {device_count} devices, got {space!r}.',
   )
   _check(
-    config.batch_size % (accum * device_count) == 0,
+    local % space == 0 or space % local == 0,
+    'spatial_partitions',
+    f'{space} must divide, or be a multiple of, the {local} devices of each process.',
+  )
+  data_devices = device_count // space
+  split = f' ({device_count} / spatial_partitions {space})' if space > 1 else ''
+  _check(
+    config.batch_size % (accum * data_devices) == 0,
     'batch_size',
-    f'{config.batch_size} is not divisible by {device_count} devices x '
-    f'{accum} optim.grad_accum_steps; use a multiple of {accum * device_count}.',
+    f'{config.batch_size} is not divisible by {data_devices} devices{split} x '
+    f'{accum} optim.grad_accum_steps; use a multiple of {accum * data_devices}'
+    + (', or split each image over devices (config.spatial_partitions).' if space == 1 else '.'),
   )
   micro = config.batch_size // accum
   groups = optim.loss_groups

@@ -202,10 +202,11 @@ def train(
     if config.num_train_steps <= 0:
       num_train = sources.num_examples(config.data, config.data.train_split)
     total_steps = config_checks.num_train_steps(config, num_train)
-    mesh = distributed.create_mesh()
+    mesh = distributed.create_mesh(space=config.spatial_partitions)
     program = training.build(config, mesh, platform, total_steps)
     model_config = program.model_config
-    pc, pi = jax.process_count(), jax.process_index()
+    pc = jax.process_count()
+    part, parts = distributed.batch_part(mesh)
     logging.info(
       'Training %s on %d devices (%d processes, %s) for %d steps of %d images; model %s.',
       config.data.name,
@@ -230,8 +231,8 @@ def train(
         config.data,
         batch_size=config.batch_size,
         seed=config.seed,
-        process_index=pi,
-        process_count=pc,
+        process_index=part,
+        process_count=parts,
         start_step=start_step,
       )
     )

@@ -21,12 +21,12 @@ def cross_entropy_sums(
   """Summed cross-entropy and count of the labelled pixels of each example.
 
   Args:
-    logits: [B, H, W, K] (any float dtype; computed in float32).
+    logits: [B, H, W, K] (any float dtype; computed in float32, or float64 if they are).
     labels: int [B, H, W]; ignore_label (or any value outside [0, K)) is skipped.
     ignore_label: label value that contributes nothing.
 
   Returns:
-    (loss_sum float32 [B], count float32 [B]).
+    (loss_sum [B], count [B]), float32 (float64 for float64 logits).
   """
   num_classes = logits.shape[-1]
   valid = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
@@ -37,11 +37,11 @@ def cross_entropy_sums(
   # take_along_axis: XLA fuses that sum with logsumexp's into one read of the logits, where the
   # gather read all of them once more (at [2, 473, 473, 150] float32 a chip, 0.3 GB a head in
   # the TPU step: benchmarks/NOTES.md). Adding zeros is exact: the same numbers bit for bit.
-  x = logits.astype(jnp.float32)
+  x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   label_logit = jnp.sum(jnp.where(_one_hot(safe, num_classes), x, 0.0), axis=-1)
   per_pixel = jnp.where(valid, jax.nn.logsumexp(x, axis=-1) - label_logit, 0.0)
   axes = tuple(range(1, labels.ndim))
-  return per_pixel.sum(axes), valid.astype(jnp.float32).sum(axes)
+  return per_pixel.sum(axes), valid.astype(x.dtype).sum(axes)
 
 
 def cross_entropy(
@@ -67,7 +67,7 @@ def cross_entropy(
     normalization: one of NORMALIZATIONS.
 
   Returns:
-    float32 scalar.
+    float32 scalar (float64 for float64 logits).
   """
   batch = labels.shape[0]
   if batch % groups:
@@ -98,7 +98,7 @@ def pixel_accuracy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255
   # label's logit and the maximum are the ones cross_entropy takes (XLA computes each once),
   # so on TPU this reads no [B, H, W, K] tensor of its own; argmax (or a search for the first
   # class at the maximum) was one more read of the logits (benchmarks/NOTES.md).
-  x = logits.astype(jnp.float32)
+  x = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
   label_logit = jnp.sum(jnp.where(_one_hot(jnp.where(valid, labels, 0), num_classes), x, 0.0), -1)
   correct = (label_logit >= jnp.max(x, axis=-1)) & valid
   return correct.sum().astype(jnp.float32) / jnp.maximum(valid.sum(), 1).astype(jnp.float32)

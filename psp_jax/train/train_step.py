@@ -106,7 +106,7 @@ def make_train_step(
     x = x.reshape(x.shape[0] // grad_accum_steps, grad_accum_steps, *x.shape[1:])
     x = jnp.swapaxes(x, 0, 1)
     if mesh is not None:
-      spec = PartitionSpec(None, distributed.DATA_AXIS)
+      spec = PartitionSpec(None, distributed.DATA_AXIS, distributed.SPACE_AXIS)
       x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     return x
 
@@ -114,6 +114,10 @@ def make_train_step(
     # One key for the run, folded with the step: the same masks on any number of devices.
     key = jax.random.fold_in(rng, state.step)
     images, labels = normalised_images(batch['image']), batch['label']
+    if mesh is not None:  # Each image's rows over 'space' (a local slice: fed whole).
+      images, labels = jax.lax.with_sharding_constraint(
+        (images, labels), distributed.image_sharded(mesh)
+      )
     if grad_accum_steps == 1:
       grads, (batch_stats, out) = grad_fn(state.params, state.batch_stats, images, labels, key)
     else:

@@ -77,7 +77,7 @@ def build(
 
   Args:
     config: the run config.
-    mesh: the 'data' mesh (distributed.create_mesh; aot.topology_mesh for a TPU slice).
+    mesh: the ('data', 'space') mesh (distributed.create_mesh with config.spatial_partitions).
     platform: the devices' platform ('cpu', 'gpu', 'tpu'): the compute dtype of 'auto'.
     total_steps: optimiser steps of the run (the schedule's length).
   """
