@@ -43,7 +43,7 @@ def main() -> None:
   import jax.numpy as jnp  # noqa: PLC0415 (after XLA_FLAGS is set)
   import ml_collections  # noqa: PLC0415 (after XLA_FLAGS is set)
 
-  from psp_jax.train import aot, optim, train_state, train_step  # noqa: PLC0415 (as jax)
+  from psp_jax.train import hbm, optim, train_state, train_step  # noqa: PLC0415 (as jax)
 
   devices = jax.devices()[: args.devices]
   if len(devices) < args.devices:
@@ -73,7 +73,7 @@ def main() -> None:
   memory = {f: int(getattr(mem, f'{f}_size_in_bytes', 0) or 0) for f in fields}
   # Live at the peak: arguments + outputs + temporaries, minus the donated (aliased) state.
   memory['total'] = memory['argument'] + memory['output'] + memory['temp'] - memory['alias']
-  coll = aot.collectives(compiled.as_text())
+  coll = hbm.collectives(compiled.as_text())
   n_params = sum(x.size for x in jax.tree.leaves(state.params))
   result = dict(
     devices=len(devices),

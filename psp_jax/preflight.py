@@ -217,10 +217,17 @@ def format_train(
   ]
   lines.append(f'  collectives per step and {unit}: {"; ".join(parts) or "none"}')
   share = '' if unit == 'chip' else f", a device's 1/{chip.devices_per_chip} of the chip's"
+  if report.get('ici_s') is None:
+    ici = ', interconnect not counted (no ICI figure for this chip)'
+  else:
+    ici = (
+      f', ICI {report["ici_s"] * 1e3:.1f} ms (our estimate: {report["ici_traffic"] / 1e9:.2f} '
+      f'GB sent and received at {chip.ici_bytes_per_s / 1e9:.0f} GB/s, every link busy)'
+    )
   lines.append(
     f'  roofline: FLOPs {report["compute_s"] * 1e3:.1f} ms a step (a lower bound: '
     f'{peak / 1e12:.0f} TFLOP/s bf16 peak{share}), HBM {report["memory_s"] * 1e3:.1f} ms '
-    f'(the estimate at {bandwidth / 1e9:.0f} GB/s; {chip.source}): '
+    f'(the estimate at {bandwidth / 1e9:.0f} GB/s; {chip.source}){ici}: '
     f'{report["bound"]}-bound, about {report["step_s"] * 1e3:.1f} ms, '
     f'{report["images_per_s"]:.0f} images/s'
   )

@@ -15,7 +15,7 @@ import ml_collections
 import pytest
 
 from psp_jax import preflight as preflight_cli
-from psp_jax.train import aot, tpu_chips
+from psp_jax.train import aot, hbm, tpu_chips
 
 from helpers import ROOT, parameters_index, read_notebook
 
@@ -59,7 +59,9 @@ def test_a_config_that_fits(tpu_python, tmp_path):
   assert train['memory']['total'] > 0 and train['memory']['argument'] > 0
   assert train['flops'] > 0 and train['hbm_traffic'] > 0 and train['step_s'] > 0
   assert train['xla_bytes_accessed'] > train['hbm_traffic']  # XLA counts dots several times
-  assert train['step_s'] == max(train['compute_s'], train['memory_s'])
+  assert train['step_s'] == max(train['compute_s'], train['memory_s'], train['ici_s'])
+  assert train['ici_traffic'] >= 4 * train['collectives']['all-reduce']['bytes']
+  assert 'ICI' in proc.stdout and 'every link busy' in proc.stdout
   assert train['collectives']['all-reduce']['count'] > 0  # The gradients, and SyncBN.
   assert train['memory']['alias'] > 0  # The old state is donated.
   parts = train['breakdown']
@@ -139,7 +141,8 @@ HLO = """
 
 
 def test_collectives_count_async_pairs_once_with_their_result_bytes():
-  assert aot.collectives(HLO) == {
+  kinds = hbm.collectives(HLO)
+  assert kinds == {
     'all-reduce': {
       'count': 2,
       'bytes': 64 * 3 * 4 + 10 * 4 + 16 * 2,
@@ -148,6 +151,9 @@ def test_collectives_count_async_pairs_once_with_their_result_bytes():
     'all-gather': {'count': 1, 'bytes': 400 * 10 * 2, 'dtypes': {'bf16': 400 * 10 * 2}},
     'collective-permute': {'count': 1, 'bytes': 8 * 4, 'dtypes': {'f32': 8 * 4}},
   }
+  # A ring all-reduce sends and receives twice its bytes; the others their result once.
+  reduced, others = 64 * 3 * 4 + 10 * 4 + 16 * 2, 400 * 10 * 2 + 8 * 4
+  assert hbm.interconnect_bytes(kinds) == 4 * reduced + 2 * others
 
 
 def test_an_out_of_memory_compile_becomes_one_message():

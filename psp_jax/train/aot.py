@@ -34,7 +34,6 @@ TOPOLOGY_FORMS = (
 _TOPOLOGY = re.compile(r'(v5e|v6e):\d+x\d+|(v4|v5p|tpu7x):\d+x\d+x\d+')
 # An async pair (-start / -done) counts once, at its -done, whose shape is the result alone
 # (a -start's shape is a tuple that also holds the operands).
-_OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(hbm.COLLECTIVES) + r')(-done)?\(')
 _HBM_OOM = re.compile(r'\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)')
 
 
@@ -111,7 +110,7 @@ def _native_stderr_discarded() -> Iterator[None]:
 
 
 def topology_mesh(name: str) -> Topology:
-  """The 1-D 'data' mesh (psp_jax.distributed.create_mesh) over a TPU slice's chips.
+  """The device mesh (psp_jax.distributed.create_mesh, no spatial split) over a TPU slice.
 
   Hosts are as on Cloud TPU VMs: 8 chips on one host for v5e and v6e slices of up to
   8 chips, 4 chips a host otherwise (libtpu's default puts 4 on every host). v4 is
@@ -202,7 +201,8 @@ def train_program(config: ml_collections.ConfigDict, topology: Topology) -> Prog
     Program with args (state, batch, dropout key) as training.TrainingProgram describes them.
   """
   config_checks.validate(config, device_count=topology.mesh.size, process_count=topology.hosts)
-  built = training.build(config, topology.mesh, 'tpu', total_steps(config))
+  mesh = distributed.create_mesh(list(topology.mesh.devices.flat), config.spatial_partitions)
+  built = training.build(config, mesh, 'tpu', total_steps(config))
   height, width = built.image_shape[1:3]
   what = (
     f'train step (PSPNet-{config.model.depth}, batch {config.batch_size}, crop '
@@ -282,30 +282,6 @@ def compile_program(program: Program, chip: tpu_chips.Chip) -> tuple[Any, float]
   return compiled, time.perf_counter() - started
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
-  """Count and result bytes (per chip) of each collective kind in compiled HLO text.
-
-  Args:
-    hlo_text: compiled.as_text().
-
-  Returns:
-    {kind: {'count': n, 'bytes': total result bytes, 'dtypes': {HLO dtype: its bytes}}} for
-    the kinds present (e.g. the gradients' all-reduce in f32 or bf16).
-  """
-  out: dict[str, dict[str, Any]] = {}
-  for line in hlo_text.splitlines():
-    match = _OP.search(line)
-    if not match:
-      continue
-    kind = out.setdefault(match.group(2), {'count': 0, 'bytes': 0, 'dtypes': {}})
-    sizes = hbm.bytes_by_dtype(match.group(1))
-    kind['count'] += 1
-    kind['bytes'] += sum(sizes.values())
-    for dtype, size in sizes.items():
-      kind['dtypes'][dtype] = kind['dtypes'].get(dtype, 0) + size
-  return out
-
-
 def memory(compiled: Any) -> dict[str, int]:
   """Per-chip bytes of compiled.memory_analysis(), and 'total' live at the peak.
 
@@ -335,8 +311,10 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
     matmul or convolution several times over), 'hbm_traffic' (our estimate, psp_jax/train/
     hbm.py), 'traffic_exact', 'collectives' (per chip and step), 'compute_s' (FLOPs at the
     chip's peak: a lower bound), 'memory_s' (the estimate at the chip's HBM bandwidth: an
-    estimate, not a bound), 'step_s' (the larger: the roofline estimate), 'bound' ('compute'
-    or 'memory'), 'images_per_s', 'run_s' and 'run_lower_bound_s' (or None), 'breakdown'
+    estimate, not a bound), 'ici_traffic' and 'ici_s' (hbm.interconnect_bytes, at the chip's
+    ICI bandwidth: an estimate; None without a figure for the chip), 'step_s' (the largest:
+    the roofline estimate), 'bound' ('compute', 'memory' or 'interconnect'), 'images_per_s',
+    'run_s' and 'run_lower_bound_s' (or None), 'breakdown'
     ({part: {'hbm_traffic', 'flops'}} in hbm.PART_NAMES order: the estimate, and our count of
     the convolutions' and dots' FLOPs, by model part)}.
   """
@@ -354,7 +332,12 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
   # Per device: a TPU7x device is half a chip (its TensorCore, half the HBM and bandwidth).
   compute_s = flops / chip.device_peak_flops
   memory_s = traffic.bytes / chip.device_hbm_bytes_per_s
-  step_s = max(compute_s, memory_s)
+  coll = hbm.collectives(text)
+  ici = hbm.interconnect_bytes(coll)
+  ici_s = ici / (chip.ici_bytes_per_s / chip.devices_per_chip) if chip.ici_bytes_per_s else None
+  times = {'compute': compute_s, 'memory': memory_s, 'interconnect': ici_s or 0.0}
+  bound = max(times, key=times.get)
+  step_s = times[bound]
   return dict(
     what=program.what,
     compile_s=compile_s,
@@ -366,11 +349,13 @@ def compile_report(program: Program, topology: Topology, steps: int | None = Non
     xla_bytes_accessed=accessed,
     hbm_traffic=traffic.bytes,
     traffic_exact=traffic.exact,
-    collectives=collectives(text),
+    collectives=coll,
+    ici_traffic=ici,
     compute_s=compute_s,
     memory_s=memory_s,
+    ici_s=ici_s,
     step_s=step_s,
-    bound='compute' if compute_s >= memory_s else 'memory',
+    bound=bound,
     images_per_s=program.images_per_step / step_s if step_s > 0 else None,
     run_s=steps * step_s if steps else None,
     run_lower_bound_s=steps * compute_s if steps else None,

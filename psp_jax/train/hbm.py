@@ -17,6 +17,7 @@ import collections
 import dataclasses
 import math
 import re
+from typing import Any
 
 _BYTES = {'f64': 8, 's64': 8, 'u64': 8, 'c64': 8, 'f32': 4, 's32': 4, 'u32': 4, 'bf16': 2}
 _BYTES |= {'f16': 2, 's16': 2, 'u16': 2, 's8': 1, 'u8': 1, 'pred': 1, 'f8e4m3fn': 1}
@@ -73,6 +74,7 @@ class Traffic:
 OUTPUT = '(outputs)'  # The label of what only the program's outputs use (the new state).
 _OUT = re.escape(OUTPUT)
 COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'collective-permute', 'all-to-all')
+_COLLECTIVE_OP = re.compile(r'=\s*(.*?)\s(' + '|'.join(COLLECTIVES) + r')(-done)?\(')
 # Model parts, in report order, by the op_name metadata JAX writes (forward under jvp(PSPNet),
 # backward under transpose(jvp(PSPNet))): the first rule that matches names the part.
 PARTS = (
@@ -368,3 +370,42 @@ def traffic(hlo_text: str) -> Traffic:
     return out
 
   return walk(entry, 1, Traffic())
+
+
+def interconnect_bytes(kinds: dict[str, dict[str, Any]]) -> int:
+  """Our estimate of the bytes a chip sends and receives over its links in a step.
+
+  An all-reduce of S bytes sends and receives 2 S each (a reduce-scatter, then an all-gather,
+  as a ring does): 4 S; every other collective (a halo's collective-permute, an all-gather)
+  sends and receives its result once: 2 S. Set against the chip's bidirectional ICI
+  bandwidth, that assumes every link busy, which a ring over one axis of the torus is not:
+  an estimate, not a bound either way.
+
+  Args:
+    kinds: collectives(...) of the program.
+  """
+  return sum((4 if kind == 'all-reduce' else 2) * v['bytes'] for kind, v in kinds.items())
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, Any]]:
+  """Count and result bytes (per chip) of each collective kind in compiled HLO text.
+
+  Args:
+    hlo_text: compiled.as_text().
+
+  Returns:
+    {kind: {'count': n, 'bytes': total result bytes, 'dtypes': {HLO dtype: its bytes}}} for
+    the kinds present (e.g. the gradients' all-reduce in f32 or bf16).
+  """
+  out: dict[str, dict[str, Any]] = {}
+  for line in hlo_text.splitlines():
+    match = _COLLECTIVE_OP.search(line)
+    if not match:
+      continue
+    kind = out.setdefault(match.group(2), {'count': 0, 'bytes': 0, 'dtypes': {}})
+    sizes = bytes_by_dtype(match.group(1))
+    kind['count'] += 1
+    kind['bytes'] += sum(sizes.values())
+    for dtype, size in sizes.items():
+      kind['dtypes'][dtype] = kind['dtypes'].get(dtype, 0) + size
+  return out

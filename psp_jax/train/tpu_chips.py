@@ -24,6 +24,9 @@ class Chip:
   hbm_bytes_per_s: float
   source: str
   devices_per_chip: int = 1
+  # Bidirectional inter-chip interconnect (ICI) bandwidth a chip, as its page gives it; None
+  # where the table has no figure (the pre-flight then leaves the interconnect out).
+  ici_bytes_per_s: float | None = None
 
   @property
   def device(self) -> str:
@@ -55,8 +58,22 @@ class Price:
 # HBM in GiB: the pages say 'GB' or 'GiB', and libtpu's limit for a 16 GiB v5e is 15.75 GiB.
 CHIPS = {
   'v4': Chip('TPU v4', 275e12, 32 * GiB, 1200e9, 'https://cloud.google.com/tpu/docs/v4'),
-  'v5e': Chip('TPU v5e', 197e12, 16 * GiB, 819e9, 'https://cloud.google.com/tpu/docs/v5e'),
-  'v5p': Chip('TPU v5p', 459e12, 95 * GiB, 2765e9, 'https://cloud.google.com/tpu/docs/v5p'),
+  'v5e': Chip(
+    'TPU v5e',
+    197e12,
+    16 * GiB,
+    819e9,
+    'https://cloud.google.com/tpu/docs/v5e',
+    ici_bytes_per_s=400e9,
+  ),
+  'v5p': Chip(
+    'TPU v5p',
+    459e12,
+    95 * GiB,
+    2765e9,
+    'https://cloud.google.com/tpu/docs/v5p',
+    ici_bytes_per_s=1200e9,
+  ),
   'v6e': Chip('TPU v6e', 918e12, 32 * GiB, 1638e9, 'https://cloud.google.com/tpu/docs/v6e'),
   'tpu7x': Chip('TPU7x', 2307e12, 192 * GiB, 7380e9, 'https://cloud.google.com/tpu/docs/tpu7x', 2),
 }
