@@ -37,10 +37,12 @@ class Row:
   topology: str
   eval: bool = False  # Also compile the evaluation's window step (a few more minutes).
   extra: tuple[str, ...] = ()
+  label: str = ''  # Tells apart rows of the same config and slice (their JSON file names).
 
   @property
   def name(self) -> str:
-    return f'{self.config}-{self.depth}-{self.dtype}-{self.topology.replace(":", "_")}'
+    name = f'{self.config}-{self.depth}-{self.dtype}-{self.topology.replace(":", "_")}'
+    return f'{name}-{self.label}' if self.label else name
 
   def argv(self, json_path: pathlib.Path) -> list[str]:
     """The psp_jax.preflight command line of this row."""

@@ -68,6 +68,10 @@ def test_adaptive_pool_equals_torch(kind):
     want = _nhwc(theirs[kind](_torch_nchw(torch, x), size))
     assert got.shape == want.shape, (h, w, size)
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL, err_msg=f'{kind} {h}x{w} -> {size}')
+    if kind == 'avg':  # Width first, as the step of split images traces it: the same means.
+      with ops.height_split():
+        split = np.asarray(ours(jnp.asarray(x), size))
+      np.testing.assert_allclose(split, want, rtol=0, atol=TOL, err_msg=f'split {h}x{w}')
 
 
 @pytest.mark.torch
@@ -207,3 +211,20 @@ def test_bad_arguments_raise_clear_errors():
     ops.resize_bilinear(jnp.zeros((5, 5, 3)), (2, 2))
   with pytest.raises(ValueError, match='size'):
     ops.resize_bilinear(x, (2, 2, 2))
+
+
+def test_height_split_changes_only_the_pooling_order_and_only_inside():
+  x = jnp.asarray(_random((1, 9, 7, 2), seed=3))
+
+  def rows_after_first_sum():
+    jaxpr = jax.make_jaxpr(lambda v: ops.adaptive_avg_pool2d(v, 3))(x)
+    first = next(e for e in jaxpr.eqns if e.primitive.name == 'reduce_sum')
+    return first.outvars[0].aval.shape[1]
+
+  plain = ops.adaptive_avg_pool2d(x, 3)
+  assert rows_after_first_sum() == 3  # height first: 9 rows to 3
+  with ops.height_split():
+    split = ops.adaptive_avg_pool2d(x, 3)
+    assert rows_after_first_sum() == 9  # width first: the rows stay
+  np.testing.assert_allclose(split, plain, rtol=1e-6)
+  assert rows_after_first_sum() == 3  # reset after

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from psp_jax import distributed
 from psp_jax.data import normalization
-from psp_jax.models import PSPNet
+from psp_jax.models import PSPNet, ops
 from psp_jax.train import losses
 from psp_jax.train.train_state import TrainState
 
@@ -110,7 +110,13 @@ def make_train_step(
       x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     return x
 
+  height_split = mesh is not None and mesh.shape.get(distributed.SPACE_AXIS, 1) > 1
+
   def train_step(state: TrainState, batch: Batch, rng: jax.Array):
+    with ops.height_split(height_split):  # Traced under it: pooling order for split images.
+      return _train_step(state, batch, rng)
+
+  def _train_step(state: TrainState, batch: Batch, rng: jax.Array):
     # One key for the run, folded with the step: the same masks on any number of devices.
     key = jax.random.fold_in(rng, state.step)
     images, labels = normalised_images(batch['image']), batch['label']
