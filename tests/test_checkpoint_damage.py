@@ -319,3 +319,16 @@ def test_train_py_resumes_before_a_damaged_checkpoint_and_evaluate_falls_back(
   expected, _ = weights.load_variables(straight / 'checkpoints' / '9')
   assert_same_tree(got, expected)
   assert_same_state(workdir / 'checkpoints' / '9', straight / 'checkpoints' / '9')
+
+
+def test_latest_and_best_barriers_have_their_own_names(workdir):
+  # Both managers write step N at a validation step; with one barrier name a multi-host run
+  # failed ("Barrier _async_write_complete.N is already ongoing").
+  ckpts = reopen(workdir)
+  try:
+    prefixes = {
+      m._options.multiprocessing_options.barrier_sync_key_prefix for m in (ckpts.latest, ckpts.best)
+    }
+  finally:
+    ckpts.close()
+  assert len(prefixes) == 2 and None not in prefixes

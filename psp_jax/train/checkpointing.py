@@ -101,9 +101,19 @@ class Checkpoints:
     # then report into orbax's closed event loop: dropped from the start, as they can come
     # before the error reaches this code.
     orbax_reads.quiet_abandoned_reads()
+    # Each manager's barriers get their own names: at a step that is saved and also the best
+    # (a validation step), both write step N at once, and with one name for both barriers
+    # the processes of a multi-host run failed with "Barrier _async_write_complete.N is
+    # already ongoing" (seen on 2 CPU processes under load).
     self.latest = ocp.CheckpointManager(
       workdir / weights.LATEST_DIR,
-      options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+          barrier_sync_key_prefix='latest'
+        ),
+      ),
       item_names=ITEMS,
     )
     for directory in (self.latest.directory, workdir / weights.BEST_DIR):
@@ -123,6 +133,7 @@ class Checkpoints:
         best_mode='max',
         keep_checkpoints_without_metrics=False,
         enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix='best'),
       ),
       item_names=ITEMS,
     )
