@@ -74,9 +74,8 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: Size) -> jax.Array:
 
   A window's mean is a mean of means, one axis at a time (height first; width first under
   height_split), so the 2-D pool is done over static slices: exact on every backend (no
-  pooling matrix, whose
-  matmul would run at reduced precision on TPU). Sums accumulate in float32 at least, as
-  PyTorch accumulates reduced-precision inputs in float.
+  pooling matrix, whose matmul would run at reduced precision on TPU). Sums accumulate in
+  float32 at least, as PyTorch accumulates reduced-precision inputs in float.
 
   Args:
     x: [B, H, W, C].
@@ -92,11 +91,11 @@ def adaptive_avg_pool2d(x: jax.Array, output_size: Size) -> jax.Array:
   def mean(v: jax.Array, axis: int, keepdims: bool = False) -> jax.Array:
     return jnp.mean(v, axis=axis, dtype=acc, keepdims=keepdims)
 
-  (first, n_first), (second, n_second) = ((1, out_h), (2, out_w))
-  if _HEIGHT_SPLIT.get():  # See height_split.
-    (first, n_first), (second, n_second) = (second, n_second), (first, n_first)
-  y = _pool_axis(x.astype(acc), first, n_first, mean)
-  return _pool_axis(y, second, n_second, mean).astype(x.dtype)
+  y = x.astype(acc)
+  axes = ((1, out_h), (2, out_w))
+  for axis, n in reversed(axes) if _HEIGHT_SPLIT.get() else axes:  # See height_split.
+    y = _pool_axis(y, axis, n, mean)
+  return y.astype(x.dtype)
 
 
 def adaptive_max_pool2d(x: jax.Array, output_size: Size) -> jax.Array:
