@@ -236,9 +236,8 @@ class Plan:
     values = {'data.data_dir': self.data_dir(step)} if data else {}
     if OFFICIAL_EVAL_BATCH % self.slice.devices:
       values['eval.batch_size'] = self.slice.devices
-    space = self.space()
-    if space and space > 1 and 'spatial_partitions' not in self.overrides:
-      values['spatial_partitions'] = space
+    if (self.space() or 1) > 1:  # --set's own value, if given, replaces it below.
+      values['spatial_partitions'] = self.space()
     values.update(self.overrides)
     return [f'--config.{k}={v}' for k, v in values.items()]
 
