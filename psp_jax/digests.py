@@ -20,7 +20,8 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
+
+from psp_jax import distributed
 
 ALGORITHM = 'sha256'
 ITEM = 'digests'  # the orbax JSON item of a training or best/ step
@@ -45,7 +46,7 @@ def _host(x: Any) -> np.ndarray:
     if x.is_fully_replicated:
       x = x.addressable_data(0)
     elif not x.is_fully_addressable:  # Sharded over processes: every process gets it all.
-      x = multihost_utils.process_allgather(x, tiled=True)
+      x = distributed.allgather(x, 'digest', tiled=True)
   return np.ascontiguousarray(np.asarray(x))
 
 

@@ -1,11 +1,15 @@
 """Processes and devices: multi-host start-up, the device mesh, shardings, CPU XLA flags."""
 
+import collections
 import importlib.util
+import itertools
 import logging
 import os
+from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = 'data'
@@ -82,6 +86,39 @@ def initialize(
       jax.distributed.initialize()
     except (ValueError, RuntimeError) as e:  # e.g. libtpu installed on a machine without TPUs.
       logging.warning('jax.distributed.initialize() failed (%s); running as one process.', e)
+
+
+# How long meet() waits for the last process (a slow compile, restore or evaluation share).
+MEET_TIMEOUT_S = 60 * 60
+_meetings: collections.defaultdict[str, itertools.count] = collections.defaultdict(itertools.count)
+
+
+def meet(name: str) -> None:
+  """Waits until every process has come to the point `name` (nothing with one process).
+
+  A barrier of jax's coordination service, which waits up to MEET_TIMEOUT_S. Called before
+  a collective the processes may reach far apart (after a compile, a checkpoint read or an
+  evaluation share that takes one process much longer than another): on the CPU, the first
+  collective over a set of devices connects their processes (Gloo) with a deadline of 30 s
+  that jax 0.10 does not let us set, and past it the run fails with 'Gloo context
+  initialization failed' (seen in tests/test_slurm.py: one process initialised the model
+  in 2 s, the other in 59 s). Elsewhere it costs one round trip to the coordinator.
+
+  Args:
+    name: the point; every process meets at the same names in the same order.
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost  # noqa: PLC0415 (the public handle on jax's barrier)
+
+  key = f'psp_jax: {name} {next(_meetings[name])}'
+  multihost.get_barrier_sync_fn()(key=key, timeout_ms=MEET_TIMEOUT_S * 1000)
+
+
+def allgather(x: Any, name: str, tiled: bool = False) -> Any:
+  """multihost_utils.process_allgather(x, tiled) once every process has met at `name`."""
+  meet(name)
+  return multihost_utils.process_allgather(x, tiled=tiled)
 
 
 # What srun sets for every task; jax's SLURM detection needs all of them.

@@ -13,6 +13,9 @@ The faults are chosen by environment variables, read here only (train.py knows n
                            is full, as another program filling the disk would (the file
                            stays: the test removes it).
 
+  FAULT_LATE_PROCESS=I:S   process I builds its train step S seconds after the others, as
+                           a process whose restore or compile takes longer would.
+
 `damage(tree_dir, how)` damages a written checkpoint as a disk, a copy or a user can
 (tests/test_checkpoint_damage.py).
 """
@@ -86,6 +89,22 @@ def fill_disk_before_save(step: int, filler: str) -> None:
   checkpointing.Checkpoints.save = fill_then_save
 
 
+def late_process(index: int, seconds: float) -> None:
+  """Makes process `index` build its train step `seconds` late (before it compiles it)."""
+  import jax  # noqa: PLC0415 (as in poison_step)
+
+  from psp_jax.train import train_step  # noqa: PLC0415 (as above)
+
+  compile_step = train_step.compile_train_step
+
+  def compile_late(*args, **kwargs):
+    if jax.process_index() == index:
+      time.sleep(seconds)
+    return compile_step(*args, **kwargs)
+
+  train_step.compile_train_step = compile_late
+
+
 DAMAGES = ('truncated', 'garbled', 'deleted')
 
 
@@ -125,15 +144,18 @@ def damage(tree_dir: pathlib.Path, how: str) -> pathlib.Path:
 
 
 def main() -> None:
+  train_py = str(TRAIN_PY)
+  sys.argv = [train_py, *sys.argv[1:]]
+  sys.path.insert(0, str(TRAIN_PY.parent))  # Before the faults import psp_jax: this tree's.
   if 'FAULT_NAN_AT_STEP' in os.environ:
     poison_step(int(os.environ['FAULT_NAN_AT_STEP']))
   if 'FAULT_FILL_DISK_AT_STEP' in os.environ:
     fill_disk_before_save(int(os.environ['FAULT_FILL_DISK_AT_STEP']), os.environ['FAULT_FILLER'])
   if 'FAULT_HANG_SAVE_AT_STEP' in os.environ:
     hang_save(int(os.environ['FAULT_HANG_SAVE_AT_STEP']), os.environ['FAULT_MARKER'])
-  train_py = str(TRAIN_PY)
-  sys.argv = [train_py, *sys.argv[1:]]
-  sys.path.insert(0, str(TRAIN_PY.parent))
+  if 'FAULT_LATE_PROCESS' in os.environ:
+    index, seconds = os.environ['FAULT_LATE_PROCESS'].split(':')
+    late_process(int(index), float(seconds))
   runpy.run_path(train_py, run_name='__main__')
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental import multihost_utils
 
-from psp_jax import experiment, paths
+from psp_jax import distributed, experiment, paths
 from psp_jax.data import sources
 from psp_jax.train import checkpointing, loop, safeguards, storage, summaries
 from psp_jax.train.train_state import TrainState
@@ -151,15 +151,18 @@ def test_differences_name_the_model_settings():
 def test_several_processes_stop_together_at_sync_points(monkeypatch):
   gathered = []
 
-  def allgather(flag):  # This process saw no signal; another one did.
+  def allgather(flag, tiled=False):  # This process saw no signal; another one did.
     gathered.append(int(flag))
     return np.array([int(flag), 1])
 
+  met = []
   monkeypatch.setattr(jax, 'process_count', lambda: 2)
+  monkeypatch.setattr(distributed, 'meet', met.append)
   monkeypatch.setattr(multihost_utils, 'process_allgather', allgather)
   stop = safeguards.StopRequest()
   assert not stop.agreed(sync_point=False) and gathered == []  # No collective off sync points.
   assert stop.agreed(sync_point=True) and gathered == [0]
+  assert met == ['stop request']  # The processes meet before the gather (distributed.meet).
 
 
 def test_a_bucket_workdir_stays_remote(tmp_path, monkeypatch):

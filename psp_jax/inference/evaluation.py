@@ -16,10 +16,9 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from psp_jax import errors, metrics, runtime
+from psp_jax import distributed, errors, metrics, runtime
 from psp_jax.data import classes, pipeline, sources
 from psp_jax.inference import segmenter
 from psp_jax.inference.sliding_window import InferenceConfig, SlidingWindowInference
@@ -120,7 +119,7 @@ def sum_over_hosts(confusion: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return confusion
   words = np.ascontiguousarray(confusion.astype(np.int64)).view(np.int32)
-  gathered = np.asarray(multihost_utils.process_allgather(words))
+  gathered = np.asarray(distributed.allgather(words, 'confusion'))
   return gathered.view(np.int64).reshape(-1, *confusion.shape).sum(0)
 
 

@@ -15,9 +15,8 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from psp_jax import digests, orbax_reads, paths, weights
+from psp_jax import digests, distributed, orbax_reads, paths, weights
 from psp_jax.train import storage
 from psp_jax.train.train_state import TrainState
 
@@ -58,7 +57,7 @@ def _anywhere(failed: bool) -> bool:
   """Whether a read failed in this process or any other: all must skip the same step."""
   if jax.process_count() == 1:
     return failed
-  return bool(np.any(multihost_utils.process_allgather(np.int32(failed))))
+  return bool(np.any(distributed.allgather(np.int32(failed), 'checkpoint read')))
 
 
 def _tree_differences(saved: Any, target: TrainState) -> list[str]:
@@ -260,8 +259,7 @@ class Checkpoints:
           f'Checkpoint {source} cannot be read ({why}) nor moved aside ({e}): move it away '
           'yourself and rerun to resume from the one before it.'
         ) from e
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f'psp_jax: moved checkpoint {step} aside')
+    distributed.meet(f'moved checkpoint {step} aside')
     self.latest.reload()  # The manager lists its steps once, when it is created.
     logging.warning(
       'Checkpoint step %d cannot be read (%s): moved to %s; trying the one before it.',

@@ -249,6 +249,9 @@ def train(
       for step in range(start_step, end_step):
         batch = distributed_batch(next(train_iter), mesh)
         started = time.perf_counter()
+        if step == start_step:  # Compiled before the processes meet: see distributed.meet.
+          p_train_step = p_train_step.lower(state, batch, dropout_key).compile()
+          distributed.meet('train step compiled')
         state, step_metrics = p_train_step(state, batch, dropout_key)
         pending.append(step_metrics)
         done = step + 1

@@ -16,9 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
-from psp_jax import errors
+from psp_jax import distributed, errors
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -88,7 +87,7 @@ class StopRequest:
       return self.requested
     if not sync_point:
       return False
-    flags = multihost_utils.process_allgather(np.int32(self.requested))
+    flags = distributed.allgather(np.int32(self.requested), 'stop request')
     return bool(np.any(flags))
 
 
