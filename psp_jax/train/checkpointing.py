@@ -9,6 +9,8 @@ import contextlib
 import logging
 import os
 import shutil
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -27,6 +29,8 @@ TMP_MARKER = '.orbax-checkpoint-tmp'  # in the name of a checkpoint still being 
 # Appended to a damaged step's directory: orbax takes only integer names for steps, so it
 # neither lists nor deletes the moved one.
 DAMAGED_SUFFIX = '.damaged'
+# How long close() waits for the writes a failed save left running (each stops at its error).
+ABANDONED_WRITES_S = 60
 
 
 class DamagedRunError(weights.DamagedCheckpointError, storage.WorkdirError):
@@ -81,6 +85,21 @@ def _items(tree: Any, model_config: dict[str, Any]) -> ocp.args.Composite:
     model_config=ocp.args.JsonSave(model_config),
     digests=ocp.args.JsonSave(digests.of_tree(tree)),
   )
+
+
+def _join_abandoned_writes() -> None:
+  """Waits (ABANDONED_WRITES_S at most) for orbax's threads a failed save left running.
+
+  A save that runs out of space fails at its first write while its other writes go on in
+  orbax's commit threads, which the managers' close() does not wait for; a process exiting
+  under them makes them fail at interpreter shutdown ('cannot schedule new futures after
+  interpreter shutdown'), and orbax logs that with a traceback after the run's one message
+  (tests/test_full_disk.py, once in the suite of 2026-12-07).
+  """
+  deadline = time.monotonic() + ABANDONED_WRITES_S
+  for thread in threading.enumerate():
+    if thread is not threading.current_thread() and type(thread).__module__.startswith('orbax.'):
+      thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class Checkpoints:
@@ -332,6 +351,7 @@ class Checkpoints:
       except storage.DiskFullError as e:
         error = error or e
     if self._disk_full:  # Again, now that orbax's threads are done with them.
+      _join_abandoned_writes()
       self._remove_unfinished()
     if error is not None and not reported:
       raise error
