@@ -99,7 +99,8 @@ def _join_abandoned_writes() -> None:
   deadline = time.monotonic() + ABANDONED_WRITES_S
   for thread in threading.enumerate():
     if thread is not threading.current_thread() and type(thread).__module__.startswith('orbax.'):
-      thread.join(max(0.0, deadline - time.monotonic()))
+      # Thread's own join: orbax's re-raises the thread's error (the full disk, reported).
+      threading.Thread.join(thread, max(0.0, deadline - time.monotonic()))
 
 
 class Checkpoints:
