@@ -120,8 +120,10 @@ def damage(tree_dir: pathlib.Path, how: str) -> pathlib.Path:
         data is not, so flipped bytes there can go unnoticed (orbax stores no checksum);
       deleted: the largest file removed, so its arrays have no data at all;
       flipped (not in DAMAGES: orbax reads it without an error): 16 bytes in the middle of
-        the largest file xor'ed, as bit rot leaves array data; on incompressible arrays
-        (stored as they are) the restore gives other numbers, which only digests catch.
+        the largest array chunk the tree refers to xor'ed, as bit rot leaves array data; on
+        incompressible arrays (stored as they are) the restore gives other numbers, which
+        only digests catch. (The middle of the largest file could be bytes no version
+        refers to any more: a flip there changed nothing, seen on 2026-12-07.)
 
   Returns:
     The damaged file's path.
@@ -135,12 +137,31 @@ def damage(tree_dir: pathlib.Path, how: str) -> pathlib.Path:
     largest.unlink()
     return largest
   assert how in ('garbled', 'flipped'), how
-  target = tree_dir / 'manifest.ocdbt' if how == 'garbled' else largest
+  if how == 'garbled':
+    target = tree_dir / 'manifest.ocdbt'
+    middle = target.stat().st_size // 2
+  else:
+    target, offset, length = largest_chunk(tree_dir)
+    middle = offset + length // 2
   data = bytearray(target.read_bytes())
-  middle = len(data) // 2
   data[middle : middle + 16] = bytes(b ^ 0x5A for b in data[middle : middle + 16])
   target.write_bytes(bytes(data))
   return target
+
+
+def largest_chunk(tree_dir: pathlib.Path) -> tuple[pathlib.Path, int, int]:
+  """(data file, offset, length) of the largest array chunk an orbax tree's newest OCDBT
+  version refers to (tensorstore's dump of its root node)."""
+  import tensorstore as ts  # noqa: PLC0415 (as in poison_step)
+
+  (base,) = tree_dir.glob('ocdbt.process_*')
+  store = ts.KvStore.open(f'file://{base}/').result()
+  version = ts.ocdbt.dump(store).result()['versions'][-1]
+  assert version['root_height'] == 0, 'a tree of more than one node: walk its children'
+  node = ts.ocdbt.dump(store, version['root']['location']).result()
+  chunks = [e['indirect_value'].split('::', 1)[1] for e in node['entries'] if 'indirect_value' in e]
+  name, offset, length = max((c.rsplit(':', 2) for c in chunks), key=lambda c: int(c[2]))
+  return base / name, int(offset), int(length)
 
 
 def main() -> None:
