@@ -28,12 +28,11 @@ def test_a_process_that_reaches_the_first_step_late_still_trains_with_the_other(
   port = free_port()
   flags = f'{distributed.CPU_XLA_FLAGS} --xla_force_host_platform_device_count=4'
   env = user_env(FAULT_LATE_PROCESS=f'1:{LATE_S}') | {'XLA_FLAGS': flags}
+  run = dict(batch_size=8, num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
   started = time.monotonic()
   procs = []
   for index in range(2):
-    args = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2']
-    args.append(f'--process_id={index}')
-    run = dict(batch_size=8, num_train_steps=2, eval_every_steps=2, checkpoint_every_steps=2)
+    args = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={index}']
     cmd = command(shared, workdir, *args, script='faults.py', **run)
     log = open(tmp_path / f'{index}.log', 'w')  # noqa: SIM115 (closed below)
     procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
